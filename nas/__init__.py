@@ -1,0 +1,25 @@
+"""nas: mixed-precision architecture search for quantized convolutional networks.
+
+`import nas` stays light: heavy parts (torch models, data) load on first use, and ray,
+optuna, triton and matplotlib only where a command needs them.
+"""
+
+from nas.errors import NasError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SearchSpace": "nas.spaces", "load_space": "nas.spaces", "list_spaces": "nas.spaces",
+    "create_model": "nas.models", "list_models": "nas.models", "register_model": "nas.models",
+    "load_data": "nas.data", "parse_budget": "nas.budget",
+}
+
+__all__ = ["NasError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nas' has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""The `nas` command line: parses, calls the library, maps user errors to one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from nas.errors import NasError
+
+COMMANDS = ("train", "eval", "spaces")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`nas: error: ...`) and exit 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"nas: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _global_options(suppress: bool) -> argparse.ArgumentParser:
+    """--debug, --seed, --runs-dir, --device: accepted before or after the command.
+
+    The copy attached to each command uses SUPPRESS defaults so it never overwrites a value
+    given before the command.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("--debug", action="store_true", default=d(False),
+                   help="show tracebacks for errors")
+    p.add_argument("--seed", type=int, default=d(0), help="random seed (default 0)")
+    p.add_argument("--runs-dir", default=d("runs"), help="where run folders go (default runs/)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d("auto"),
+                   help="compute device (default auto: cuda if available)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nas import __version__
+    from nas.cmd import evaluate, spaces, train
+
+    parser = _Parser(prog="nas", parents=[_global_options(False)],
+                     description="Mixed-precision architecture search for quantized convnets.")
+    parser.add_argument("--version", action="version", version=f"nas {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parents = [_global_options(True)]
+    for module in (train, evaluate, spaces):
+        module.add_parser(sub, parents)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except NasError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nas: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nas: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

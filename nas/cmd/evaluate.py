@@ -1,0 +1,62 @@
+"""`nas eval`: evaluate a checkpoint on its space's test split."""
+
+from __future__ import annotations
+
+import argparse
+
+from nas.cmd.common import add_data_options, load_space_data
+from nas.table import format_table
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser("eval", parents=parents, help="evaluate a checkpoint",
+                       description="Evaluate a checkpoint written by 'nas train' on the test "
+                                   "split of the space it was trained in.")
+    p.add_argument("--checkpoint", required=True, help="path to a best.pt")
+    p.add_argument("--split", choices=("test", "arch"), default="test")
+    p.add_argument("--batch-size", type=int, default=512)
+    add_data_options(p)
+    p.set_defaults(run=run)
+
+
+def load_model(checkpoint: str):
+    """Rebuild the space and model a checkpoint was trained with and load its weights."""
+    from nas.errors import CheckpointError
+    from nas.runs import load_checkpoint
+    from nas.spaces import SearchSpace
+
+    payload = load_checkpoint(checkpoint)
+    space = SearchSpace.from_dict(payload["space"], source=f"checkpoint {checkpoint}")
+    model = space.build_model()
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit model {space.model}: "
+                              f"{first}") from exc
+    return space, model, payload
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas.data import make_loader
+    from nas.device import resolve_device
+    from nas.runs import RunDir
+    from nas.train import evaluate
+
+    space, model, payload = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    splits = load_space_data(space, args)
+    split = getattr(splits, args.split)
+    with RunDir(args.runs_dir, space.name, "eval") as run_dir:
+        run_dir.write_config({"command": "eval", "checkpoint": args.checkpoint,
+                              "split": args.split, "space": space.to_dict(), "seed": args.seed})
+        metrics = evaluate(model.to(device), make_loader(split, args.batch_size, shuffle=False),
+                           device)
+        final = run_dir.finish({"command": "eval", "checkpoint": args.checkpoint,
+                                "split": args.split, **metrics})
+    print(format_table(["space", "model", "split", "images", "accuracy %", "loss"],
+                       [[space.name, space.model, args.split, metrics["samples"],
+                         round(metrics["accuracy"], 2), round(metrics["loss"], 4)]]))
+    print(f"{args.split} accuracy: {metrics['accuracy']:.2f}%")
+    print(f"run folder: {final}")
+    return 0

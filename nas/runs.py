@@ -1,0 +1,150 @@
+"""Run folders: one per command, `runs/<UTC timestamp>-<space>-<command>/`.
+
+A folder is written as `<name>.partial/` and renamed when the command finishes, so a folder
+without the suffix is always complete. Every file inside is written to a temporary name and
+renamed, so an interrupted write never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.errors import CheckpointError
+
+PARTIAL = ".partial"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with weights_only=True: a checkpoint is tensors and plain data, never code."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the best.pt of a "
+                              f"'nas train' run folder")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in unpickling
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); it is corrupt or "
+                              f"not a nas checkpoint") from exc
+    if not isinstance(payload, dict) or "state_dict" not in payload or "space" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a nas checkpoint (no state_dict/space); "
+                              f"pass the best.pt of a 'nas train' run folder")
+    return payload
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _plain(value: Any) -> Any:
+    """Make tuples and numpy/torch scalars safe for yaml.safe_dump and json."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class RunDir:
+    """One command's output folder. Use as a context manager around the command's work."""
+
+    def __init__(self, runs_dir: str | Path, space: str, command: str):
+        root = Path(runs_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        base = f"{utc_stamp()}-{Path(space).stem}-{command}"
+        name, n = base, 1
+        while (root / name).exists() or (root / (name + PARTIAL)).exists():
+            n += 1
+            name = f"{base}-{n}"
+        self.final = root / name
+        self.path = root / (name + PARTIAL)
+        self.path.mkdir()
+        self.logger = logging.getLogger(f"nas.run.{name}")
+        self.logger.setLevel(logging.INFO)
+        self._handler = logging.FileHandler(self.path / "log.txt")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger.addHandler(self._handler)
+        self.logger.propagate = False
+        self.finished = False
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from nas.errors import NasError
+
+        if exc_type is None and not self.finished:
+            self.finish({})
+        elif exc_type is not None and not self.finished:
+            self.logger.error("stopped: %s: %s", exc_type.__name__, exc)
+            self._close_log()
+            if issubclass(exc_type, NasError):
+                shutil.rmtree(self.path, ignore_errors=True)  # bad input: leave nothing behind
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def log(self, message: str, *args: Any) -> None:
+        self.logger.info(message, *args)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.file("config.yaml"), yaml.safe_dump(_plain(config), sort_keys=False))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.file(name), json.dumps(_plain(obj), indent=2) + "\n")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.file("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(_plain(record)) + "\n")
+
+    def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
+        path = self.file(name)
+        save_checkpoint(path, payload)
+        return path
+
+    def finish(self, summary: dict[str, Any]) -> Path:
+        """Write summary.json and rename the folder to its final name."""
+        self.write_json("summary.json", summary)
+        self.log("finished")
+        self._close_log()
+        os.replace(self.path, self.final)
+        self.path = self.final
+        self.finished = True
+        return self.final
+
+    def _close_log(self) -> None:
+        self.logger.removeHandler(self._handler)
+        self._handler.close()

@@ -1,0 +1,326 @@
+"""SearchSpace: which model, which data, which layers, which (w_bits, a_bits) choices.
+
+A space is pure data loaded from YAML (`search_spaces/NAME.yaml` or any path). `resolve()`
+builds the model once and matches the layer globs against its Conv2d and Linear modules,
+recording each layer's geometry for the cost models.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.errors import ConfigError
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+FLOAT_BITS = (16, 32)
+DEFAULT_SPACE = "fmnist_resnet8"
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+_TOP_KEYS = {"name", "description", "model", "data", "searchable", "choices", "fixed",
+             "quantizer", "train"}
+_QUANTIZER_DEFAULTS = {"w_granularity": "per_channel", "w_symmetric": True, "a_symmetric": False}
+_TRAIN_DEFAULTS = {"budget": "3ep", "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4}
+
+
+@dataclass(frozen=True)
+class Choice:
+    w_bits: int
+    a_bits: int
+
+    def __str__(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Geometry of one Conv2d or Linear as it runs on a batch of one (Linear: kernel 1x1)."""
+
+    name: str
+    type: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class SpaceLayer:
+    info: LayerInfo
+    choices: tuple[Choice, ...]
+    fixed: bool
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+def _spaces_dir() -> Path:
+    return Path(os.environ.get("NAS_SPACES_DIR", SPACES_DIR))
+
+
+def list_spaces() -> list[str]:
+    return sorted(p.stem for p in _spaces_dir().glob("*.yaml"))
+
+
+def _bits_list(value: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: {value!r} must be a non-empty list of bit widths")
+    for b in value:
+        _check_bits(b, key)
+    return tuple(sorted(set(value)))
+
+
+def _check_bits(value: Any, key: str) -> int:
+    if isinstance(value, bool) or value not in ALLOWED_BITS:
+        raise ConfigError(f"{key}: {value!r} is not an allowed bit width; allowed: 2-8, "
+                          f"or 16 / 32 for float")
+    return value
+
+
+def _section(raw: dict, key: str, allowed: set[str]) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+    for sub in value:
+        if sub not in allowed:
+            raise ConfigError(f"{key}.{sub}: unknown key; allowed: {', '.join(sorted(allowed))}")
+    return value
+
+
+def _globs(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(g, str) for g in value) or not value:
+        raise ConfigError(f"{key}: {value!r} must be a module-name glob or a list of them")
+    return tuple(value)
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    model: str
+    data: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    searchable: tuple[str, ...] = ("*",)
+    w_bits: tuple[int, ...] = (2, 4, 8)
+    a_bits: tuple[int, ...] = (4, 8)
+    fixed: dict[str, Choice] = field(default_factory=dict)
+    quantizer: dict[str, Any] = field(default_factory=lambda: dict(_QUANTIZER_DEFAULTS))
+    train: dict[str, Any] = field(default_factory=lambda: dict(_TRAIN_DEFAULTS))
+    description: str = ""
+    _layers: list[SpaceLayer] | None = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "search space") -> "SearchSpace":
+        """Validate the schema; every problem is one ConfigError naming the key and value."""
+        try:
+            return cls._from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: Any) -> "SearchSpace":
+        from nas.data import check_data_kwargs
+        from nas.models import get_factory
+
+        if not isinstance(raw, dict):
+            raise ConfigError("the file must hold a mapping with keys name, model, data, ...")
+        for key in raw:
+            if key not in _TOP_KEYS:
+                raise ConfigError(f"unknown key {key!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+        for key in ("name", "model", "data"):
+            if key not in raw:
+                raise ConfigError(f"missing required key {key!r}")
+        if not isinstance(raw["name"], str) or not raw["name"]:
+            raise ConfigError(f"name: {raw['name']!r} must be a non-empty string")
+        model = _section(raw, "model", {"name", "kwargs"})
+        data = _section(raw, "data", {"name", "kwargs"})
+        for key, sec in (("model", model), ("data", data)):
+            if not isinstance(sec.get("name"), str):
+                raise ConfigError(f"{key}.name: missing or not a string")
+            if not isinstance(sec.get("kwargs") or {}, dict):
+                raise ConfigError(f"{key}.kwargs: must be a mapping, got {sec['kwargs']!r}")
+        try:
+            get_factory(model["name"])
+        except Exception as exc:  # ModelError, or an import error in a user module
+            raise ConfigError(f"model.name: {exc}") from exc
+        check_data_kwargs(data["name"], data.get("kwargs") or {})
+        choices = _section(raw, "choices", {"w_bits", "a_bits"})
+        quantizer = {**_QUANTIZER_DEFAULTS,
+                     **_section(raw, "quantizer", set(_QUANTIZER_DEFAULTS))}
+        if quantizer["w_granularity"] not in ("per_channel", "per_tensor"):
+            raise ConfigError(f"quantizer.w_granularity: {quantizer['w_granularity']!r}; "
+                              f"use per_channel or per_tensor")
+        for key in ("w_symmetric", "a_symmetric"):
+            if not isinstance(quantizer[key], bool):
+                raise ConfigError(f"quantizer.{key}: {quantizer[key]!r} must be true or false")
+        train = {**_TRAIN_DEFAULTS, **_section(raw, "train", set(_TRAIN_DEFAULTS))}
+        fixed_raw = raw.get("fixed") or {}
+        if not isinstance(fixed_raw, dict):
+            raise ConfigError(f"fixed: must map layer globs to {{w_bits, a_bits}}, got {fixed_raw!r}")
+        fixed = {}
+        for glob, prec in fixed_raw.items():
+            if not isinstance(prec, dict) or set(prec) != {"w_bits", "a_bits"}:
+                raise ConfigError(f"fixed.{glob}: {prec!r} must be {{w_bits: N, a_bits: N}}")
+            fixed[str(glob)] = Choice(_check_bits(prec["w_bits"], f"fixed.{glob}.w_bits"),
+                                      _check_bits(prec["a_bits"], f"fixed.{glob}.a_bits"))
+        return cls(
+            name=raw["name"], description=str(raw.get("description", "")),
+            model=model["name"], model_kwargs=dict(model.get("kwargs") or {}),
+            data=data["name"], data_kwargs=dict(data.get("kwargs") or {}),
+            searchable=_globs(raw.get("searchable", ["*"]), "searchable"),
+            w_bits=_bits_list(choices.get("w_bits", [2, 4, 8]), "choices.w_bits"),
+            a_bits=_bits_list(choices.get("a_bits", [4, 8]), "choices.a_bits"),
+            fixed=fixed, quantizer=quantizer, train=train)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SearchSpace":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read search space {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"search space {path} is not valid YAML{where}: {problem}") from exc
+        return cls.from_dict(raw, source=f"search space {path}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved space as plain data (what run folders save as config)."""
+        return {
+            "name": self.name, "description": self.description,
+            "model": {"name": self.model, "kwargs": dict(self.model_kwargs)},
+            "data": {"name": self.data, "kwargs": dict(self.data_kwargs)},
+            "searchable": list(self.searchable),
+            "choices": {"w_bits": list(self.w_bits), "a_bits": list(self.a_bits)},
+            "fixed": {g: {"w_bits": c.w_bits, "a_bits": c.a_bits} for g, c in self.fixed.items()},
+            "quantizer": dict(self.quantizer), "train": dict(self.train),
+        }
+
+    # ------------------------------------------------------------ model and layers
+
+    def data_info(self):
+        from nas.data import dataset_info
+
+        return dataset_info(self.data, **self.data_kwargs)
+
+    def build_model(self):
+        from nas.models import create_model
+
+        info = self.data_info()
+        return create_model(self.model, defaults={"num_classes": info.num_classes,
+                                                  "in_channels": info.in_channels},
+                            **self.model_kwargs)
+
+    @property
+    def choices(self) -> tuple[Choice, ...]:
+        return tuple(Choice(w, a) for w, a in itertools.product(self.w_bits, self.a_bits))
+
+    def layers(self, model=None) -> list[SpaceLayer]:
+        """The quantizable layers in module order, each with its geometry and choices."""
+        if self._layers is None:
+            self._layers = self._resolve(model if model is not None else self.build_model())
+        return self._layers
+
+    def _resolve(self, model) -> list[SpaceLayer]:
+        info = self.data_info()
+        geometry = layer_geometry(model, (1, info.in_channels, *info.image_size))
+        names = list(geometry)
+        for i, glob in enumerate(self.searchable):
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise ConfigError(f"space {self.name}: searchable[{i}] {glob!r} matches no Conv2d "
+                                  f"or Linear layer of {self.model}; "
+                                  f"run 'nas spaces show {self.name}' to list them")
+        for glob in self.fixed:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise ConfigError(f"space {self.name}: fixed.{glob} matches no Conv2d or Linear "
+                                  f"layer of {self.model}")
+        layers = []
+        for name in names:
+            fixed = next((c for g, c in self.fixed.items() if fnmatch.fnmatchcase(name, g)), None)
+            if fixed is not None:
+                layers.append(SpaceLayer(geometry[name], (fixed,), True))
+            elif any(fnmatch.fnmatchcase(name, g) for g in self.searchable):
+                layers.append(SpaceLayer(geometry[name], self.choices, False))
+        return layers
+
+
+def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
+    """Run one batch of zeros through `model` and record every Conv2d and Linear it calls."""
+    import torch
+    from torch import nn
+
+    found: dict[str, LayerInfo] = {}
+    hooks = []
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0]
+            if isinstance(module, nn.Conv2d):
+                kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+                padding = module.padding if isinstance(module.padding, tuple) else (0, 0)
+                in_hw, out_hw = tuple(x.shape[-2:]), tuple(output.shape[-2:])
+                macs = (output.shape[-1] * output.shape[-2] * module.out_channels
+                        * (module.in_channels // module.groups) * kernel[0] * kernel[1])
+                kind, cin, cout, groups = "Conv2d", module.in_channels, module.out_channels, module.groups
+            else:
+                kernel, stride, padding, in_hw, out_hw = (1, 1), (1, 1), (0, 0), (1, 1), (1, 1)
+                rows = x.numel() // module.in_features
+                macs = rows * module.in_features * module.out_features
+                kind, cin, cout, groups = "Linear", module.in_features, module.out_features, 1
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            if name in found:  # a module called twice: its work counts twice
+                prev = found[name]
+                macs += prev.macs
+                found[name] = LayerInfo(**{**prev.__dict__, "macs": macs})
+                return
+            found[name] = LayerInfo(name, kind, cin, cout, kernel, stride, tuple(padding), groups,
+                                    in_hw, out_hw, params, int(macs))
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            hooks.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    order = [n for n, m in model.named_modules() if n in found]
+    return {n: found[n] for n in order}
+
+
+def load_space(name_or_path: str | Path | None = None) -> SearchSpace:
+    """A shipped space by name, or a YAML file by path; no argument gives the default."""
+    name_or_path = name_or_path or DEFAULT_SPACE
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"search space file {path} does not exist")
+        return SearchSpace.from_yaml(path)
+    candidate = _spaces_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown search space {str(name_or_path)!r}; choose one of "
+                          f"{', '.join(list_spaces())} (see 'nas spaces') or give a .yaml path")
+    return SearchSpace.from_yaml(candidate)

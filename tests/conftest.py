@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas.data import FASHION_MNIST_DIR
+
+FMNIST = Path(os.environ.get("NAS_DATA_DIR", FASHION_MNIST_DIR))
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed in {FMNIST} (make data)")
+
+SYNTHETIC_SPACE = {
+    "name": "synthetic_resnet8",
+    "model": {"name": "resnet8", "kwargs": {"width": 8}},
+    "data": {"name": "synthetic",
+             "kwargs": {"train_size": 640, "test_size": 256, "image_size": 12, "noise": 0.8}},
+    "fixed": {"conv1": {"w_bits": 8, "a_bits": 8}, "fc": {"w_bits": 8, "a_bits": 8}},
+    "train": {"budget": "2ep", "batch_size": 64, "lr": 0.05},
+}
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    """Write a search-space YAML (the synthetic one, optionally changed) and return its path."""
+
+    def write(changes: dict | None = None, name: str = "space.yaml") -> Path:
+        raw = {**SYNTHETIC_SPACE, **(changes or {})}
+        raw = {k: v for k, v in raw.items() if v is not None}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+def run_nas(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Run the real `nas` command in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)

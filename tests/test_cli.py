@@ -1,0 +1,87 @@
+"""The real `nas` command in a subprocess: bad input is one line, exit 2, nothing on disk."""
+
+import pytest
+import torch
+
+from tests.conftest import run_nas
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    (tmp_path / "broken.yaml").write_text("name: x\nmodel: {name: resnet8\n")
+    (tmp_path / "bits.yaml").write_text(
+        "name: bits\nmodel: {name: resnet8}\ndata: {name: synthetic}\nchoices: {w_bits: [4, 12]}\n")
+    (tmp_path / "glob.yaml").write_text(
+        "name: glob\nmodel: {name: resnet8}\ndata: {name: synthetic}\nsearchable: ['head.*']\n")
+    return tmp_path
+
+
+CASES = [
+    (["train", "--budget", "5 parsecs"], "budget '5 parsecs' is not understood; use '90s', '5m'"),
+    (["train", "--budget", "0s"], "must be positive"),
+    (["train", "--space", "nope"], "unknown search space 'nope'; choose one of"),
+    (["train", "--space", "{d}/broken.yaml"], "is not valid YAML at line 3"),
+    (["train", "--space", "{d}/bits.yaml"], "choices.w_bits: 12 is not an allowed bit width"),
+    (["spaces", "show", "{d}/glob.yaml"], "searchable[0] 'head.*' matches no Conv2d"),
+    (["train", "--space", "fmnist_resnet8", "--budget", "1ep", "--data-dir", "{d}/nowhere"],
+     "Fashion-MNIST folder {d}/nowhere does not exist; install it with"),
+    (["train", "--batch-size", "0", "--budget", "1ep"], "--batch-size 0: must be a positive"),
+    (["train", "--train-subset", "-5", "--budget", "1ep"], "train_subset: -5 must be a positive"),
+    (["eval", "--checkpoint", "{d}/none.pt"], "checkpoint {d}/none.pt does not exist"),
+    (["eval", "--checkpoint", "{d}/junk.pt"], "junk.pt cannot be loaded"),
+    (["eval", "--checkpoint", "{d}/foreign.pt"], "is not a nas checkpoint"),
+    (["spaces", "show"], "'nas spaces show' needs a space name"),
+    (["train", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["--device", "tpu", "spaces"], "argument --device: invalid choice: 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(bad_files, args, message):
+    runs = bad_files / "runs"
+    result = run_nas("--runs-dir", str(runs), *[a.format(d=bad_files) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nas: error: "), result.stderr
+    assert message.format(d=bad_files) in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not runs.exists() or list(runs.iterdir()) == []  # nothing written
+
+
+def test_debug_shows_the_traceback(bad_files):
+    result = run_nas("--debug", "train", "--budget", "nonsense")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "BudgetError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("nas: error: budget 'nonsense'")
+
+
+def test_global_options_after_the_command(bad_files):
+    result = run_nas("train", "--debug", "--budget", "nonsense")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_cuda_requested_without_cuda(bad_files):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_nas("--device", "cuda", "train", "--budget", "1ep")
+    assert result.returncode == 2
+    assert "nas: error: --device cuda was asked for but no CUDA device is available" in result.stderr
+
+
+def test_spaces_list_and_show():
+    listing = run_nas("spaces")
+    assert listing.returncode == 0
+    assert "fmnist_resnet8 (default)" in listing.stdout and "imagenet_resnet18" in listing.stdout
+    shown = run_nas("spaces", "show", "cifar10_resnet20")
+    assert shown.returncode == 0
+    assert "layer3.2.conv2" in shown.stdout and "W8A8 (fixed)" in shown.stdout
+    assert "22 layers (20 searchable, 2 fixed)" in shown.stdout
+
+
+def test_help_and_version():
+    assert run_nas("--version").stdout.startswith("nas ")
+    out = run_nas("--help").stdout
+    assert all(cmd in out for cmd in ("train", "eval", "spaces"))

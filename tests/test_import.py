@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+HEAVY = ("ray", "optuna", "triton", "matplotlib")
+
+
+def test_import_nas_is_light():
+    code = ("import sys, nas, nas.cli, nas.spaces, nas.models, nas.data, nas.train, nas.runs\n"
+            "nas.cli.build_parser()\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_lazy_public_names():
+    import nas
+
+    assert nas.load_space("fmnist_resnet8").name == "fmnist_resnet8"
+    assert "resnet20" in nas.list_models()
+    assert issubclass(nas.NasError, Exception)

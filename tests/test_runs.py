@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from nas.errors import CheckpointError, ConfigError
+from nas.runs import RunDir, load_checkpoint, save_checkpoint
+
+
+def test_run_folder_is_partial_until_finished(tmp_path):
+    run = RunDir(tmp_path, "myspace", "train")
+    assert run.path.name.endswith("-myspace-train.partial") and run.path.is_dir()
+    run.write_config({"a": (1, 2)})
+    run.log_metrics({"step": 1, "loss": torch.tensor(0.5)})
+    run.log_metrics({"step": 2})
+    final = run.finish({"accuracy": 91.0})
+    assert final == run.final and final.is_dir() and not final.name.endswith(".partial")
+    assert yaml.safe_load((final / "config.yaml").read_text()) == {"a": [1, 2]}
+    lines = (final / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"step": 1, "loss": 0.5}, {"step": 2}]
+    assert json.loads((final / "summary.json").read_text()) == {"accuracy": 91.0}
+    assert "finished" in (final / "log.txt").read_text()
+    assert sorted(p.name for p in final.iterdir()) == [
+        "config.yaml", "log.txt", "metrics.jsonl", "summary.json"]
+
+
+def test_same_second_runs_get_distinct_folders(tmp_path):
+    a, b = RunDir(tmp_path, "s", "train"), RunDir(tmp_path, "s", "train")
+    assert a.path != b.path
+
+
+def test_user_error_leaves_nothing(tmp_path):
+    with pytest.raises(ConfigError):
+        with RunDir(tmp_path, "s", "train"):
+            raise ConfigError("bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_keeps_the_partial_folder_with_its_log(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with RunDir(tmp_path, "s", "train"):
+            1 / 0
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.endswith(".partial")
+    assert "ZeroDivisionError" in (folder / "log.txt").read_text()
+
+
+def test_checkpoint_roundtrip_and_no_temporary_left(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"space": {"name": "s"}, "state_dict": {"w": torch.ones(2)}})
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_checkpoint_refuses_code_and_garbage(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"space": {}, "state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot be loaded .*corrupt or not a nas checkpoint"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.pt cannot be loaded"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a nas checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")

@@ -1,0 +1,93 @@
+import pytest
+import yaml
+
+from nas.errors import ConfigError
+from nas.spaces import DEFAULT_SPACE, Choice, SearchSpace, list_spaces, load_space
+
+SHIPPED = ["cifar10_resnet20", "fmnist_mobilenetv2", "fmnist_resnet8", "imagenet_mobilenetv2",
+           "imagenet_resnet18"]
+
+
+def test_shipped_spaces():
+    assert list_spaces() == SHIPPED and DEFAULT_SPACE in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_space_resolves_with_fixed_ends(name):
+    space = load_space(name)
+    layers = space.layers()
+    assert layers[0].fixed and layers[-1].fixed
+    assert layers[0].choices == (Choice(8, 8),)
+    assert all(len(layer.choices) == 6 for layer in layers[1:-1])
+    assert space == SearchSpace.from_dict(space.to_dict())
+
+
+def test_default_space_geometry_is_exact():
+    layers = {layer.name: layer.info for layer in load_space(DEFAULT_SPACE).layers()}
+    conv = layers["layer2.0.conv1"]
+    assert (conv.in_channels, conv.out_channels, conv.kernel, conv.stride) == (16, 32, (3, 3), (2, 2))
+    assert conv.in_hw == (28, 28) and conv.out_hw == (14, 14)
+    assert conv.params == 16 * 32 * 9 and conv.macs == 14 * 14 * 32 * 16 * 9
+    assert layers["fc"].macs == 64 * 10 and layers["fc"].params == 650
+
+
+def test_depthwise_geometry():
+    layers = {layer.name: layer.info for layer in load_space("fmnist_mobilenetv2").layers()}
+    dw = layers["features.1.conv.0.0"]
+    assert dw.groups == dw.in_channels == dw.out_channels == 16
+    assert dw.macs == 28 * 28 * 16 * 9
+
+
+def test_resnet18_first_layer_at_224():
+    conv1 = load_space("imagenet_resnet18").layers()[0].info
+    assert conv1.kernel == (7, 7) and conv1.out_hw == (112, 112)
+    assert conv1.macs == 112 * 112 * 64 * 3 * 49
+
+
+def _space(changes):
+    raw = yaml.safe_load(open("search_spaces/fmnist_resnet8.yaml"))
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"model": {"name": "resnet9"}}, "model.name: unknown model 'resnet9'"),
+    ({"choices": {"w_bits": [4, 9]}}, "choices.w_bits: 9 is not an allowed bit width"),
+    ({"choices": {"a_bits": []}}, "choices.a_bits: \\[\\] must be a non-empty list"),
+    ({"choices": {"x_bits": [4]}}, "choices.x_bits: unknown key"),
+    ({"fixed": {"conv1": {"w_bits": 1, "a_bits": 8}}}, "fixed.conv1.w_bits: 1 is not an allowed"),
+    ({"fixed": {"conv1": {"w_bits": 8}}}, "fixed.conv1: .* must be"),
+    ({"quantizer": {"w_granularity": "per_row"}}, "quantizer.w_granularity: 'per_row'"),
+    ({"data": {"name": "mnist"}}, "data.name: unknown dataset 'mnist'"),
+    ({"train": {"epochs": 3}}, "train.epochs: unknown key"),
+])
+def test_schema_errors_name_key_and_value(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchSpace.from_dict(_space(changes))
+
+
+def test_glob_matching_no_layer():
+    space = SearchSpace.from_dict(_space({"searchable": ["layer1.*", "layer9.*"]}))
+    with pytest.raises(ConfigError, match=r"searchable\[1\] 'layer9.\*' matches no Conv2d"):
+        space.layers()
+    space = SearchSpace.from_dict(_space({"fixed": {"head": {"w_bits": 8, "a_bits": 8}}}))
+    with pytest.raises(ConfigError, match="fixed.head matches no Conv2d"):
+        space.layers()
+
+
+def test_searchable_globs_select_layers():
+    space = SearchSpace.from_dict(_space({"searchable": ["layer3.*"], "fixed": {}}))
+    assert [layer.name for layer in space.layers()] == [
+        "layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"]
+
+
+def test_bad_yaml_and_unknown_space(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_space(bad)
+    with pytest.raises(ConfigError, match="unknown search space 'nope'; choose one of"):
+        load_space("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml")
