@@ -12,6 +12,7 @@ _LAZY = {
     "SearchSpace": "nas.spaces", "load_space": "nas.spaces", "list_spaces": "nas.spaces",
     "create_model": "nas.models", "list_models": "nas.models", "register_model": "nas.models",
     "load_data": "nas.data", "parse_budget": "nas.budget",
+    "Plan": "nas.plan", "LayerPrecision": "nas.plan", "quantize_model": "nas.quant",
 }
 
 __all__ = ["NasError", "__version__", *_LAZY]

@@ -41,3 +41,17 @@ def run_nas(*args: str, cwd: Path | None = None, env: dict | None = None):
     """Run the real `nas` command in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One short `nas train` on synthetic data, shared: (space yaml, checkpoint, runs dir)."""
+    root = tmp_path_factory.mktemp("trained")
+    space = root / "space.yaml"
+    space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
+    runs = root / "runs"
+    result = run_nas("--runs-dir", str(runs), "train", "--space", str(space), "--budget", "2ep",
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    (folder,) = runs.iterdir()
+    return space, folder / "best.pt"

@@ -35,7 +35,7 @@ def test_depthwise_geometry():
     layers = {layer.name: layer.info for layer in load_space("fmnist_mobilenetv2").layers()}
     dw = layers["features.1.conv.0.0"]
     assert dw.groups == dw.in_channels == dw.out_channels == 16
-    assert dw.macs == 28 * 28 * 16 * 9
+    assert dw.macs == 14 * 14 * 16 * 9  # after the stride-2 stem
 
 
 def test_resnet18_first_layer_at_224():

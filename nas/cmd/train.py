@@ -33,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
+    budget = parse_budget(args.budget) if args.budget else None  # cheap checks first
     space = load_space(args.space)
-    budget = parse_budget(args.budget or space.train["budget"])
+    budget = budget or parse_budget(space.train["budget"])
     batch_size = args.batch_size if args.batch_size is not None else int(space.train["batch_size"])
     if batch_size <= 0:
         raise ConfigError(f"--batch-size {batch_size}: must be a positive whole number")

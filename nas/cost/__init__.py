@@ -1,0 +1,1 @@
+"""Cost models: what a plan costs in bytes, BitOps or latency."""

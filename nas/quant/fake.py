@@ -1,0 +1,105 @@
+"""Uniform affine fake quantization (Krishnamoorthi 2018, section 2) with a straight-through
+estimator.
+
+    q = clamp(round(x / s) + z, qmin, qmax),   x_hat = (q - z) * s
+
+The arithmetic follows torch's reference kernels step for step (x times 1/s, round half to
+even, zero point added after rounding) so that 8-bit results equal
+`torch.fake_quantize_per_tensor_affine` / `..._per_channel_affine` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_BITS = (16, 32)
+
+
+def is_float(bits: int) -> bool:
+    return bits in FLOAT_BITS
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range: signed [-2^(b-1), 2^(b-1) - 1] or unsigned [0, 2^b - 1]."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def _shape_for(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Broadcast a per-channel vector along `axis` of x (a scalar tensor passes as is)."""
+    if axis is None or t.ndim == 0:
+        return t
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return t.view(shape)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Round-to-nearest (or stochastic) fake quantization; the gradient passes straight
+    through inside the clipping range and is zero outside it."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, noise):
+        inv_scale = 1.0 / scale
+        q = torch.round(x * inv_scale if noise is None else x * inv_scale + noise) + zero_point
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return (q.clamp(qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                  qmax: int, axis: int | None = None, stochastic: bool = False) -> torch.Tensor:
+    """Fake-quantize `x` with fixed scale and zero point (per tensor, or per channel on `axis`).
+
+    Stochastic rounding adds w ~ U(-s/2, s/2) before rounding (the whitepaper's
+    Q(x) = clamp(round((x + w) / s))), so E[Q(x)] = x inside the range.
+    """
+    scale = _shape_for(scale.to(x.dtype), x, axis)
+    zero_point = _shape_for(zero_point.to(x.dtype), x, axis)
+    noise = torch.rand_like(x) - 0.5 if stochastic else None
+    return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, noise)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Value of x, gradient of x times `factor` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+            eps: float = torch.finfo(torch.float32).eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from a clipping range [lo, hi] (per tensor or per channel).
+
+    The range is widened to contain zero, so zero (padding, ReLU output) is exact. Symmetric:
+    signed, zero point 0, scale = max(|lo|, |hi|) / ((qmax - qmin) / 2), as torch's observers
+    do. Asymmetric: unsigned, scale = (hi - lo) / (qmax - qmin), integer zero point.
+    """
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    qmin, qmax = quant_range(bits, signed=symmetric)
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=eps)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(|x|^2 / |x - x_hat|^2), in dB."""
+    noise = (x.double() - x_hat.double()).pow(2).sum()
+    signal = x.double().pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,229 @@
+"""Observers: turn the values a tensor takes into a clipping range [lo, hi].
+
+min-max, moving-average min-max, percentile, MSE (the range that minimises the whitepaper's
+saturation-plus-rounding error |x - Q(x)|^2) and KL divergence over a histogram (entropy
+calibration as in TensorRT). Per-channel observers (weights) reduce over every axis but
+`axis`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from nas.errors import ConfigError
+from nas.quant.fake import qparams, quant_range
+
+from nas.quant import METHODS  # noqa: E402  (one list for the CLI and the code)
+
+_SAMPLE_PER_BATCH = 1 << 14  # activation values kept per batch for the MSE / KL searches
+_SAMPLE_MAX = 1 << 17
+
+
+def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...] | None:
+    return None if axis is None else tuple(d for d in range(x.ndim) if d != axis)
+
+
+def _amin_amax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if axis is None:
+        return x.min(), x.max()
+    dims = _reduce_dims(x, axis)
+    return x.amin(dim=dims), x.amax(dim=dims)
+
+
+def _per_channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """x as [channels, values] (one row when per tensor)."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+class Observer:
+    """Accumulates statistics over calibration batches; `range()` gives (lo, hi)."""
+
+    def __init__(self, bits: int, symmetric: bool, axis: int | None = None):
+        self.bits, self.symmetric, self.axis = bits, symmetric, axis
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = _amin_amax(x.detach().float(), self.axis)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise RuntimeError("observer saw no data: run calibration batches first")
+        return self.lo, self.hi
+
+
+class MinMaxObserver(Observer):
+    pass
+
+
+class EmaObserver(Observer):
+    """Moving-average min-max (torch's averaging constant 0.01): less swayed by one batch."""
+
+    def __init__(self, *args, momentum: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.momentum = momentum
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = _amin_amax(x.detach().float(), self.axis)
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.lo + self.momentum * (lo - self.lo)
+            self.hi = self.hi + self.momentum * (hi - self.hi)
+
+
+class PercentileObserver(Observer):
+    """The p-th percentile of each batch (and 100 - p for the low end), averaged."""
+
+    def __init__(self, *args, percentile: float = 99.99, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.q = percentile / 100.0
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = _per_channel_rows(x.detach().float(), self.axis)
+        if rows.shape[1] > _SAMPLE_MAX:  # torch.quantile has a size limit; a sample suffices
+            rows = rows[:, torch.randperm(rows.shape[1])[:_SAMPLE_MAX]]
+        lo, hi = torch.quantile(rows, 1.0 - self.q, dim=1), torch.quantile(rows, self.q, dim=1)
+        if self.axis is None:
+            lo, hi = lo[0], hi[0]
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = (self.lo * self.count + lo) / (self.count + 1)
+            self.hi = (self.hi * self.count + hi) / (self.count + 1)
+        self.count += 1
+
+
+class _SampleObserver(Observer):
+    """Keeps the exact min/max plus a random sample of values for a search at the end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.samples: list[torch.Tensor] = []
+        self.kept = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        rows = _per_channel_rows(x.detach().float(), self.axis)
+        if self.axis is None and rows.shape[1] > _SAMPLE_PER_BATCH and self.kept < _SAMPLE_MAX:
+            rows = rows[:, torch.randperm(rows.shape[1])[:_SAMPLE_PER_BATCH]]
+        self.samples.append(rows)
+        self.kept += rows.shape[1]
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.samples, dim=1)
+
+
+class MseObserver(_SampleObserver):
+    """Grid search over clipping ranges shrunk from min-max: keep the one with least MSE."""
+
+    def __init__(self, *args, steps: int = 100, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = steps
+
+    @torch.no_grad()
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = super().range()
+        values = self.values()  # [C, N]
+        lo_c, hi_c = lo.reshape(-1, 1).float(), hi.reshape(-1, 1).float()
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        # Linear steps, plus a log-spaced tail for heavy-tailed data whose best clip is a
+        # tiny fraction of the maximum.
+        ratios = torch.tensor(sorted(set([i / self.steps for i in range(1, self.steps + 1)]
+                                         + [10 ** (-3 + 2 * i / 40) for i in range(40)])))
+        errors = []
+        chunk = max(1, (1 << 22) // max(1, values.numel()))  # bound the [R, C, N] temporary
+        for part in ratios.split(chunk):
+            r = part.view(-1, 1, 1)
+            scale, zp = qparams(lo_c * r, hi_c * r, self.bits, self.symmetric)  # [R, C, 1]
+            q = torch.clamp(torch.round(values * (1.0 / scale)) + zp, qmin, qmax)
+            errors.append(((q - zp) * scale - values).pow(2).mean(dim=2))  # [R, C]
+        best = torch.cat(errors).argmin(dim=0)  # per channel
+        r = ratios[best]
+        return (lo_c.flatten() * r).reshape(lo.shape), (hi_c.flatten() * r).reshape(hi.shape)
+
+
+class KlObserver(_SampleObserver):
+    """Entropy calibration: the threshold whose quantized histogram is closest in KL
+    divergence to the observed one (2048 bins, as in TensorRT's calibrator)."""
+
+    bins = 2048
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = super().range()
+        if self.axis is not None:
+            raise ConfigError("KL calibration is for activations (per tensor), not per channel")
+        values = self.values().flatten()
+        if self.symmetric:
+            t = self._clip(values.abs(), float(torch.maximum(-lo, hi)), 2 ** (self.bits - 1))
+            return torch.tensor(-t), torch.tensor(t)
+        # Asymmetric: each side of zero gets its own search, over its share of the levels.
+        span = float(hi - lo) or 1.0
+        up = self._clip(values[values > 0], float(hi), max(2, round(2 ** self.bits * float(hi) / span)))
+        down = self._clip(-values[values < 0], float(-lo), max(2, round(2 ** self.bits * float(-lo) / span)))
+        return torch.tensor(-down), torch.tensor(up)
+
+    def _clip(self, data: torch.Tensor, top: float, levels: int) -> float:
+        """Clip point for non-negative data; zeros are left out, being exact in any range
+        (a ReLU's spike there would swamp the histogram)."""
+        data = data[data > 0]
+        if top <= 0 or data.numel() == 0:
+            return max(top, 0.0)
+        hist = torch.histc(data, bins=self.bins, min=0.0, max=top).double().numpy()
+        return _kl_threshold(hist, min(levels, self.bins)) * top / self.bins
+
+
+def _kl_threshold(hist: np.ndarray, levels: int) -> int:
+    """The number of histogram bins to keep (the clip point) with the least KL divergence."""
+    n = len(hist)
+    best_i, best_kl = n, math.inf
+    total = hist.sum()
+    if total == 0:
+        return n
+    for i in range(levels, n + 1):
+        kept = hist[:i]
+        p = kept.copy()
+        p[i - 1] += hist[i:].sum()  # P: clipped mass piles into the last kept bin
+        nonzero = p > 0
+        # Q: the kept bins (without the clipped mass) merged into `levels` groups, each group
+        # spread evenly over its non-empty bins - what quantization to `levels` keeps of P.
+        edges = np.linspace(0, i, levels + 1).astype(int)
+        sums = np.add.reduceat(kept, edges[:-1])
+        counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
+        per_bin = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        q = np.repeat(per_bin, np.diff(edges)) * nonzero
+        if q.sum() == 0:
+            continue
+        p_n, q_n = p / p.sum(), q / q.sum()
+        q_n = np.where(nonzero & (q_n == 0), 1e-8, q_n)  # smooth: no infinite divergence
+        kl = float(np.sum(p_n[nonzero] * np.log(p_n[nonzero] / q_n[nonzero])))
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i
+
+
+_OBSERVERS = {"minmax": MinMaxObserver, "ema": EmaObserver, "percentile": PercentileObserver,
+              "mse": MseObserver, "kl": KlObserver}
+
+
+def make_observer(method: str, bits: int, symmetric: bool, axis: int | None = None) -> Observer:
+    if method not in _OBSERVERS:
+        raise ConfigError(f"calibration {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    return _OBSERVERS[method](bits, symmetric, axis=axis)
+
+
+def weight_method(method: str) -> str:
+    """The observer used for weights under an activation calibration method.
+
+    min-max, percentile and MSE are computed per channel from the weight itself; the
+    moving average and KL describe streams of activations, so weights use min-max there.
+    """
+    return method if method in ("minmax", "percentile", "mse") else "minmax"

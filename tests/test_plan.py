@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from nas.cost.size import plan_size_bytes
+from nas.errors import ConfigError
+from nas.plan import LayerPrecision, Plan, layer_hash, parse_uniform
+from nas.quant.modules import QuantConv2d, QuantLinear, calibrate, quant_layers, quantize_model
+from nas.spaces import load_space
+
+
+@pytest.fixture(scope="module")
+def space():
+    return load_space("fmnist_resnet8")
+
+
+def _mixed(space):
+    plan = Plan.uniform(space, 4, 8)
+    plan.layers["layer2.0.conv2"] = LayerPrecision(2, 4, "per_tensor", False, True)
+    plan.costs = {"size_bytes": 1234.5}
+    plan.provenance = {"method": "test", "run_id": "r1", "seed": 3, "date": "2026-11-28"}
+    return plan
+
+
+def test_uniform_keeps_fixed_layers(space):
+    plan = Plan.uniform(space, 4, 8)
+    assert plan.layers["conv1"] == LayerPrecision(8, 8) and plan.layers["fc"] == LayerPrecision(8, 8)
+    assert plan.layers["layer1.0.conv1"] == LayerPrecision(4, 8, "per_channel", True, False)
+    assert plan.bits_histogram() == {"W4A8": 8, "W8A8": 2}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_roundtrip_is_lossless(space, tmp_path, suffix):
+    plan = _mixed(space)
+    path = plan.save(tmp_path / f"plan{suffix}")
+    assert Plan.load(path) == plan
+    assert Plan.load(path).resolved(space) == plan
+
+
+def test_yaml_and_json_hold_the_same_content(space, tmp_path):
+    plan = _mixed(space)
+    as_yaml = yaml.safe_load(plan.save(tmp_path / "p.yaml").read_text())
+    as_json = json.loads(plan.save(tmp_path / "p.json").read_text())
+    assert as_yaml == as_json and as_yaml["format_version"] == 1
+    assert as_yaml["model"] == {"space": "fmnist_resnet8", "name": "resnet8",
+                                "layer_hash": layer_hash(space)}
+
+
+def test_default_fills_unlisted_layers(space):
+    raw = Plan.uniform(space, 8, 8).to_dict()
+    raw["layers"] = {"conv1": raw["layers"]["conv1"], "fc": raw["layers"]["fc"],
+                     "layer1.0.conv1": {"w_bits": 2, "a_bits": 4}}
+    raw["default"] = {"w_bits": 4, "a_bits": 8}
+    plan = Plan.from_dict(raw).resolved(space)
+    assert plan.layers["layer1.0.conv1"].w_bits == 2 and plan.layers["layer3.0.conv2"].w_bits == 4
+    assert len(plan.layers) == 10
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["layers"].update({"head": {"w_bits": 8, "a_bits": 8}}),
+     "plan layer 'head' is not a quantizable layer of space fmnist_resnet8"),
+    (lambda r: r["layers"].pop("layer2.0.conv1"),
+     "plan has no precision for layer 'layer2.0.conv1'"),
+    (lambda r: r["layers"].update({"layer1.0.conv1": {"w_bits": 3, "a_bits": 8}}),
+     "plan layer 'layer1.0.conv1': W3A8 is outside space fmnist_resnet8; allowed: W2A4, W2A8"),
+    (lambda r: r["layers"].update({"conv1": {"w_bits": 4, "a_bits": 8}}),
+     "plan layer 'conv1': W4A8 is outside space fmnist_resnet8; fixed at W8A8"),
+    (lambda r: r["layers"].update({"fc": {"w_bits": 9, "a_bits": 8}}),
+     "layers.fc.w_bits: 9 is not an allowed bit width"),
+    (lambda r: r["layers"].update({"fc": {"w_bits": 8, "a_bits": 8, "colour": 1}}),
+     "layers.fc.colour: unknown key"),
+    (lambda r: r.update({"format_version": 7}), "format_version 7 is not supported"),
+    (lambda r: r["model"].update({"layer_hash": "0" * 16}), "plan was made for other layers"),
+    (lambda r: r.update({"pickle": 1}), "unknown key 'pickle'"),
+])
+def test_validation_names_the_problem(space, edit, message):
+    raw = Plan.uniform(space, 4, 8).to_dict()
+    edit(raw)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Plan.from_dict(raw).resolved(space)
+
+
+def test_parse_uniform():
+    assert parse_uniform("W8A8") == (8, 8) and parse_uniform("w4a32") == (4, 32)
+    for bad in ("8/8", "W9A8", "W8"):
+        with pytest.raises(ConfigError, match="write W<bits>A<bits>"):
+            parse_uniform(bad)
+
+
+def test_size_in_bytes(space):
+    # conv1: 144 weights at 8 bits + 16 scales (symmetric: no zero point) + 16 biases
+    infos = {x.name: x.info for x in space.layers()}
+    from nas.cost.size import layer_size_bytes
+
+    assert layer_size_bytes(infos["conv1"], LayerPrecision(8, 8)) == 144 + 16 * 4 + 16 * 4
+    assert layer_size_bytes(infos["conv1"], LayerPrecision(4, 8, "per_tensor", False)) == (
+        72 + 4 + 1 + 16 * 4)
+    assert layer_size_bytes(infos["conv1"], LayerPrecision(32, 32)) == 144 * 4 + 16 * 4
+    w8, w4 = plan_size_bytes(Plan.uniform(space, 8, 8), space), plan_size_bytes(Plan.uniform(space, 4, 8), space)
+    assert w4 < w8
+
+
+def test_quantize_model_swaps_by_name(space):
+    model = space.build_model().eval()
+    plan = Plan.uniform(space, 4, 8)
+    plan.layers["layer1.0.conv1"] = LayerPrecision(32, 32)
+    q = quantize_model(model, plan)
+    layers = quant_layers(q)
+    assert "layer1.0.conv1" not in layers and isinstance(q.layer1[0].conv1, nn.Conv2d)
+    assert isinstance(layers["layer2.0.conv1"], QuantConv2d) and isinstance(layers["fc"], QuantLinear)
+    assert layers["layer2.0.conv1"].weight_quantizer.bits == 4
+    assert layers["layer2.0.conv1"].weight_quantizer.scale.shape == (32,)  # per channel
+    assert not any(isinstance(m, QuantConv2d) for m in model.modules())  # original untouched
+    x = torch.randn(8, 1, 28, 28)
+    calibrate(q, [(x, None)], batches=1)
+    with torch.no_grad():
+        assert q(x).shape == (8, 10)
+    bad = Plan.uniform(space, 4, 8)
+    bad.layers["layer1.0.bn1"] = LayerPrecision(8, 8)
+    with pytest.raises(ConfigError, match="plan layer 'layer1.0.bn1': BatchNorm2d, expected Conv2d"):
+        quantize_model(model, bad)
+
+
+def test_grouped_and_depthwise_convs_quantize():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    q = QuantConv2d.from_float(conv, LayerPrecision(4, 8))
+    q.weight_quantizer.observe_tensor(q.weight.detach())
+    x = torch.relu(torch.randn(2, 8, 5, 5))
+    out = q(x)
+    assert out.shape == (2, 8, 5, 5)
+    assert torch.unique(q.weight_quantizer(q.weight)[0]).numel() <= 16

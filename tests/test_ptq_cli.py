@@ -1,0 +1,106 @@
+"""`nas ptq` end to end on a small trained model, and its errors."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from nas.plan import Plan
+from nas.spaces import load_space
+from tests.conftest import needs_fmnist, run_nas
+
+
+def _run_folder(runs):
+    (folder,) = runs.iterdir()
+    return folder
+
+
+def test_uniform_w8a8_keeps_accuracy(trained, tmp_path):
+    space, checkpoint = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
+                     "--uniform", "W8A8", "--calibration", "minmax", "--calib-batches", "4")
+    assert result.returncode == 0, result.stderr
+    folder = _run_folder(runs)
+    summary = json.loads((folder / "summary.json").read_text())
+    # 8-bit per-channel PTQ of a small convnet: within a point of float (whitepaper, table 3).
+    assert abs(summary["accuracy_drop"]) <= 1.0
+    assert summary["size_bytes"] < summary["fp32_size_bytes"] / 3
+    plan = Plan.load(folder / "plan.yaml")
+    assert plan.costs["size_bytes"] == summary["size_bytes"]
+    assert plan.provenance["command"] == "ptq" and plan.provenance["calibration"] == "minmax"
+    assert "compression" in result.stdout and f"run folder: {folder}" in result.stdout
+
+
+def test_plan_file_and_per_layer_csv(trained, tmp_path):
+    space_path, checkpoint = trained
+    space = load_space(space_path)
+    plan_path = Plan.uniform(space, 4, 8).save(tmp_path / "plan.json")
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
+                     "--plan", str(plan_path), "--per-layer", "--calib-batches", "2")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(open(_run_folder(runs) / "per_layer.csv")))
+    assert rows[0][0] == "layer" and len(rows) == 1 + len(space.layers())
+    by_layer = {r[0]: r for r in rows[1:]}
+    # 4-bit weights: per-channel ranges never lose to one range for the whole tensor.
+    for name, row in by_layer.items():
+        if row[1] == "W4A8":
+            assert float(row[3]) >= float(row[2]) - 1e-6, name
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["layers"].update({"head": {"w_bits": 8, "a_bits": 8}}),
+     "plan layer 'head' is not a quantizable layer"),
+    (lambda r: r["layers"].pop("layer1.0.conv2"), "plan has no precision for layer 'layer1.0.conv2'"),
+    (lambda r: r["layers"].update({"layer1.0.conv2": {"w_bits": 6, "a_bits": 8}}),
+     "plan layer 'layer1.0.conv2': W6A8 is outside space"),
+])
+def test_bad_plans_exit_2(trained, tmp_path, edit, message):
+    space_path, checkpoint = trained
+    raw = Plan.uniform(load_space(space_path), 4, 8).to_dict()
+    edit(raw)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint), "--plan", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("nas: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
+
+
+def test_other_bad_ptq_input(trained, tmp_path):
+    _, checkpoint = trained
+    cases = [
+        (["--uniform", "W9A8"], "--uniform 'W9A8': write W<bits>A<bits>"),
+        (["--uniform", "W8A8", "--calibration", "median"], "invalid choice: 'median'"),
+        (["--uniform", "W8A8", "--calib-batches", "0"], "--calib-batches 0: must be a positive"),
+        (["--uniform", "W8A8", "--space", "fmnist_resnet8"],
+         "holds resnet8 {'width': 8}, but space fmnist_resnet8 uses resnet8"),
+        (["--plan", str(tmp_path / "none.yaml")], "cannot read plan"),
+        ([], "one of the arguments --plan --uniform is required"),
+    ]
+    for args, message in cases:
+        result = run_nas("--runs-dir", str(tmp_path / "runs"), "ptq", "--checkpoint",
+                         str(checkpoint), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_bench_ptq_small(tmp_path):
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "bench", "ptq", "--train-budget", "1ep",
+                     "--train-subset", "600", "--test-subset", "200", "--calib-batches", "1",
+                     "--batch-size", "64")
+    assert result.returncode == 0, result.stderr
+    folder = _run_folder(runs)
+    data = json.loads((folder / "bench_ptq.json").read_text())
+    assert set(data["fp"]) == {"fmnist_resnet8", "fmnist_mobilenetv2"}
+    assert [r["granularity"] for r in data["weight_only"]] == ["per_tensor", "per_channel"]
+    assert len(data["w4a8"]) == 2 * 5 and {"per_channel", "per_tensor"} <= set(data["w4a8"][0])
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["fmnist_mobilenetv2.pt", "fmnist_resnet8.pt"]
+    for title in ("W8A8 per-channel PTQ", "Weight-only 8-bit", "W4A8 accuracy by calibration"):
+        assert title in result.stdout
