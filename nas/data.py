@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nas.errors import ConfigError, DataError
+from nas.datainfo import (  # noqa: F401  (DATASETS, check_data_kwargs: re-exported)
+    DATASETS, SYNTHETIC_DEFAULTS, DataInfo, check_data_kwargs, dataset_info)
+from nas.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FIX = (
@@ -37,15 +39,6 @@ _STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a model needs to know about its input, known without loading any data."""
-
-    in_channels: int
-    image_size: tuple[int, int]
-    num_classes: int
 
 
 @dataclass
@@ -238,49 +231,6 @@ def _synthetic(part: str, n: int, in_channels: int, image_size: int, num_classes
 
 # ---------------------------------------------------------------- public entry points
 
-DATASETS = ("fashion_mnist", "cifar10", "imagefolder", "synthetic")
-_SYNTHETIC_DEFAULTS = {"train_size": 2048, "test_size": 512, "in_channels": 1, "image_size": 16,
-                       "num_classes": 10, "noise": 1.0}
-_KWARGS = {
-    "fashion_mnist": set(),
-    "cifar10": {"augment"},
-    "imagefolder": {"image_size", "num_classes"},
-    "synthetic": set(_SYNTHETIC_DEFAULTS),
-}
-_COMMON = {"arch_fraction", "train_subset", "arch_subset", "test_subset"}
-
-
-def check_data_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Reject an unknown dataset or option before any file is touched."""
-    if name not in DATASETS:
-        raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    for key in kwargs:
-        if key not in _KWARGS[name] | _COMMON:
-            allowed = ", ".join(sorted(_KWARGS[name] | _COMMON))
-            raise ConfigError(f"data.kwargs.{key}: unknown option for {name}; allowed: {allowed}")
-    frac = kwargs.get("arch_fraction", 0.2)
-    if not isinstance(frac, (int, float)) or not 0.0 < frac < 1.0:
-        raise ConfigError(f"data.kwargs.arch_fraction: {frac!r} must be a number between 0 and 1")
-    for key in ("train_subset", "arch_subset", "test_subset"):
-        value = kwargs.get(key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"data.kwargs.{key}: {value!r} must be a positive whole number")
-
-
-def dataset_info(name: str, **kwargs: Any) -> DataInfo:
-    check_data_kwargs(name, kwargs)
-    if name == "fashion_mnist":
-        return DataInfo(1, (28, 28), 10)
-    if name == "cifar10":
-        return DataInfo(3, (32, 32), 10)
-    if name == "imagefolder":
-        size = int(kwargs.get("image_size", 224))
-        return DataInfo(3, (size, size), int(kwargs.get("num_classes", 1000)))
-    opts = {**_SYNTHETIC_DEFAULTS, **kwargs}
-    return DataInfo(int(opts["in_channels"]), (int(opts["image_size"]),) * 2,
-                    int(opts["num_classes"]))
-
-
 def default_data_dir(name: str) -> Path:
     if os.environ.get("NAS_DATA_DIR"):
         return Path(os.environ["NAS_DATA_DIR"])
@@ -308,7 +258,7 @@ def load_data(name: str, data_dir: str | Path | None = None, seed: int = 0,
     root = Path(data_dir) if data_dir else default_data_dir(name)
     fraction = float(kwargs.get("arch_fraction", 0.2))
     if name == "synthetic":
-        opts = {**_SYNTHETIC_DEFAULTS, **kwargs}
+        opts = {**SYNTHETIC_DEFAULTS, **kwargs}
         common = (opts["in_channels"], opts["image_size"], opts["num_classes"], opts["noise"], seed)
         full_train = _synthetic("train", opts["train_size"], *common)
         test = _synthetic("test", opts["test_size"], *common)

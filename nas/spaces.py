@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,8 +136,8 @@ class SearchSpace:
 
     @classmethod
     def _from_dict(cls, raw: Any) -> "SearchSpace":
-        from nas.data import check_data_kwargs
-        from nas.models import get_factory
+        from nas.datainfo import check_data_kwargs
+        from nas.models import get_factory, is_known
 
         if not isinstance(raw, dict):
             raise ConfigError("the file must hold a mapping with keys name, model, data, ...")
@@ -156,7 +157,8 @@ class SearchSpace:
             if not isinstance(sec.get("kwargs") or {}, dict):
                 raise ConfigError(f"{key}.kwargs: must be a mapping, got {sec['kwargs']!r}")
         try:
-            get_factory(model["name"])
+            if ":" in model["name"] or not is_known(model["name"]):
+                get_factory(model["name"])  # imports a user module; names the choices if unknown
         except Exception as exc:  # ModelError, or an import error in a user module
             raise ConfigError(f"model.name: {exc}") from exc
         check_data_kwargs(data["name"], data.get("kwargs") or {})
@@ -217,7 +219,7 @@ class SearchSpace:
     # ------------------------------------------------------------ model and layers
 
     def data_info(self):
-        from nas.data import dataset_info
+        from nas.datainfo import dataset_info
 
         return dataset_info(self.data, **self.data_kwargs)
 
@@ -236,12 +238,37 @@ class SearchSpace:
     def layers(self, model=None) -> list[SpaceLayer]:
         """The quantizable layers in module order, each with its geometry and choices."""
         if self._layers is None:
-            self._layers = self._resolve(model if model is not None else self.build_model())
+            self._layers = self._resolve(model)
         return self._layers
 
-    def _resolve(self, model) -> list[SpaceLayer]:
+    def geometry(self, model=None) -> dict[str, "LayerInfo"]:
+        """Every Conv2d / Linear of the model with its geometry; cached on disk for built-in
+        models, so that describing a space or costing a plan needs no torch import."""
         info = self.data_info()
-        geometry = layer_geometry(model, (1, info.in_channels, *info.image_size))
+        shape = (1, info.in_channels, *info.image_size)
+        if model is not None:
+            return layer_geometry(model, shape)
+        cache = _geometry_cache(self.model, self.model_kwargs, shape, info.num_classes)
+        if cache is not None and cache.is_file():
+            try:
+                rows = json.loads(cache.read_text())
+                return {r["name"]: LayerInfo(**{k: tuple(v) if isinstance(v, list) else v
+                                                for k, v in r.items()}) for r in rows}
+            except (OSError, ValueError, TypeError, KeyError):
+                pass  # a damaged cache entry is rebuilt below
+        geometry = layer_geometry(self.build_model(), shape)
+        if cache is not None:
+            try:
+                from nas.runs import atomic_write_text
+
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache, json.dumps([g.__dict__ for g in geometry.values()]))
+            except OSError:
+                pass  # no writable cache: compute again next time
+        return geometry
+
+    def _resolve(self, model) -> list[SpaceLayer]:
+        geometry = self.geometry(model)
         names = list(geometry)
         for i, glob in enumerate(self.searchable):
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
@@ -309,6 +336,29 @@ def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
         model.train(was_training)
     order = [n for n, m in model.named_modules() if n in found]
     return {n: found[n] for n in order}
+
+
+def _geometry_cache(model: str, kwargs: dict, shape: tuple, classes: int) -> Path | None:
+    """Cache file for a built-in model's geometry, keyed by everything it depends on: the
+    model's source file, its arguments, the input shape and the installed torchvision."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    from nas.models.registry import _BUILTIN
+
+    if model not in _BUILTIN:
+        return None  # a user's model may change under the same name: never cached
+    try:
+        source = Path(importlib.util.find_spec(_BUILTIN[model]).origin).read_bytes()
+        tv = importlib.metadata.version("torchvision")
+    except (OSError, AttributeError, importlib.metadata.PackageNotFoundError):
+        return None
+    key = hashlib.sha256(json.dumps([model, kwargs, list(shape), classes, tv], sort_keys=True,
+                                    default=str).encode() + source).hexdigest()[:20]
+    root = os.environ.get("NAS_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nas"
+    return Path(root) / "geometry" / f"{model}-{key}.json"
 
 
 def load_space(name_or_path: str | Path | None = None) -> SearchSpace:

@@ -8,6 +8,12 @@ import yaml
 
 from nas.data import FASHION_MNIST_DIR
 
+# The tests (and the `nas` subprocesses they start) keep the geometry cache to themselves.
+if "NAS_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["NAS_CACHE_DIR"] = tempfile.mkdtemp(prefix="nas-test-cache-")
+
 FMNIST = Path(os.environ.get("NAS_DATA_DIR", FASHION_MNIST_DIR))
 needs_fmnist = pytest.mark.skipif(
     not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),

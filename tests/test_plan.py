@@ -101,6 +101,9 @@ def test_size_in_bytes(space):
     assert layer_size_bytes(infos["conv1"], LayerPrecision(32, 32)) == 144 * 4 + 16 * 4
     w8, w4 = plan_size_bytes(Plan.uniform(space, 8, 8), space), plan_size_bytes(Plan.uniform(space, 4, 8), space)
     assert w4 < w8
+    fp32 = plan_size_bytes(Plan.uniform(space, 32, 32, include_fixed=True), space)
+    assert fp32 == sum(4 * (i.params + i.out_channels) for i in infos.values() if i.type == "Conv2d") + (
+        4 * (64 * 10) + 4 * 10)  # fc: weights plus its one bias (params already counts it once)
 
 
 def test_quantize_model_swaps_by_name(space):

@@ -91,3 +91,26 @@ def test_bad_yaml_and_unknown_space(tmp_path):
         load_space("nope")
     with pytest.raises(ConfigError, match="does not exist"):
         load_space(tmp_path / "missing.yaml")
+
+
+def test_geometry_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
+    computed = load_space("cifar10_resnet20").layers()
+    (cached_file,) = (tmp_path / "geometry").iterdir()
+    assert cached_file.name.startswith("resnet20-")
+    assert load_space("cifar10_resnet20").layers() == computed  # now read from the file
+    cached_file.write_text("{broken")
+    assert load_space("cifar10_resnet20").layers() == computed  # damaged entry is rebuilt
+
+
+def test_user_models_are_not_cached(tmp_path, monkeypatch):
+    (tmp_path / "usermodel.py").write_text(
+        "from torch import nn\n"
+        "def net(num_classes=10, in_channels=1):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.Flatten(),\n"
+        "                         nn.LazyLinear(num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    space = SearchSpace.from_dict(_space({"model": {"name": "usermodel:net"}, "fixed": {}}))
+    assert [layer.name for layer in space.layers()] == ["0", "2"]
+    assert not (tmp_path / "cache").exists()

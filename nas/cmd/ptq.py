@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+from pathlib import Path
 
 from nas.cmd.common import add_data_options, load_space_data, now_iso
 from nas.table import format_table
@@ -70,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     splits = load_space_data(space, args)
     calib = make_loader(splits.train, args.batch_size, shuffle=True, seed=args.seed)
     test = make_loader(splits.test, 512, shuffle=False)
-    fp_size = plan_size_bytes(Plan.uniform(space, 32, 32).resolved(space, within_choices=False),
-                              space)
+    fp_size = plan_size_bytes(Plan.uniform(space, 32, 32, include_fixed=True), space)
     size = plan_size_bytes(plan, space)
     plan.costs["size_bytes"] = size
     plan.provenance.update({"command": "ptq", "checkpoint": args.checkpoint, "seed": args.seed,
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_table(["space", "plan", "calibration", "fp acc %", "quant acc %", "drop",
                         "size bytes", "fp32 bytes", "compression"],
-                       [[space.name, args.plan and "plan" or args.uniform, args.calibration,
+                       [[space.name, Path(args.plan).name if args.plan else args.uniform,
+                         args.calibration,
                          round(fp["accuracy"], 2), round(quant["accuracy"], 2),
                          round(fp["accuracy"] - quant["accuracy"], 2), int(size), int(fp_size),
                          f"{fp_size / size:.2f}x"]]))

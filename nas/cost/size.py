@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nas.quant.fake import is_float
+from nas.cost.base import CostModel
+from nas.spaces import FLOAT_BITS
 
 if TYPE_CHECKING:
     from nas.plan import LayerPrecision, Plan
@@ -29,12 +30,18 @@ def weight_count(info: "LayerInfo") -> int:
 def layer_size_bytes(info: "LayerInfo", prec: "LayerPrecision") -> float:
     weights = weight_count(info) * prec.w_bits / 8
     qparams = 0
-    if not is_float(prec.w_bits):
+    if prec.w_bits not in FLOAT_BITS:
         per = info.out_channels if prec.w_granularity == "per_channel" else 1
         qparams = per * (SCALE_BYTES + (0 if prec.w_symmetric else ZERO_POINT_BYTES))
     return weights + qparams + info.out_channels * BIAS_BYTES
 
 
+class SizeCost(CostModel):
+    name, unit = "size", "bytes"
+
+    def layer_cost(self, info, prec) -> float:
+        return layer_size_bytes(info, prec)
+
+
 def plan_size_bytes(plan: "Plan", space: "SearchSpace") -> float:
-    infos = {x.name: x.info for x in space.layers()}
-    return sum(layer_size_bytes(infos[name], prec) for name, prec in plan.layers.items())
+    return SizeCost().plan_cost(plan, space)

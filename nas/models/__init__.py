@@ -1,6 +1,5 @@
-"""Model registry and builders. Importing this package registers every built-in model."""
+"""Model registry and builders. Built-in models load on first use (see registry._BUILTIN)."""
 
-from nas.models import mobilenetv2, resnet_cifar, tv  # noqa: F401  (registration)
-from nas.models.registry import create_model, get_factory, list_models, register_model
+from nas.models.registry import create_model, get_factory, is_known, list_models, register_model
 
-__all__ = ["create_model", "get_factory", "list_models", "register_model"]
+__all__ = ["create_model", "get_factory", "is_known", "list_models", "register_model"]

@@ -1,0 +1,62 @@
+"""`nas cost`: per-layer and total size, BitOps and latency of a plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from nas.table import format_table
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser("cost", parents=parents, help="size, BitOps and latency of a plan",
+                       description="Per-layer and total cost of a plan. Latency is measured "
+                                   "where a table under cost_models/ has the layer, and a "
+                                   "roofline estimate (labelled) elsewhere.")
+    p.add_argument("--space", help="search space (default: the embedded default)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--plan", help="plan.yaml / plan.json")
+    group.add_argument("--uniform", help="one precision for every searchable layer, e.g. W4A8")
+    p.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
+    p.add_argument("--device-spec", default="h200", help="device spec for latency (default h200)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas.cmd.ptq import resolve_plan
+    from nas.cost import format_cost, make_cost_model
+    from nas.errors import ConfigError
+    from nas.spaces import load_space
+
+    if args.batch <= 0:
+        raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
+    space = load_space(args.space)
+    args.w_granularity = None
+    plan = resolve_plan(args, space)
+    models = {name: make_cost_model(name, device_spec=args.device_spec, batch=args.batch)
+              for name in ("size", "bitops", "latency")}
+    latency = models["latency"]
+    infos = {x.name: x.info for x in space.layers()}
+    rows, totals, estimated = [], {n: 0.0 for n in models}, 0
+    for name, prec in plan.layers.items():
+        info = infos[name]
+        costs = {n: m.layer_cost(info, prec) for n, m in models.items()}
+        for n, v in costs.items():
+            totals[n] += v
+        est = latency.is_estimated(info, prec)
+        estimated += est
+        rows.append([name, str(prec), int(costs["size"]), f"{costs['bitops'] / 1e6:.2f}",
+                     round(costs["latency"], 2), "estimated" if est else "measured"])
+    rows.append(["total", "", int(totals["size"]), f"{totals['bitops'] / 1e6:.2f}",
+                 round(totals["latency"], 2),
+                 "estimated" if estimated == len(rows) else
+                 ("measured" if estimated == 0 else f"{estimated} estimated")])
+    print(f"space {space.name}, plan {args.plan or args.uniform}, batch {args.batch}, "
+          f"device {latency.spec.name}")
+    print(format_table(["layer", "bits", "size B", "MBitOps", "latency us", "latency source"], rows))
+    source = (f"measured tables: {', '.join(latency.table_.sources)}"
+              if latency.table_.sources else "no measured table")
+    print(f"size {format_cost('size', totals['size'])}, {format_cost('bitops', totals['bitops'])}, "
+          f"latency {format_cost('latency', totals['latency'])}"
+          + (" (estimated: roofline from the device spec" if estimated else " (measured")
+          + f"; {source})")
+    return 0

@@ -1,0 +1,159 @@
+"""Latency: a per-layer table measured on a device, or a labelled roofline estimate.
+
+Measured tables are JSON files under `cost_models/` (written by `nas measure`), keyed by
+layer geometry, batch, w_bits and a_bits, each with its provenance. Where a table has no
+entry, a roofline estimate from the device spec (`cost_models/devices/<name>.yaml`) stands
+in, and every output marks it "estimated".
+
+The estimate: time = max(compute, memory) + launch overhead, where
+- compute runs the implicit GEMM (M = batch * Ho * Wo, N = Cout / groups, K = Cin / groups *
+  kh * kw) in tiles of tile_m x tile_n spread over the SMs in waves, so a layer too small to
+  fill the last wave pays for it (wave quantisation). Quantized layers (both bits <= 8) run
+  at the INT8 tensor-core rate: Hopper has no int4 MMA, so 4-bit operands are unpacked to
+  int8 and 4 bits save bytes, not MMA time. Float layers run at the FP16 (16 bits) or TF32
+  (32 bits) rate; depthwise convolutions run on CUDA cores.
+- memory moves the input activations (a_bits each), the weights (w_bits each) and an fp16
+  output through HBM once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.cost.base import CostModel
+from nas.errors import ConfigError
+from nas.spaces import FLOAT_BITS
+
+COST_MODELS_DIR = Path(__file__).resolve().parents[2] / "cost_models"
+TABLE_FORMAT = "nas-latency/1"
+OUTPUT_BYTES = 2  # fp16 output of the fused epilogue
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    sms: int
+    int8_tops: float
+    fp16_tflops: float
+    tf32_tflops: float
+    cuda_core_tops: float
+    hbm_tb_s: float
+    launch_overhead_us: float
+    tile_m: int = 128
+    tile_n: int = 128
+    int4_mma: bool = False
+    description: str = ""
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "DeviceSpec":
+        path = Path(name_or_path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = COST_MODELS_DIR / "devices" / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (COST_MODELS_DIR / "devices").glob("*.yaml"))
+            raise ConfigError(f"device spec {name_or_path!r} not found; choose one of "
+                              f"{', '.join(known)} or give a .yaml path")
+        raw = yaml.safe_load(path.read_text())
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"device spec {path}: {exc}") from exc
+
+
+def table_key(info, batch: int, w_bits: int, a_bits: int) -> str:
+    """The geometry a latency depends on, as one string."""
+    return (f"{info.type}:{info.in_channels}x{info.out_channels}:k{info.kernel[0]}x{info.kernel[1]}"
+            f":s{info.stride[0]}x{info.stride[1]}:p{info.padding[0]}x{info.padding[1]}"
+            f":g{info.groups}:{info.in_hw[0]}x{info.in_hw[1]}:b{batch}:w{w_bits}a{a_bits}")
+
+
+@dataclass
+class LatencyTable:
+    """Measured microseconds by key, from one or more JSON files of one device."""
+
+    device: str
+    entries: dict[str, float]
+    sources: list[str]
+
+    @classmethod
+    def load_dir(cls, device: str, folder: Path = COST_MODELS_DIR) -> "LatencyTable":
+        entries, sources = {}, []
+        for path in sorted(folder.glob("*.json")):
+            raw = cls._read(path)
+            if raw["provenance"].get("device_spec") != device:
+                continue
+            entries.update({e["key"]: float(e["us"]) for e in raw["entries"]})
+            sources.append(path.name)
+        return cls(device, entries, sources)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"latency table {path} cannot be read: {exc}") from exc
+        if not isinstance(raw, dict) or raw.get("format") != TABLE_FORMAT or not isinstance(
+                raw.get("entries"), list) or not isinstance(raw.get("provenance"), dict):
+            raise ConfigError(f"latency table {path} is not a {TABLE_FORMAT} file")
+        return raw
+
+
+def _is_float(bits: int) -> bool:
+    return bits in FLOAT_BITS
+
+
+def roofline_us(info, w_bits: int, a_bits: int, batch: int, spec: DeviceSpec) -> float:
+    """Estimated microseconds of one layer at one precision (see the module docstring)."""
+    ho, wo = info.out_hw
+    groups = info.groups
+    m = batch * ho * wo
+    n = info.out_channels // groups
+    k = (info.in_channels // groups) * info.kernel[0] * info.kernel[1]
+    quantized = not _is_float(w_bits) and not _is_float(a_bits)
+    depthwise = groups > 1 and groups == info.in_channels
+    if depthwise:
+        compute_s = 2.0 * m * n * k * groups / (spec.cuda_core_tops * 1e12)
+    else:
+        if quantized:
+            peak = spec.int8_tops  # 4-bit operands too: no int4 MMA on this device
+        elif max(w_bits, a_bits) <= 16:
+            peak = spec.fp16_tflops
+        else:
+            peak = spec.tf32_tflops
+        tiles = math.ceil(m / spec.tile_m) * math.ceil(n / spec.tile_n) * groups
+        waves = math.ceil(tiles / spec.sms)
+        tile_ops = 2.0 * spec.tile_m * spec.tile_n * k
+        compute_s = waves * tile_ops / (peak * 1e12 / spec.sms)
+    in_bytes = batch * info.in_channels * info.in_hw[0] * info.in_hw[1] * a_bits / 8
+    weight_bytes = info.out_channels * k * w_bits / 8
+    out_bytes = batch * info.out_channels * ho * wo * OUTPUT_BYTES
+    memory_s = (in_bytes + weight_bytes + out_bytes) / (spec.hbm_tb_s * 1e12)
+    return max(compute_s, memory_s) * 1e6 + spec.launch_overhead_us
+
+
+class LatencyCost(CostModel):
+    """Measured latency where the table has the entry, the roofline estimate elsewhere."""
+
+    name, unit = "latency", "us"
+
+    def __init__(self, spec: DeviceSpec, batch: int = 1, table: LatencyTable | None = None):
+        self.spec, self.batch = spec, batch
+        self.table_ = table if table is not None else LatencyTable(spec.name, {}, [])
+
+    def _measured(self, info, prec) -> float | None:
+        return self.table_.entries.get(table_key(info, self.batch, prec.w_bits, prec.a_bits))
+
+    def layer_cost(self, info, prec) -> float:
+        measured = self._measured(info, prec)
+        if measured is not None:
+            return measured
+        return roofline_us(info, prec.w_bits, prec.a_bits, self.batch, self.spec)
+
+    def is_estimated(self, info, prec) -> bool:
+        return self._measured(info, prec) is None
