@@ -6,6 +6,7 @@ HEAVY = ("ray", "optuna", "triton", "matplotlib")
 
 def test_import_nas_is_light():
     code = ("import sys, nas, nas.cli, nas.spaces, nas.models, nas.data, nas.train, nas.runs\n"
+            "import nas.plan, nas.cost, nas.quant, nas.quant.ptq, nas.kernels, nas.bench.ptq\n"
             "nas.cli.build_parser()\n"
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

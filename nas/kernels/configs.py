@@ -1,0 +1,49 @@
+"""Launch configurations for the implicit-GEMM kernel, checked against Hopper's rules.
+
+The CPU interpreter runs any configuration, so the GPU's constraints are enforced here:
+int8 `tl.dot` needs BLOCK_K >= 32 and a multiple of 32; the wgmma path wants BLOCK_M a
+multiple of 64 and 4 or 8 warps; BLOCK_N a multiple of 16 (the MMA's N granularity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nas.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def validate_config(cfg: KernelConfig) -> KernelConfig:
+    problems = []
+    if cfg.block_k < 32 or cfg.block_k % 32:
+        problems.append(f"BLOCK_K={cfg.block_k} must be a multiple of 32 (int8 tl.dot)")
+    if cfg.block_m < 64 or cfg.block_m % 64:
+        problems.append(f"BLOCK_M={cfg.block_m} must be a multiple of 64 (wgmma)")
+    if cfg.block_n < 16 or cfg.block_n % 16:
+        problems.append(f"BLOCK_N={cfg.block_n} must be a multiple of 16")
+    if cfg.num_warps not in (4, 8):
+        problems.append(f"num_warps={cfg.num_warps} must be 4 or 8 (wgmma)")
+    if cfg.num_stages < 1:
+        problems.append(f"num_stages={cfg.num_stages} must be at least 1")
+    if problems:
+        raise ConfigError("invalid kernel config: " + "; ".join(problems))
+    return cfg
+
+
+# Autotuned on the GPU; every entry must pass validate_config (a test checks).
+GPU_CONFIGS = [
+    KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 64, 64, 4, 4),
+    KernelConfig(64, 128, 64, 4, 4), KernelConfig(64, 64, 128, 4, 3),
+    KernelConfig(128, 256, 64, 8, 3), KernelConfig(64, 32, 64, 4, 4),
+    KernelConfig(128, 128, 128, 8, 3), KernelConfig(64, 64, 64, 4, 2),
+]
+# The one configuration the CPU interpreter runs (valid on the GPU too).
+INTERPRETER_CONFIG = KernelConfig(64, 32, 32, 4, 1)

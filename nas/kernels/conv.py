@@ -1,0 +1,286 @@
+"""Integer 2-D convolution in Triton: implicit GEMM for dense and grouped convolutions, a
+direct kernel for depthwise ones, with a fused dequantize / bias / ReLU / requantize epilogue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nas.errors import ConfigError
+from nas.kernels.configs import GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, validate_config
+
+_INTERPRET = not torch.cuda.is_available()
+if _INTERPRET:
+    # Must be decided before triton.jit runs: without a GPU the kernels are interpreted.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+# Only builtins of triton.language are used (tl.full, not tl.zeros): the library's own
+# @jit helpers are compiled for a GPU if something imported triton before the interpreter
+# was switched on, and then cannot run under it.
+
+_OUT_INT32, _OUT_FP16, _OUT_FP32, _OUT_INT8 = 0, 1, 2, 3
+
+
+@triton.jit
+def _load_x(x_ptr, off, in_image, valid, x_zp, X_PACKED: tl.constexpr):
+    """Activation values as int32: padding reads the zero point (a real 0), and lanes outside
+    the GEMM read 0 so they add nothing."""
+    if X_PACKED:
+        byte = tl.load(x_ptr + off // 2, mask=valid & in_image, other=0).to(tl.int32)
+        nib = tl.where(off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+        val = tl.where(nib > 7, nib - 16, nib)
+    else:
+        val = tl.load(x_ptr + off, mask=valid & in_image, other=0).to(tl.int32)
+    val = tl.where(in_image, val, x_zp)
+    return tl.where(valid, val, 0)
+
+
+@triton.jit
+def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+              out_scale, out_zp, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              RELU: tl.constexpr, OUT_MODE: tl.constexpr):
+    if HAS_SCALE:
+        wsum = tl.load(wsum_ptr + co, mask=co_mask, other=0)
+        scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
+        y = (acc - x_zp * wsum[None, :]).to(tl.float32) * scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + co, mask=co_mask, other=0.0)[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        if OUT_MODE == 3:
+            v = y / out_scale
+            r = tl.floor(v)
+            d = v - r
+            odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+            r = tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)  # round half to even
+            q = tl.minimum(tl.maximum(r + out_zp, -128.0), 127.0)
+            tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
+        elif OUT_MODE == 1:
+            tl.store(out_ptrs, y.to(tl.float16), mask=out_mask)
+        else:
+            tl.store(out_ptrs, y, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
+                      H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w,
+                      CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
+                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                      OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
+    the reduction runs over (kh, kw, ci) with ci fastest, matching OHWI weights."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < CO_G
+    img = offs_m // (OH * OW)
+    rem = offs_m % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    co = g * CO_G + offs_n
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        ci = offs_k % CI
+        tap = offs_k // CI
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :]
+        in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        valid = m_mask[:, None] & k_mask[None, :]
+        x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
+        a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED).to(tl.int8)
+        w_off = co[None, :] * K + offs_k[:, None]
+        w_valid = k_mask[:, None] & n_mask[None, :]
+        if W_PACKED:
+            byte = tl.load(w_ptr + w_off // 2, mask=w_valid, other=0).to(tl.int32)
+            nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+            b = tl.where(nib > 7, nib - 16, nib).to(tl.int8)
+        else:
+            b = tl.load(w_ptr + w_off, mask=w_valid, other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+    out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+              out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+
+
+@triton.jit
+def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
+                           H, W, C, OH, OW, KH, KW, stride_h, stride_w, pad_h, pad_w, M,
+                           x_zp, out_scale, out_zp,
+                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                           OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr,
+                           W_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise: each channel convolves alone, so a GEMM would be all padding; this walks
+    the kernel taps directly, a tile of output pixels by a tile of channels at a time."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_mask = offs_m < M
+    c_mask = c < C
+    img = offs_m // (OH * OW)
+    rem = offs_m % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=tl.int32)
+    valid = m_mask[:, None] & c_mask[None, :]
+    for kh in range(0, KH):
+        for kw in range(0, KW):
+            ih = oh * stride_h - pad_h + kh
+            iw = ow * stride_w - pad_w + kw
+            in_image = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            x_off = ((img * H + ih) * W + iw)[:, None] * C + c[None, :]
+            a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
+            w_off = c * (KH * KW) + kh * KW + kw
+            if W_PACKED:
+                byte = tl.load(w_ptr + w_off // 2, mask=c_mask, other=0).to(tl.int32)
+                nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+                b = tl.where(nib > 7, nib - 16, nib)
+            else:
+                b = tl.load(w_ptr + w_off, mask=c_mask, other=0).to(tl.int32)
+            acc += a * b[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * C + c[None, :]
+    _epilogue(acc, c, c_mask, out_ptrs, valid, scale_ptr, bias_ptr, wsum_ptr, x_zp, out_scale,
+              out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _unpacked_size(t: torch.Tensor, packed: bool) -> int:
+    return t.shape[-1] * 2 if packed else t.shape[-1]
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ConfigError(f"{what}={bits}: the integer kernels take 2-8 bits")
+
+
+def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
+               padding=0, groups: int = 1, scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, relu: bool = False,
+               out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
+               out_scale: float | None = None, out_zero_point: int = 0,
+               config: KernelConfig | None = None) -> torch.Tensor:
+    """Integer convolution. Layout contract:
+
+    - `x`: NHWC activations, int8 holding quantized values q_x (signed; at a_bits=4 in
+      [-8, 7]), or, for a_bits <= 4 only, uint8 with two values per byte packed along C
+      (`pack_int4(x, dim=3)`, C even). Padding reads `x_zero_point`, the code of a real 0.
+    - `w`: OHWI weights [O, KH, KW, C // groups], int8 values (at w_bits=4 in [-8, 7]), or,
+      for w_bits <= 4, uint8 packed along I (`pack_int4(w, dim=3)`, I even). Values at fewer
+      than 8 bits are held in int8 unpacked; only the uint8 dtype means "packed".
+    - `scale=None`: returns the exact int32 accumulator sum(q_x * q_w), NHWC [N, OH, OW, O].
+    - `scale` (float32 [O], e.g. s_x * s_w per output channel): returns
+      scale * (acc - x_zero_point * sum(q_w)) + bias, then ReLU if asked, as `out_dtype`
+      float16 (default) or float32, or int8 requantized as
+      clamp(round_half_even(y / out_scale) + out_zero_point, -128, 127).
+    - Depthwise convolutions (groups == C == O: one channel in and out per group) use a direct kernel;
+      other groupings run one implicit GEMM per group.
+    """
+    _check_bits(w_bits, "w_bits")
+    _check_bits(a_bits, "a_bits")
+    x_packed, w_packed = x.dtype == torch.uint8, w.dtype == torch.uint8
+    for t, packed, bits, name in ((x, x_packed, a_bits, "x"), (w, w_packed, w_bits, "w")):
+        if t.dtype not in (torch.int8, torch.uint8):
+            raise ConfigError(f"conv2d_int: {name} must be int8 (values) or uint8 (packed 4-bit), "
+                              f"got {t.dtype}")
+        if packed and bits > 4:
+            raise ConfigError(f"conv2d_int: {name} is packed (uint8) but has {bits} bits; only "
+                              f"values of 4 bits or fewer are packed")
+        if t.ndim != 4:
+            raise ConfigError(f"conv2d_int: {name} must be 4-D ({'NHWC' if name == 'x' else 'OHWI'})")
+    n, h, wd = x.shape[:3]
+    c = _unpacked_size(x, x_packed)
+    o, kh, kw = w.shape[:3]
+    ci = _unpacked_size(w, w_packed)
+    if c % groups or o % groups or ci != c // groups:
+        raise ConfigError(f"conv2d_int: x has {c} channels, w is [{o}, {kh}, {kw}, {ci}] with "
+                          f"groups={groups}; need C % groups == 0, O % groups == 0 and "
+                          f"I == C // groups")
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ConfigError(f"conv2d_int: a {kh}x{kw} kernel does not fit a {h}x{wd} input "
+                          f"with padding {padding}")
+    if scale is None and (bias is not None or relu or out_dtype not in (None, torch.int32)):
+        raise ConfigError("conv2d_int: bias, relu and out_dtype need a scale (without one the "
+                          "result is the raw int32 accumulator)")
+    device = x.device
+    x, w = x.contiguous(), w.contiguous()
+    m = n * oh * ow
+    if scale is None:
+        out_mode, out_torch = _OUT_INT32, torch.int32
+    else:
+        out_torch = out_dtype or torch.float16
+        out_mode = {torch.float16: _OUT_FP16, torch.float32: _OUT_FP32,
+                    torch.int8: _OUT_INT8}.get(out_torch)
+        if out_mode is None:
+            raise ConfigError(f"conv2d_int: out_dtype {out_torch} is not float16, float32 or int8")
+        if out_mode == _OUT_INT8 and not out_scale:
+            raise ConfigError("conv2d_int: out_dtype int8 needs out_scale")
+    out = torch.empty((n, oh, ow, o), dtype=out_torch, device=device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    wsum = dummy
+    if scale is not None:
+        from nas.kernels.pack import unpack_int4
+
+        values = unpack_int4(w, dim=3) if w_packed else w
+        wsum = values.to(torch.int32).sum(dim=(1, 2, 3)).to(torch.int32).contiguous()
+        scale = scale.to(device=device, dtype=torch.float32).contiguous()
+    bias_t = bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None else dummy
+    scale_t = scale if scale is not None else dummy
+    common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
+                  OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
+    interpreted = _INTERPRET
+    if groups == c and ci == 1 and o == c and groups > 1:
+        block_m, block_c = 64, 32
+        grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+        _conv_depthwise_kernel[grid](x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw,
+                                     sh, sw, ph, pw, m, x_zero_point, float(out_scale or 1.0),
+                                     out_zero_point, BLOCK_M=block_m, BLOCK_C=block_c, **common)
+        return out
+    k = kh * kw * ci
+    cfg = validate_config(config or INTERPRETER_CONFIG)
+    args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci,
+            o // groups, o, m, k, x_zero_point, float(out_scale or 1.0), out_zero_point)
+    if interpreted or config is not None:
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(o // groups, cfg.block_n), groups)
+        _conv_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages, **common)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                             triton.cdiv(o // groups, meta["BLOCK_N"]), groups)
+        _tuned()[grid](*args, **common)
+    return out
+
+
+_TUNED = None
+
+
+def _tuned():
+    """The GEMM kernel autotuned over GPU_CONFIGS (built once, on first GPU use)."""
+    global _TUNED
+    if _TUNED is None:
+        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
+                                 num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in map(validate_config, GPU_CONFIGS)]
+        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K"])(_conv_gemm_kernel)
+    return _TUNED

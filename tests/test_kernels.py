@@ -1,0 +1,164 @@
+"""Triton integer convolution: exact int32 results on the CPU interpreter (tiny shapes)."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nas.errors import ConfigError
+from nas.kernels import conv2d_int, pack_int4, unpack_int4
+from nas.kernels.configs import GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, validate_config
+
+pytestmark = pytest.mark.triton
+
+
+def reference(x, w, stride, padding, groups):
+    """torch convolution in float64 on the integer values: exact for these magnitudes."""
+    out = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).double(), w.permute(0, 3, 1, 2).double(),
+                                     stride=stride, padding=padding, groups=groups)
+    return out.permute(0, 2, 3, 1).round().to(torch.int32)
+
+
+def values(shape, bits, gen):
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    return torch.randint(lo, hi, shape, dtype=torch.int8, generator=gen)
+
+
+@st.composite
+def conv_cases(draw):
+    kernel = draw(st.sampled_from([1, 3, 5, 7]))
+    padding = draw(st.integers(0, kernel // 2 + 1))
+    stride = draw(st.sampled_from([1, 2]))
+    size = draw(st.integers(max(1, kernel - 2 * padding), kernel - 2 * padding + 5))
+    kind = draw(st.sampled_from(["dense", "dense", "depthwise", "grouped"]))
+    if kind == "depthwise":
+        c = draw(st.integers(2, 9))
+        groups, o, ci = c, c, 1
+    elif kind == "grouped":
+        groups = 2
+        ci, o = draw(st.integers(1, 4)), 2 * draw(st.integers(1, 4))
+        c = groups * ci
+    else:
+        groups, c, o = 1, draw(st.integers(1, 9)), draw(st.integers(1, 9))
+        ci = c
+    w_bits, a_bits = draw(st.sampled_from([(8, 8), (4, 8), (4, 4)]))
+    return dict(n=draw(st.integers(1, 2)), h=size, w=draw(st.integers(max(1, kernel - 2 * padding), size + 2)),
+                c=c, o=o, ci=ci, k=kernel, stride=stride, padding=padding, groups=groups,
+                w_bits=w_bits, a_bits=a_bits, pack=draw(st.booleans()), seed=draw(st.integers(0, 10**6)))
+
+
+@settings(max_examples=int(os.environ.get("NAS_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_exact_int32_against_reference(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = values((case["n"], case["h"], case["w"], case["c"]), case["a_bits"], gen)
+    w = values((case["o"], case["k"], case["k"], case["ci"]), case["w_bits"], gen)
+    expected = reference(x, w, case["stride"], case["padding"], case["groups"])
+    xin, win = x, w
+    if case["pack"]:  # 4-bit operands may also come packed two per byte
+        if case["a_bits"] == 4 and case["c"] % 2 == 0:
+            xin = pack_int4(x, dim=3)
+        if case["w_bits"] == 4 and case["ci"] % 2 == 0:
+            win = pack_int4(w, dim=3)
+    out = conv2d_int(xin, win, w_bits=case["w_bits"], a_bits=case["a_bits"], stride=case["stride"],
+                     padding=case["padding"], groups=case["groups"])
+    assert out.dtype == torch.int32 and torch.equal(out, expected)
+
+
+def test_resnet_like_layer_and_batch_one():
+    gen = torch.Generator().manual_seed(0)
+    x = values((1, 8, 8, 33), 8, gen)  # odd channel count: masked loads
+    w = values((17, 3, 3, 33), 8, gen)
+    assert torch.equal(conv2d_int(x, w, w_bits=8, a_bits=8, stride=2, padding=1),
+                       reference(x, w, 2, 1, 1))
+
+
+def _epilogue_case():
+    gen = torch.Generator().manual_seed(1)
+    x = values((2, 5, 5, 6), 8, gen)
+    w = values((7, 3, 3, 6), 8, gen)
+    scale = torch.rand(7, generator=gen) * 1e-3
+    bias = torch.randn(7, generator=gen)
+    zp = -5
+    real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
+                                      w.permute(0, 3, 1, 2).double(), padding=1)
+    return x, w, scale, bias, zp, real.permute(0, 2, 3, 1) * scale.double() + bias.double()
+
+
+def test_fused_epilogue_dequantizes_with_zero_point_correction():
+    x, w, scale, bias, zp, expected = _epilogue_case()
+    y = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
+                   out_dtype=torch.float32)
+    # int32 -> float32 times a float32 scale: relative error of a few float32 ulps.
+    assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-5)
+    relu = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias,
+                      x_zero_point=zp, relu=True)
+    assert relu.dtype == torch.float16
+    assert torch.allclose(relu.double(), expected.clamp(min=0), rtol=1e-3, atol=1e-2)
+
+
+def test_requantized_int8_output():
+    x, w, scale, bias, zp, _ = _epilogue_case()
+    y = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
+                   out_dtype=torch.float32)
+    q = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
+                   out_dtype=torch.int8, out_scale=0.05, out_zero_point=3)
+    expected = torch.clamp(torch.round(y / 0.05) + 3, -128, 127).to(torch.int8)
+    assert q.dtype == torch.int8 and torch.equal(q, expected)
+
+
+@pytest.mark.parametrize("shape, dim", [((4, 6), -1), ((6, 3), 0), ((2, 3, 3, 8), 3)])
+def test_pack_unpack_roundtrip(shape, dim):
+    t = torch.randint(-8, 8, shape, dtype=torch.int8)
+    packed = pack_int4(t, dim)
+    assert packed.dtype == torch.uint8 and packed.shape[dim] == t.shape[dim] // 2
+    assert torch.equal(unpack_int4(packed, dim), t)
+
+
+def test_pack_layout_and_errors():
+    packed = pack_int4(torch.tensor([1, -1, -8, 7], dtype=torch.int8))
+    assert packed.tolist() == [0xF1, 0x78]  # low nibble first, two's complement
+    with pytest.raises(ConfigError, match="odd size 3"):
+        pack_int4(torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(ConfigError, match=r"values must lie in \[-8, 7\]"):
+        pack_int4(torch.tensor([8, 0], dtype=torch.int8))
+    with pytest.raises(ConfigError, match="takes an int8 tensor"):
+        pack_int4(torch.zeros(2))
+
+
+def test_config_validator():
+    assert all(validate_config(c) for c in GPU_CONFIGS + [INTERPRETER_CONFIG])
+    for bad, message in [(KernelConfig(64, 32, 16), "BLOCK_K=16 must be a multiple of 32"),
+                         (KernelConfig(64, 32, 48), "BLOCK_K=48"),
+                         (KernelConfig(32, 32, 32), "BLOCK_M=32 must be a multiple of 64"),
+                         (KernelConfig(64, 24, 32), "BLOCK_N=24"),
+                         (KernelConfig(64, 32, 32, num_warps=2), "num_warps=2 must be 4 or 8")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(bad)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ConfigError, match="BLOCK_K=16"):
+        conv2d_int(values((1, 3, 3, 4), 8, gen), values((4, 1, 1, 4), 8, gen), w_bits=8, a_bits=8,
+                   config=KernelConfig(64, 32, 16))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(w_bits=8, a_bits=8, groups=3), "need C % groups == 0"),
+    (dict(w_bits=9, a_bits=8), "w_bits=9: the integer kernels take 2-8 bits"),
+    (dict(w_bits=8, a_bits=8, relu=True), "bias, relu and out_dtype need a scale"),
+    (dict(w_bits=8, a_bits=8, padding=0, stride=1, groups=1, scale=torch.ones(4),
+          out_dtype=torch.int8), "out_dtype int8 needs out_scale"),
+])
+def test_bad_arguments(kwargs, message):
+    gen = torch.Generator().manual_seed(0)
+    x, w = values((1, 3, 3, 4), 8, gen), values((4, 1, 1, 4), 8, gen)
+    with pytest.raises(ConfigError, match=message):
+        conv2d_int(x, w, **kwargs)
+
+
+def test_packed_operand_with_more_than_four_bits_is_rejected():
+    gen = torch.Generator().manual_seed(0)
+    x = pack_int4(values((1, 3, 3, 4), 4, gen), dim=3)
+    with pytest.raises(ConfigError, match="x is packed .* but has 8 bits"):
+        conv2d_int(x, values((4, 1, 1, 4), 8, gen), w_bits=8, a_bits=8)
