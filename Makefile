@@ -21,7 +21,7 @@ data:
 	@sh scripts/ensure-fashion-mnist.sh
 
 demo: setup data
-	$(BIN)/nas train
+	$(BIN)/nas search
 
 test: setup
 	@sh scripts/ensure-fashion-mnist.sh || echo "make: continuing; the Fashion-MNIST tests will be skipped"

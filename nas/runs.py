@@ -41,23 +41,26 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with weights_only=True: a checkpoint is tensors and plain data, never code."""
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "space"),
+                    fix: str = "pass the best.pt of a 'nas train' run folder") -> dict[str, Any]:
+    """Load with weights_only=True: a checkpoint is tensors and plain data, never code.
+
+    `keys` must be present; `fix` tells the user what to pass instead.
+    """
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the best.pt of a "
-                              f"'nas train' run folder")
+        raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in unpickling
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); it is corrupt or "
                               f"not a nas checkpoint") from exc
-    if not isinstance(payload, dict) or "state_dict" not in payload or "space" not in payload:
-        raise CheckpointError(f"checkpoint {path} is not a nas checkpoint (no state_dict/space); "
-                              f"pass the best.pt of a 'nas train' run folder")
+    if not isinstance(payload, dict) or any(k not in payload for k in keys):
+        raise CheckpointError(f"checkpoint {path} is not a nas checkpoint (no {'/'.join(keys)}); "
+                              f"{fix}")
     return payload
 
 

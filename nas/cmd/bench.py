@@ -26,6 +26,24 @@ def add_parser(sub, parents) -> None:
     add_data_options(ptq)
     ptq.set_defaults(run=run_ptq)
 
+    dnas = benches.add_parser("dnas", parents=parents, help="supernet overhead and search quality",
+                              description="Supernet step time and memory over the float model; "
+                                          "DNAS at three size targets beside uniform plans; DNAS "
+                                          "against random plans of equal size.")
+    dnas.add_argument("--space", help="search space (default: the embedded default)")
+    dnas.add_argument("--checkpoint", help="trained float checkpoint to start every search from "
+                                           "(default: train one first)")
+    dnas.add_argument("--train-budget", help="budget for the float model trained here "
+                                             "(default: the space's train.budget)")
+    dnas.add_argument("--budget", default="2m", help="budget of each search (default 2m)")
+    dnas.add_argument("--targets", default="0.35,0.5,0.7",
+                      help="size targets as fractions of the uniform W8A8 size")
+    dnas.add_argument("--samples", type=int, default=8)
+    dnas.add_argument("--random-plans", type=int, default=20)
+    dnas.add_argument("--batch-size", type=int, default=128)
+    add_data_options(dnas)
+    dnas.set_defaults(run=run_dnas)
+
 
 def _checkpoints(items: list[str]) -> dict[str, str]:
     from nas.bench.ptq import SPACES
@@ -97,6 +115,56 @@ def run_ptq(args: argparse.Namespace) -> int:
                         "seed": args.seed, "device": str(device), "date": now_iso()})
         run_dir.write_json("bench_ptq.json", results)
         final = run_dir.finish({"command": "bench ptq", "json": "bench_ptq.json",
+                                "seconds": results["seconds"]})
+    for title, headers, rows in tables(results):
+        print(f"\n{title}")
+        print(format_table(headers, rows))
+    print(f"\nrun folder: {final}")
+    return 0
+
+
+def run_dnas(args: argparse.Namespace) -> int:
+    from nas.bench.dnas import run_bench, tables
+    from nas.budget import parse_budget
+    from nas.cmd.common import load_space_data
+    from nas.cmd.evaluate import load_model
+    from nas.device import resolve_device
+    from nas.errors import ConfigError
+    from nas.runs import RunDir
+    from nas.spaces import load_space
+    from nas.train import TrainConfig, train
+
+    budget = parse_budget(args.budget)
+    try:
+        fractions = tuple(float(f) for f in args.targets.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or not all(0 < f <= 1 for f in fractions):
+        raise ConfigError(f"--targets {args.targets!r}: give three fractions in (0, 1], e.g. 0.35,0.5,0.7")
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        space, model, _ = load_model(args.checkpoint)
+    else:
+        space, model = load_space(args.space), None
+    splits = load_space_data(space, args)
+    with RunDir(args.runs_dir, space.name, "bench-dnas") as run_dir:
+        if model is None:
+            model = space.build_model()
+            b = parse_budget(args.train_budget or space.train["budget"])
+            print(f"training {space.name} for {b} (no --checkpoint given)", flush=True)
+            train(model, splits, TrainConfig(budget=b, batch_size=int(space.train["batch_size"]),
+                                             lr=float(space.train["lr"]), seed=args.seed,
+                                             progress=False), device)
+        run_dir.write_config({"command": "bench dnas", "space": space.to_dict(),
+                              "checkpoint": args.checkpoint, "budget": str(budget),
+                              "targets": list(fractions), "seed": args.seed})
+        results = run_bench(space, model, splits, device, fractions, budget, args.samples,
+                            args.random_plans, args.seed, args.batch_size,
+                            say=lambda line: (print(line, flush=True), run_dir.log(line)))
+        results.update({"space": space.name, "budget": str(budget), "device": str(device),
+                        "seed": args.seed, "date": now_iso()})
+        run_dir.write_json("bench_dnas.json", results)
+        final = run_dir.finish({"command": "bench dnas", "json": "bench_dnas.json",
                                 "seconds": results["seconds"]})
     for title, headers, rows in tables(results):
         print(f"\n{title}")

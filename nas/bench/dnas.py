@@ -1,0 +1,173 @@
+"""`nas bench dnas`: the DNAS supernet's overhead and search quality, measured in one run.
+
+1. Step time of the supernet (hard and soft mode) over the float model's, same model and
+   batch; and memory: on CUDA the peak allocated, on the CPU the bytes autograd keeps for
+   the backward pass plus the parameters (the part of training memory the supernet changes).
+2. Three size targets: each derived plan's size and one-shot accuracy, beside uniform W8A8,
+   W4A8 and W2A8 plans evaluated on the same supernet.
+3. DNAS against random plans of (nearly) equal size on the middle target's supernet.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from nas.budget import Budget
+from nas.cost import make_cost_model
+from nas.cost.targets import Target
+from nas.data import make_loader
+from nas.search.dnas import DnasConfig, derive, one_shot_accuracy, search
+from nas.supernet import Supernet
+from nas.train import _to_device
+
+
+def _memory_bytes(model: nn.Module, x, y, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return torch.cuda.max_memory_allocated()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return sum(saved) + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _step_seconds(model: nn.Module, x, y, steps: int) -> float:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 3:  # warm-up steps excluded
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[str, Any]:
+    x, y = next(iter(make_loader(splits.train, batch_size, shuffle=True, seed=0)))
+    x, y = _to_device(x, device), y.to(device)
+    fp = model.to(device, memory_format=torch.channels_last).train()
+    results = {"batch_size": batch_size, "steps": steps,
+               "fp_step_s": _step_seconds(fp, x, y, steps), "fp_memory": _memory_bytes(fp, x, y, device)}
+    for mode in ("hard", "soft"):
+        net = Supernet(model, space, mode=mode, tau=1.0).to(device).train()
+        results[f"{mode}_step_s"] = _step_seconds(net, x, y, steps)
+        results[f"{mode}_memory"] = _memory_bytes(net, x, y, device)
+        results[f"{mode}_step_ratio"] = results[f"{mode}_step_s"] / results["fp_step_s"]
+        results[f"{mode}_memory_ratio"] = results[f"{mode}_memory"] / results["fp_memory"]
+    results["memory_measure"] = ("cuda max_memory_allocated" if device.type == "cuda" else
+                                 "bytes saved for backward + parameters")
+    return results
+
+
+def _uniform_indices(net: Supernet, w_bits: int, a_bits: int) -> list[int] | None:
+    out = []
+    for m in net.mixed():
+        if len(m.choices) == 1:
+            out.append(0)
+            continue
+        match = [i for i, c in enumerate(m.choices) if (c.w_bits, c.a_bits) == (w_bits, a_bits)]
+        if not match:
+            return None
+        out.append(match[0])
+    return out
+
+
+def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget: Budget,
+              samples: int, random_plans: int, seed: int, batch_size: int,
+              say: Callable[[str], None] = print) -> dict[str, Any]:
+    started = time.monotonic()
+    results: dict[str, Any] = {"overhead": overhead(space, model, splits, device, batch_size, 20)}
+    o = results["overhead"]
+    say(f"step time hard/fp {o['hard_step_ratio']:.2f}x, soft/fp {o['soft_step_ratio']:.2f}x; "
+        f"memory hard/fp {o['hard_memory_ratio']:.2f}x, soft/fp {o['soft_memory_ratio']:.2f}x")
+    size = make_cost_model("size")
+    table = size.table(space)
+    from nas.plan import Plan
+
+    w8a8 = size.plan_cost(Plan.uniform(space, 8, 8), space)
+    results["w8a8_size"] = w8a8
+    results["targets"] = []
+    middle = None
+    for fraction in fractions:
+        target = Target("size", w8a8 * fraction, f"size={w8a8 * fraction / 1e3:.1f}KB")
+        torch.manual_seed(seed)
+        net = Supernet(model, space, seed=seed)
+        cfg = DnasConfig(budget=budget, target=target, batch_size=batch_size, seed=seed,
+                         progress=False)
+        search(net, splits, table, cfg, device)
+        cands, best = derive(net, table, target, splits, device, samples, seed)
+        row = {"target_fraction": fraction, "target": target.value, "plan_size": best.cost,
+               "meets_target": best.meets_target, "dnas_accuracy": best.accuracy,
+               "plan": [str(m.choices[i]) for m, i in zip(net.mixed(), best.indices)]}
+        for w, a in ((8, 8), (4, 8), (2, 8), (4, 4)):
+            idx = _uniform_indices(net, w, a)
+            if idx is not None:
+                row[f"W{w}A{a}_accuracy"] = one_shot_accuracy(net, idx, splits, device, eval_batches=20)
+                row[f"W{w}A{a}_size"] = table.index_cost(idx)
+        results["targets"].append(row)
+        say(f"target {target.text}: plan {best.cost / 1e3:.1f} KB, one-shot {best.accuracy:.2f}%")
+        if middle is None or fraction == fractions[len(fractions) // 2]:
+            middle = (net, target, best)
+
+    net, target, best = middle
+    gen = torch.Generator().manual_seed(seed + 99)
+    randoms, tries = [], 0
+    while len(randoms) < random_plans and tries < 200000:
+        tries += 1
+        idx = [int(torch.randint(len(r), (1,), generator=gen)) for r in table.values]
+        cost = table.index_cost(idx)
+        if 0.9 * target.value <= cost <= target.value:  # equal size: within 10 % under the target
+            randoms.append({"size": cost, "accuracy": one_shot_accuracy(net, idx, splits, device,
+                                                                        eval_batches=20)})
+    results["random"] = {"target": target.value, "dnas_accuracy": best.accuracy,
+                         "dnas_size": best.cost, "plans": randoms,
+                         "best_random_accuracy": max((r["accuracy"] for r in randoms), default=None),
+                         "median_random_accuracy": statistics.median([r["accuracy"] for r in randoms])
+                         if randoms else None}
+    say(f"random plans at {target.text}: best {results['random']['best_random_accuracy']}, "
+        f"DNAS {best.accuracy:.2f}%")
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    o = results["overhead"]
+    out = [("Supernet overhead (same model and batch)",
+            ["mode", "step ms", "step / fp", "memory MB", "memory / fp"],
+            [["fp", round(o["fp_step_s"] * 1e3, 1), 1.0, round(o["fp_memory"] / 1e6, 1), 1.0]]
+            + [[m, round(o[f"{m}_step_s"] * 1e3, 1), round(o[f"{m}_step_ratio"], 2),
+                round(o[f"{m}_memory"] / 1e6, 1), round(o[f"{m}_memory_ratio"], 2)]
+               for m in ("hard", "soft")])]
+    headers = ["target KB", "plan KB", "meets", "DNAS acc %"]
+    uniform = [k for k in ("W8A8", "W4A8", "W2A8", "W4A4") if f"{k}_accuracy" in results["targets"][0]]
+    headers += [f"{k} acc % ({results['targets'][0][f'{k}_size'] / 1e3:.1f} KB)" for k in uniform]
+    out.append(("Size targets: DNAS plan vs uniform plans on the same supernet (one-shot)", headers,
+                [[round(r["target"] / 1e3, 1), round(r["plan_size"] / 1e3, 1),
+                  "yes" if r["meets_target"] else "NO", round(r["dnas_accuracy"], 2)]
+                 + [round(r[f"{k}_accuracy"], 2) for k in uniform] for r in results["targets"]]))
+    r = results["random"]
+    out.append(("DNAS vs random plans of equal size (one-shot, same supernet)",
+                ["target KB", "random plans", "best random %", "median random %", "DNAS %",
+                 "DNAS >= best random"],
+                [[round(r["target"] / 1e3, 1), len(r["plans"]),
+                  "-" if r["best_random_accuracy"] is None else round(r["best_random_accuracy"], 2),
+                  "-" if r["median_random_accuracy"] is None else round(r["median_random_accuracy"], 2),
+                  round(r["dnas_accuracy"], 2),
+                  "-" if r["best_random_accuracy"] is None else
+                  ("yes" if r["dnas_accuracy"] >= r["best_random_accuracy"] else "no")]]))
+    return out

@@ -1,0 +1,203 @@
+"""`nas search --method dnas`: differentiable search for a per-layer precision plan."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+
+from nas.cmd.common import add_data_options, load_space_data, now_iso
+from nas.table import format_table
+
+DEFAULT_BUDGET = "5m"
+SEARCH_SHARE = 0.9  # of a time budget; the rest derives and evaluates the candidate plans
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser("search", parents=parents, help="search a per-layer precision plan",
+                       description="DNAS: a supernet with one branch per (w_bits, a_bits) per "
+                                   "layer, Gumbel-softmax architecture parameters, a cost "
+                                   "penalty against a target; ends with plan.yaml.")
+    p.add_argument("--space", help="search space (default: the embedded default)")
+    p.add_argument("--method", choices=("dnas",), default="dnas")
+    p.add_argument("--budget", default=DEFAULT_BUDGET,
+                   help=f"90s, 10m, 2h or '3 epochs' (default {DEFAULT_BUDGET})")
+    p.add_argument("--target", help="size=60KB, bitops=2.1G or latency=1.2ms (default: size at "
+                                    "half of the space's uniform W8A8 size)")
+    p.add_argument("--cost", choices=("size", "bitops", "latency"),
+                   help="cost to penalise (default: the target's)")
+    p.add_argument("--loss", choices=("additive", "multiplicative"), default="additive")
+    p.add_argument("--checkpoint", help="start from the weights of a 'nas train' checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue the search of an earlier run folder "
+                                                   "(--budget is then the total, done part included)")
+    p.add_argument("--mode", choices=("hard", "soft"), default="hard")
+    p.add_argument("--factored", action="store_true", help="separate weight and activation logits")
+    p.add_argument("--samples", type=int, default=8, help="plans sampled for one-shot evaluation")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--tau0", type=float, default=5.0)
+    p.add_argument("--tau-min", type=float, default=0.2)
+    p.add_argument("--warmup", type=float, default=0.2, help="share of the budget for weights only")
+    p.add_argument("--no-progress", action="store_true")
+    add_data_options(p)
+    p.set_defaults(run=run)
+
+
+def _settings(args):
+    """Budget, target and cost from the command line, checked before anything is loaded."""
+    from nas.budget import Budget, parse_budget
+    from nas.cost.targets import parse_target
+    from nas.errors import ConfigError
+
+    budget = parse_budget(args.budget)
+    target = parse_target(args.target) if args.target else None
+    if target and args.cost and args.cost != target.cost:
+        raise ConfigError(f"--cost {args.cost} but --target {target.text} is a {target.cost} target; "
+                          f"give one of the same kind")
+    if args.samples < 0 or args.batch_size <= 0 or not 0 <= args.warmup < 1:
+        raise ConfigError("--samples must be >= 0, --batch-size > 0 and --warmup in [0, 1)")
+    if args.tau0 <= 0 or args.tau_min <= 0 or args.tau_min > args.tau0:
+        raise ConfigError("--tau0 and --tau-min must be positive with tau-min <= tau0")
+    search_budget = budget if budget.kind == "epochs" else Budget("seconds", budget.value * SEARCH_SHARE)
+    return budget, search_budget, target
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from nas.cmd.evaluate import load_model
+    from nas.cost import make_cost_model
+    from nas.cost.targets import Target, format_cost
+    from nas.device import resolve_device
+    from nas.errors import CheckpointError, ConfigError
+    from nas.plan import Plan
+    from nas.runs import RunDir, atomic_write_text, load_checkpoint
+    from nas.search.derive import check_feasible
+    from nas.search.dnas import DnasConfig, SearchState, derive, one_shot_accuracy, search
+    from nas.spaces import SearchSpace, load_space
+    from nas.supernet import Supernet
+
+    started = time.monotonic()
+    budget, search_budget, target = _settings(args)
+    resumed = None
+    if args.resume:
+        from pathlib import Path
+
+        resumed = load_checkpoint(Path(args.resume) / "supernet.pt", ("supernet", "space"),
+                                  "pass the run folder of an earlier 'nas search'")
+        space = SearchSpace.from_dict(resumed["space"], source=f"run {args.resume}")
+        args.seed = resumed.get("seed", args.seed)  # same splits and batch order as before
+        target = target or (Target(**resumed["target"]) if resumed.get("target") else None)
+    else:
+        space = load_space(args.space)
+    cost_name = args.cost or (target.cost if target else "size")
+    cost_model = make_cost_model(cost_name)
+    table = cost_model.table(space)
+    if target is None:
+        w8 = cost_model.plan_cost(Plan.uniform(space, 8, 8), space)
+        target = Target("size", round(w8 / 2), f"size={w8 / 2 / 1e3:.1f}KB") if cost_name == "size" else None
+    if args.loss == "additive" and target is None:
+        raise ConfigError(f"the additive loss needs a --target for {cost_name}, for example "
+                          f"{ {'bitops': 'bitops=2.1G', 'latency': 'latency=1.2ms'}[cost_name]}")
+    if target:
+        check_feasible(table, target)
+    device = resolve_device(args.device)
+    splits = load_space_data(space, args)
+    if args.checkpoint:
+        ck_space, model, _ = load_model(args.checkpoint)
+        if ck_space.model != space.model or ck_space.model_kwargs != space.model_kwargs:
+            raise CheckpointError(f"checkpoint {args.checkpoint} holds {ck_space.model}, not "
+                                  f"{space.model} of space {space.name}")
+    else:
+        torch.manual_seed(args.seed)
+        model = space.build_model()
+    cfg = DnasConfig(budget=search_budget, target=target, loss=args.loss, tau0=args.tau0,
+                     tau_min=args.tau_min, warmup=args.warmup, batch_size=args.batch_size,
+                     seed=args.seed, progress=not args.no_progress)
+    supernet = Supernet(model, space, factored=args.factored, mode=args.mode, tau=args.tau0,
+                        seed=args.seed)
+    state, optim_state = None, None
+    if resumed:
+        supernet.load_state_dict(resumed["supernet"])
+        supernet.generator.set_state(resumed["gumbel_state"])
+        state = SearchState(**resumed["search_state"])
+        optim_state = resumed["optimizers"]
+    print(f"dnas on {space.name}: {len(supernet.names)} layers, "
+          f"{sum(len(m.choices) > 1 for m in supernet.mixed())} searchable; cost {cost_name}"
+          + (f", target {target.text} ({format_cost(target.cost, target.value)})" if target else "")
+          + f"; budget {budget}; device {device}", flush=True)
+
+    with RunDir(args.runs_dir, space.name, "search") as run_dir:
+        run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),
+                              "budget": str(budget), "target": target.text if target else None,
+                              "cost": cost_name, "loss": args.loss, "mode": args.mode,
+                              "factored": args.factored, "checkpoint": args.checkpoint,
+                              "resume": args.resume, "seed": args.seed, "samples": args.samples,
+                              "tau0": args.tau0, "tau_min": args.tau_min, "warmup": args.warmup})
+        print(f"run folder: {run_dir.path}", flush=True)
+
+        def on_log(entry):
+            with open(run_dir.file("theta.jsonl"), "a") as f:
+                import json
+
+                f.write(json.dumps(entry) + "\n")
+            run_dir.log_metrics({k: v for k, v in entry.items() if k != "probs"})
+
+        state, optim_state, interrupted = search(supernet, splits, table, cfg, device, state,
+                                                 optim_state, on_log)
+        if interrupted:
+            print("interrupted: deriving the plan from the search so far", flush=True)
+        run_dir.save_checkpoint("supernet.pt", {
+            "format": "nas-supernet/1", "space": space.to_dict(), "supernet": supernet.state_dict(),
+            "gumbel_state": supernet.generator.get_state(), "optimizers": optim_state,
+            "search_state": {"step": state.step, "elapsed": state.elapsed, "history": []},
+            "target": target.__dict__ if target else None, "seed": args.seed,
+            "created": now_iso()})
+
+        deadline = started + budget.value if budget.kind == "seconds" else None
+        cands, best = derive(supernet, table, target, splits, device, args.samples, args.seed,
+                             deadline)
+        test_acc = one_shot_accuracy(supernet, best.indices, splits, device, split="test")
+
+        plan = supernet.plan_for(best.indices)
+        plan.costs = {cost_name: best.cost, "unit": table.unit,
+                      "target": target.value if target else None,
+                      "estimated": table.any_estimated,
+                      "one_shot_arch_accuracy": best.accuracy, "one_shot_test_accuracy": test_acc}
+        if cost_name != "size":
+            plan.costs["size"] = make_cost_model("size").plan_cost(plan, space)
+        plan.provenance = {"method": "dnas", "run_id": run_dir.final.name, "seed": args.seed,
+                           "date": now_iso(), "candidate": best.name, "steps": state.step,
+                           "interrupted": interrupted}
+        plan.save(run_dir.file("plan.yaml"))
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["candidate", cost_name, "meets_target", "one_shot_arch_accuracy", "bits"])
+        for c in cands:
+            bits = " ".join(str(m.choices[i]) for m, i in zip(supernet.mixed(), c.indices))
+            writer.writerow([c.name, round(c.cost, 3), c.meets_target,
+                             "" if c.accuracy != c.accuracy else round(c.accuracy, 3), bits])
+        atomic_write_text(run_dir.file("candidates.csv"), buf.getvalue())
+        seconds = time.monotonic() - started
+        summary = {"command": "search", "method": "dnas", "space": space.name, "cost": cost_name,
+                   "target": target.text if target else None, "plan_cost": best.cost,
+                   "meets_target": best.meets_target, "candidate": best.name,
+                   "one_shot_arch_accuracy": best.accuracy, "one_shot_test_accuracy": test_acc,
+                   "steps": state.step, "search_seconds": round(state.elapsed, 2),
+                   "seconds": round(seconds, 2), "budget": str(budget), "interrupted": interrupted}
+        final = run_dir.finish(summary)
+
+    probs = [p.detach() for p in supernet.probs()]
+    rows = [[name, str(m.choices[i]), round(float(p[i]), 3)]
+            for name, m, i, p in zip(supernet.names, supernet.mixed(), best.indices, probs)]
+    print(format_table(["layer", "bits", "p(choice)"], rows))
+    print(format_table(["candidate", cost_name, "meets target", "one-shot acc %"],
+                       [[c.name, format_cost(cost_name, c.cost), "yes" if c.meets_target else "no",
+                         "-" if c.accuracy != c.accuracy else round(c.accuracy, 2)] for c in cands]))
+    print(f"plan: {best.name}, {format_cost(cost_name, best.cost)}"
+          + (f" vs target {target.text}" if target else "")
+          + f", one-shot accuracy {best.accuracy:.2f}% (arch split), {test_acc:.2f}% (test)"
+          + (" [latency estimated]" if cost_name == "latency" and table.any_estimated else ""))
+    print(f"run folder: {final}")
+    print(f"plan file: {final / 'plan.yaml'}")
+    return 0

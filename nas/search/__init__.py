@@ -1,0 +1,1 @@
+"""Searchers: each proposes Plans and learns from their metrics and costs."""

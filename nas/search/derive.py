@@ -1,0 +1,48 @@
+"""From a search's choice probabilities to a plan within the target."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nas.cost.base import CostTable
+from nas.cost.targets import Target, format_cost
+from nas.errors import ConfigError
+
+
+def min_cost(table: CostTable) -> float:
+    return sum(min(row) for row in table.values)
+
+
+def check_feasible(table: CostTable, target: Target) -> None:
+    cheapest = min_cost(table)
+    if cheapest > target.value:
+        raise ConfigError(f"target {target.text} is impossible: the cheapest plan in this space "
+                          f"costs {format_cost(target.cost, cheapest)}; raise the target or allow "
+                          f"fewer bits in the space")
+
+
+def repair(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTable,
+           target: Target) -> list[int]:
+    """Lower precisions greedily until the plan meets the target.
+
+    Each move changes one layer to a cheaper choice; the move taken is the one that gives up
+    the least probability mass per unit of cost saved.
+    """
+    check_feasible(table, target)
+    current = list(indices)
+    while table.index_cost(current) > target.value:
+        best, best_score = None, float("inf")
+        for layer, (row, p) in enumerate(zip(table.values, probs)):
+            now = current[layer]
+            for choice, cost in enumerate(row):
+                saved = row[now] - cost
+                if saved <= 0:
+                    continue
+                score = (float(p[now]) - float(p[choice])) / saved
+                if score < best_score:
+                    best, best_score = (layer, choice), score
+        layer, choice = best  # feasible, so some move always saves cost
+        current[layer] = choice
+    return current

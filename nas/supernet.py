@@ -1,0 +1,252 @@
+"""Mixed-precision supernet for DNAS (Wu et al. 2019; FBNet).
+
+Every searchable Conv2d / Linear becomes a `MixedLayer` that keeps the layer's one float
+weight and offers each candidate (w_bits, a_bits) as a branch: conv(Q_a(x), Q_w(W)).
+Weights are shared by all branches; only the quantizers differ. Architecture parameters
+theta (one logit per candidate, optionally factored into weight and activation logits)
+are sampled with Gumbel-softmax at temperature tau:
+- soft mode: the output is the probability-weighted sum of every branch;
+- hard mode (default): one branch is computed per step, and the straight-through one-hot
+  sample carries the gradient back to theta.
+Fixed layers keep their single precision and have no theta.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nas.quant.fake import fake_quantize, is_float, qparams, quant_range
+from nas.spaces import Choice
+
+MODES = ("hard", "soft")
+
+
+class MixedLayer(nn.Module):
+    """One layer with a branch per candidate precision, all sharing `layer`'s weight."""
+
+    def __init__(self, layer: nn.Module, choices: Sequence[Choice], w_granularity: str = "per_channel",
+                 w_symmetric: bool = True, a_symmetric: bool = False, factored: bool = False,
+                 ema: float = 0.1):
+        super().__init__()
+        self.layer = layer
+        self.choices = tuple(choices)
+        self.per_channel = w_granularity == "per_channel"
+        self.w_symmetric, self.a_symmetric = w_symmetric, a_symmetric
+        self.ema = ema
+        self.searchable = len(self.choices) > 1
+        self.factored = factored and self.searchable
+        if self.factored:
+            self.w_values = sorted({c.w_bits for c in self.choices})
+            self.a_values = sorted({c.a_bits for c in self.choices})
+            self.theta_w = nn.Parameter(torch.zeros(len(self.w_values)))
+            self.theta_a = nn.Parameter(torch.zeros(len(self.a_values)))
+        elif self.searchable:
+            self.theta = nn.Parameter(torch.zeros(len(self.choices)))
+        # One running input range serves every a_bits: it is the same tensor.
+        self.register_buffer("act_lo", torch.zeros(()))
+        self.register_buffer("act_hi", torch.zeros(()))
+        self.register_buffer("act_seen", torch.zeros((), dtype=torch.bool))
+        self.fixed_index: int | None = None
+        self.last_index: int | None = None
+
+    # ------------------------------------------------------------ architecture
+
+    def logits(self) -> torch.Tensor:
+        if not self.searchable:
+            return torch.zeros(1)
+        if self.factored:
+            w = {b: i for i, b in enumerate(self.w_values)}
+            a = {b: i for i, b in enumerate(self.a_values)}
+            return torch.stack([self.theta_w[w[c.w_bits]] + self.theta_a[a[c.a_bits]]
+                                for c in self.choices])
+        return self.theta
+
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits(), dim=0)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        if self.factored:
+            return [self.theta_w, self.theta_a]
+        return [self.theta] if self.searchable else []
+
+    # ------------------------------------------------------------ branches
+
+    def _input_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            with torch.no_grad():
+                lo, hi = x.min().float(), x.max().float()
+                if not bool(self.act_seen):
+                    self.act_lo.copy_(lo)
+                    self.act_hi.copy_(hi)
+                    self.act_seen.fill_(True)
+                else:
+                    self.act_lo.lerp_(lo, self.ema)
+                    self.act_hi.lerp_(hi, self.ema)
+        return self.act_lo, self.act_hi
+
+    def _quant_input(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        if is_float(bits):
+            return x
+        lo, hi = self._input_range(x)
+        scale, zp = qparams(lo, hi, bits, self.a_symmetric)
+        return fake_quantize(x, scale, zp, *quant_range(bits, self.a_symmetric))
+
+    def _quant_weight(self, bits: int) -> torch.Tensor:
+        w = self.layer.weight
+        if is_float(bits):
+            return w
+        with torch.no_grad():
+            if self.per_channel:
+                dims = tuple(range(1, w.ndim))
+                lo, hi = w.amin(dim=dims), w.amax(dim=dims)
+            else:
+                lo, hi = w.min(), w.max()
+            scale, zp = qparams(lo, hi, bits, self.w_symmetric)
+        return fake_quantize(w, scale, zp, *quant_range(bits, self.w_symmetric),
+                             axis=0 if self.per_channel else None)
+
+    def branch(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        choice = self.choices[index]
+        xq, wq = self._quant_input(x, choice.a_bits), self._quant_weight(choice.w_bits)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(xq, wq, self.layer.bias)
+        return F.linear(xq, wq, self.layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_index is not None or not self.searchable:
+            index = self.fixed_index if self.fixed_index is not None else 0
+            self.last_index = index
+            return self.branch(x, index)
+        sample = self.sampler(self.logits())
+        if self.mode == "soft":
+            return sum(sample[i] * self.branch(x, i) for i in range(len(self.choices)))
+        index = int(sample.argmax())
+        self.last_index = index
+        return sample[index] * self.branch(x, index)  # sample[index] == 1 in value
+
+    # Set by Supernet: the Gumbel sampler and the mode.
+    sampler = None
+    mode = "hard"
+
+
+class Supernet(nn.Module):
+    """A model whose space layers are MixedLayers; the float model's weights are shared."""
+
+    def __init__(self, model: nn.Module, space, factored: bool = False, mode: str = "hard",
+                 tau: float = 5.0, seed: int = 0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.net = copy.deepcopy(model)
+        self.space = space
+        q = space.quantizer
+        self.names: list[str] = []
+        for layer in space.layers(model):
+            module = self.net.get_submodule(layer.name)
+            mixed = MixedLayer(module, layer.choices, q["w_granularity"], q["w_symmetric"],
+                               q["a_symmetric"], factored)
+            self.net.set_submodule(layer.name, mixed)
+            self.names.append(layer.name)
+        self.mode, self.tau = mode, tau
+        self.generator = torch.Generator().manual_seed(seed)
+        for m in self.mixed():
+            m.sampler = self._sample
+            m.mode = mode
+
+    def mixed(self) -> list[MixedLayer]:
+        return [self.net.get_submodule(n) for n in self.names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------ sampling
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gumbel-softmax sample at temperature tau; one-hot straight-through in hard mode."""
+        u = torch.rand(logits.shape, generator=self.generator).clamp_(1e-10, 1 - 1e-10)
+        gumbel = -torch.log(-torch.log(u)).to(logits.device)
+        soft = torch.softmax((logits + gumbel) / self.tau, dim=0)
+        if self.mode == "soft":
+            return soft
+        hard = F.one_hot(soft.argmax(), len(soft)).to(soft.dtype)
+        return hard - soft.detach() + soft
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.mode = mode
+        for m in self.mixed():
+            m.mode = mode
+
+    # ------------------------------------------------------------ parameters and plans
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.mixed() for p in m.arch_parameters()]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def probs(self) -> list[torch.Tensor]:
+        return [m.probs() for m in self.mixed()]
+
+    def argmax_indices(self) -> list[int]:
+        return [int(p.argmax()) for p in self.probs()]
+
+    def sample_indices(self, generator: torch.Generator) -> list[int]:
+        return [int(torch.multinomial(p.detach(), 1, generator=generator)) for p in self.probs()]
+
+    def fix(self, indices: Sequence[int] | None) -> None:
+        """Compute one given branch per layer (one-shot evaluation); None releases them."""
+        for m, i in zip(self.mixed(), indices if indices is not None else [None] * len(self.names)):
+            m.fixed_index = i
+
+    def indices_for(self, plan) -> list[int]:
+        out = []
+        for m, name in zip(self.mixed(), self.names):
+            p = plan.layers[name]
+            out.append(next(i for i, c in enumerate(m.choices) if (c.w_bits, c.a_bits) == (p.w_bits, p.a_bits)))
+        return out
+
+    def plan_for(self, indices: Sequence[int]):
+        """The Plan that picks choice `indices[l]` for each layer."""
+        from nas.plan import LayerPrecision, Plan, layer_hash
+
+        q = self.space.quantizer
+        layers = {name: LayerPrecision(m.choices[i].w_bits, m.choices[i].a_bits, q["w_granularity"],
+                                       q["w_symmetric"], q["a_symmetric"])
+                  for name, m, i in zip(self.names, self.mixed(), indices)}
+        return Plan(self.space.name, self.space.model, layer_hash(self.space), layers)
+
+
+def tau_at(fraction: float, tau0: float = 5.0, tau_min: float = 0.2) -> float:
+    """Exponential annealing from tau0 to tau_min over the search (fraction in [0, 1])."""
+    fraction = min(1.0, max(0.0, fraction))
+    return tau0 * math.exp(fraction * math.log(tau_min / tau0))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader, batches: int, device) -> None:
+    """Re-estimate BatchNorm statistics for the branches now fixed (one-shot evaluation):
+    shared weights were trained under a mix of precisions, so the running statistics belong
+    to no single plan."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x.to(device))
+    for m, (momentum, _) in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)

@@ -1,0 +1,81 @@
+"""`nas search` end to end on synthetic data, and its errors."""
+
+import csv
+import json
+
+import pytest
+
+from nas.plan import Plan
+from nas.spaces import load_space
+from tests.conftest import run_nas
+
+
+def _folder(runs, suffix="-search"):
+    (folder,) = [p for p in runs.iterdir() if p.name.endswith(suffix)]
+    return folder
+
+
+@pytest.mark.slow
+def test_search_writes_a_plan_that_meets_the_target(trained, tmp_path):
+    space_path, checkpoint = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                     "2ep", "--target", "size=9KB", "--checkpoint", str(checkpoint),
+                     "--samples", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    folder = _folder(runs)
+    assert {"plan.yaml", "candidates.csv", "theta.jsonl", "supernet.pt", "summary.json",
+            "config.yaml", "metrics.jsonl", "log.txt"} <= {p.name for p in folder.iterdir()}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["meets_target"] and summary["plan_cost"] <= 9000
+    space = load_space(space_path)
+    plan = Plan.load(folder / "plan.yaml").resolved(space)  # a valid plan of this space
+    assert plan.costs["size"] == pytest.approx(summary["plan_cost"])
+    assert plan.provenance["method"] == "dnas" and plan.provenance["run_id"] == folder.name
+    rows = list(csv.DictReader(open(folder / "candidates.csv")))
+    assert rows[0]["candidate"] == "argmax" and len(rows) >= 2
+    history = [json.loads(x) for x in (folder / "theta.jsonl").read_text().splitlines()]
+    assert history[-1]["phase"] == "search" and len(history[-1]["probs"]) == len(plan.layers)
+    assert f"plan file: {folder / 'plan.yaml'}" in result.stdout
+
+    # The plan goes straight into PTQ.
+    ptq = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint), "--plan",
+                  str(folder / "plan.yaml"), "--calib-batches", "2")
+    assert ptq.returncode == 0, ptq.stderr
+
+    # And the search can continue from its checkpoint.
+    resumed = run_nas("--runs-dir", str(tmp_path / "runs2"), "search", "--resume", str(folder),
+                      "--budget", "3ep", "--samples", "0", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    summary2 = json.loads((_folder(tmp_path / "runs2") / "summary.json").read_text())
+    assert summary2["steps"] == summary["steps"] * 3 // 2
+
+
+@pytest.mark.slow
+def test_time_budget_is_respected(trained, tmp_path):
+    space_path, _ = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                     "15s", "--no-progress", "--samples", "2")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((_folder(runs) / "summary.json").read_text())
+    assert summary["seconds"] <= 15 * 1.1  # within 10 % of the budget, derivation included
+    assert summary["search_seconds"] >= 15 * 0.9 * 0.95
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "speed=3ms"], "target 'speed=3ms' is not understood"),
+    (["--target", "size=10B"], "target size=10B is impossible: the cheapest plan"),
+    (["--budget", "forever"], "budget 'forever' is not understood"),
+    (["--cost", "latency", "--target", "size=9KB"], "--cost latency but --target size=9KB"),
+    (["--cost", "bitops"], "the additive loss needs a --target for bitops"),
+    (["--tau0", "0.1", "--tau-min", "1"], "tau-min <= tau0"),
+    (["--resume", "/nonexistent/run"], "checkpoint /nonexistent/run/supernet.pt does not exist"),
+])
+def test_bad_search_input(trained, tmp_path, args, message):
+    space_path, _ = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("nas: error: ") and message in result.stderr, result.stderr
+    assert not runs.exists() or list(runs.iterdir()) == []

@@ -1,0 +1,153 @@
+import math
+
+import pytest
+import torch
+import yaml
+
+from nas.budget import Budget
+from nas.cost import make_cost_model
+from nas.cost.base import CostTable
+from nas.cost.targets import Target
+from nas.data import load_data
+from nas.errors import ConfigError
+from nas.search.derive import repair
+from nas.search.dnas import DnasConfig, SearchState, search
+from nas.spaces import Choice, SearchSpace
+from nas.supernet import MixedLayer, Supernet, tau_at
+from tests.conftest import SYNTHETIC_SPACE
+
+
+@pytest.fixture
+def space():
+    return SearchSpace.from_dict(SYNTHETIC_SPACE)
+
+
+def test_hard_samples_follow_softmax_frequencies(space):
+    net = Supernet(space.build_model(), space, seed=0)
+    layer = net.mixed()[1]
+    with torch.no_grad():
+        layer.theta.copy_(torch.tensor([2.0, 0.0, -1.0, 1.0, 0.5, -2.0]))
+    probs = layer.probs()
+    n = 20000
+    counts = torch.zeros(6)
+    for _ in range(n):
+        counts[int(net._sample(layer.logits()).argmax())] += 1
+    # Gumbel-max: argmax(theta + g) ~ softmax(theta) at any tau. Standard error of each
+    # frequency <= sqrt(0.25 / 20000) = 0.0035; allow 0.015 (over 4 standard errors).
+    assert torch.allclose(counts / n, probs.detach(), atol=0.015)
+
+
+def test_gradients_reach_theta_and_weights(space):
+    model = space.build_model()
+    for mode in ("hard", "soft"):
+        net = Supernet(model, space, mode=mode, tau=1.0)
+        x = torch.randn(4, 1, 12, 12)
+        net(x).sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
+        assert net.net.layer1[0].conv1.layer.weight.grad.abs().sum() > 0
+
+
+def test_weights_are_shared_not_copied(space):
+    model = space.build_model()
+    net = Supernet(model, space)
+    model_params = sum(p.numel() for p in model.parameters())
+    theta = sum(len(layer.choices) for layer in space.layers() if not layer.fixed)
+    # No learned quantizer parameters: ranges are running buffers.
+    assert sum(p.numel() for p in net.parameters()) == model_params + theta
+    factored = Supernet(model, space, factored=True)
+    assert sum(p.numel() for p in factored.arch_parameters()) == 8 * (3 + 2)
+
+
+def test_fixed_branch_matches_quantized_model(space):
+    """A supernet fixed to one plan computes that plan's fake-quantized network."""
+    from nas.plan import Plan
+    from nas.quant.modules import quantize_model
+
+    model = space.build_model().eval()
+    net = Supernet(model, space).eval()
+    x = torch.randn(8, 1, 12, 12)
+    for m in net.mixed():
+        m.train()  # records the input ranges (first batch: exact min / max); BN stays in eval
+    net.fix([0] * len(net.names))
+    net(x)
+    net.eval()
+    plan = net.plan_for([0] * len(net.names))
+    assert plan.layers["layer1.0.conv1"].w_bits == 2 and plan.layers["conv1"].w_bits == 8
+    q = quantize_model(model, plan.resolved(space), calibration="minmax").eval()
+    # Same activation ranges as the supernet recorded (PTQ calibration would observe the
+    # float network's activations instead), then the two must compute the same thing.
+    for name, mixed in zip(net.names, net.mixed()):
+        q.get_submodule(name).input_quantizer.set_range(mixed.act_lo, mixed.act_hi)
+    with torch.no_grad():
+        assert torch.allclose(net(x), q(x), atol=1e-5)
+
+
+def test_tau_schedule():
+    assert tau_at(0.0) == pytest.approx(5.0) and tau_at(1.0) == pytest.approx(0.2)
+    assert tau_at(0.5) == pytest.approx(1.0)  # geometric mean of 5 and 0.2
+    assert tau_at(2.0) == pytest.approx(0.2) and tau_at(0.25, 4.0, 1.0) == pytest.approx(4 * 0.25 ** 0.25)
+
+
+def _table(values):
+    return CostTable("size", "bytes", [f"l{i}" for i in range(len(values))],
+                     [tuple(Choice(b, 8) for b in (2, 4, 8)[:len(r)]) for r in values], values,
+                     [[False] * len(r) for r in values])
+
+
+def test_repair_gives_up_least_probability_per_cost():
+    table = _table([[10.0, 20.0, 40.0], [10.0, 20.0, 40.0]])
+    probs = [torch.tensor([0.1, 0.2, 0.7]), torch.tensor([0.3, 0.3, 0.4])]
+    target = Target("size", 60.0, "size=60B")
+    # From (40, 40) = 80 bytes, the moves and their probability lost per byte saved:
+    # layer 0: 8->4 0.5/20 = 0.025, 8->2 0.6/30 = 0.02; layer 1: 8->4 0.1/20 = 0.005,
+    # 8->2 0.1/30 = 0.0033. The last is cheapest, and 50 bytes meets the target.
+    assert repair([2, 2], probs, table, target) == [2, 0]
+    # For 30 bytes, from (40, 10) the cheapest move is layer 0 8->2 (0.02 per byte): 20 bytes.
+    assert repair([2, 2], probs, table, Target("size", 30.0, "size=30B")) == [0, 0]
+    assert repair([1, 1], probs, table, target) == [1, 1]  # already within: unchanged
+    with pytest.raises(ConfigError, match="target size=10B is impossible: the cheapest plan"):
+        repair([2, 2], probs, table, Target("size", 10.0, "size=10B"))
+
+
+def _search(space, splits, steps_to_interrupt=None, log_every=5):
+    torch.manual_seed(0)
+    net = Supernet(space.build_model(), space, seed=3)
+    table = make_cost_model("size").table(space)
+    cfg = DnasConfig(budget=Budget("epochs", 2), target=Target("size", 4000, "size=4KB"),
+                     batch_size=64, warmup=0.25, log_every=log_every, progress=False)
+
+    def stop(entry):
+        if steps_to_interrupt and entry["step"] >= steps_to_interrupt:
+            raise KeyboardInterrupt
+
+    state, optim, interrupted = search(net, splits, table, cfg, "cpu", on_log=stop)
+    return net, state, optim, interrupted, cfg, table
+
+
+def test_resumed_search_reaches_the_same_theta(space):
+    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
+    straight, state, _, interrupted, _, _ = _search(space, splits)
+    assert not interrupted and state.step == 2 * (len(splits.train) // 64)
+    first, state1, optim1, interrupted1, cfg, table = _search(space, splits, steps_to_interrupt=10)
+    assert interrupted1 and state1.step == 10
+    saved = {"supernet": {k: v.clone() for k, v in first.state_dict().items()},
+             "gumbel": first.generator.get_state()}
+    torch.manual_seed(0)
+    resumed = Supernet(space.build_model(), space, seed=3)
+    resumed.load_state_dict(saved["supernet"])
+    resumed.generator.set_state(saved["gumbel"])
+    state2, _, interrupted2 = search(resumed, splits, table, cfg, "cpu",
+                                     SearchState(step=state1.step, elapsed=state1.elapsed), optim1)
+    assert not interrupted2 and state2.step == state.step
+    for a, b in zip(straight.arch_parameters(), resumed.arch_parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(p.abs().sum() > 0 for p in resumed.arch_parameters())  # theta did move
+
+
+def test_search_moves_toward_the_target(space):
+    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
+    net, state, _, _, _, table = _search(space, splits)
+    expected = table.expected([p.detach() for p in net.probs()]).item()
+    uniform = table.expected([torch.full((len(r),), 1 / len(r)) for r in table.values]).item()
+    # A 4 KB target is below the uniform mix: the penalty must have pulled E[cost] down.
+    assert expected < uniform
