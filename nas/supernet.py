@@ -80,7 +80,7 @@ class MixedLayer(nn.Module):
     def _input_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             with torch.no_grad():
-                lo, hi = x.min().float(), x.max().float()
+                lo, hi = (t.float() for t in torch.aminmax(x))
                 if not bool(self.act_seen):
                     self.act_lo.copy_(lo)
                     self.act_hi.copy_(hi)

@@ -79,3 +79,33 @@ def test_bad_search_input(trained, tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("nas: error: ") and message in result.stderr, result.stderr
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_with_a_plan(trained, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    space_path, _ = trained
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "nas", "--runs-dir", str(runs), "search",
+                             "--space", str(space_path), "--budget", "10m", "--samples", "1",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the search loop is logging
+        if any((p / "theta.jsonl").exists() for p in runs.glob("*.partial")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted: deriving the plan" in out
+    folder = _folder(runs)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["interrupted"] and summary["seconds"] < 120
+    assert Plan.load(folder / "plan.yaml").provenance["interrupted"] is True
+    assert (folder / "supernet.pt").is_file()

@@ -45,6 +45,21 @@ def add_parser(sub, parents) -> None:
     dnas.set_defaults(run=run_dnas)
 
 
+def _finish(run_dir, bench: str, results: dict):
+    """Write the bench's JSON and close its run folder."""
+    run_dir.write_json(f"bench_{bench}.json", results)
+    return run_dir.finish({"command": f"bench {bench}", "json": f"bench_{bench}.json",
+                           "seconds": results["seconds"]})
+
+
+def _report(tables, final) -> int:
+    for title, headers, rows in tables:
+        print(f"\n{title}")
+        print(format_table(headers, rows))
+    print(f"\nrun folder: {final}")
+    return 0
+
+
 def _checkpoints(items: list[str]) -> dict[str, str]:
     from nas.bench.ptq import SPACES
     from nas.errors import ConfigError
@@ -113,14 +128,8 @@ def run_ptq(args: argparse.Namespace) -> int:
                             say=lambda line: (print(line, flush=True), run_dir.log(line)))
         results.update({"checkpoints": sources, "calib_batches": args.calib_batches,
                         "seed": args.seed, "device": str(device), "date": now_iso()})
-        run_dir.write_json("bench_ptq.json", results)
-        final = run_dir.finish({"command": "bench ptq", "json": "bench_ptq.json",
-                                "seconds": results["seconds"]})
-    for title, headers, rows in tables(results):
-        print(f"\n{title}")
-        print(format_table(headers, rows))
-    print(f"\nrun folder: {final}")
-    return 0
+        final = _finish(run_dir, "ptq", results)
+    return _report(tables(results), final)
 
 
 def run_dnas(args: argparse.Namespace) -> int:
@@ -163,11 +172,5 @@ def run_dnas(args: argparse.Namespace) -> int:
                             say=lambda line: (print(line, flush=True), run_dir.log(line)))
         results.update({"space": space.name, "budget": str(budget), "device": str(device),
                         "seed": args.seed, "date": now_iso()})
-        run_dir.write_json("bench_dnas.json", results)
-        final = run_dir.finish({"command": "bench dnas", "json": "bench_dnas.json",
-                                "seconds": results["seconds"]})
-    for title, headers, rows in tables(results):
-        print(f"\n{title}")
-        print(format_table(headers, rows))
-    print(f"\nrun folder: {final}")
-    return 0
+        final = _finish(run_dir, "dnas", results)
+    return _report(tables(results), final)

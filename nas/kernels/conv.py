@@ -41,6 +41,14 @@ def _load_x(x_ptr, off, in_image, valid, x_zp, X_PACKED: tl.constexpr):
 
 
 @triton.jit
+def _pixels(pid_m, M, OH, OW, BLOCK_M: tl.constexpr):
+    """Output pixel rows of this tile: flat index, validity, image, row, column."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rem = offs_m % (OH * OW)
+    return offs_m, offs_m < M, offs_m // (OH * OW), rem // OW, rem % OW
+
+
+@triton.jit
 def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
               out_scale, out_zp, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
               RELU: tl.constexpr, OUT_MODE: tl.constexpr):
@@ -77,17 +85,10 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci) with ci fastest, matching OHWI weights."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
+    offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < CO_G
-    img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     co = g * CO_G + offs_n
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
     for k0 in range(0, K, BLOCK_K):
@@ -127,16 +128,9 @@ def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                            W_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise: each channel convolves alone, so a GEMM would be all padding; this walks
     the kernel taps directly, a tile of output pixels by a tile of channels at a time."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_mask = offs_m < M
+    offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=tl.int32)
     valid = m_mask[:, None] & c_mask[None, :]
     for kh in range(0, KH):
