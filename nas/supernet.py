@@ -111,12 +111,19 @@ class MixedLayer(nn.Module):
         return fake_quantize(w, scale, zp, *quant_range(bits, self.w_symmetric),
                              axis=0 if self.per_channel else None)
 
-    def branch(self, x: torch.Tensor, index: int) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, index: int, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(Q_a(x), Q_w(W)) + b, times `gate`. The gate multiplies the weight and bias
+        rather than the output: the same value (the layer is linear), but no extra pass over
+        the activations and no activation-sized tensor kept for the backward pass."""
         choice = self.choices[index]
         xq, wq = self._quant_input(x, choice.a_bits), self._quant_weight(choice.w_bits)
+        bias = self.layer.bias
+        if gate is not None:
+            wq = wq * gate
+            bias = bias * gate if bias is not None else None
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(xq, wq, self.layer.bias)
-        return F.linear(xq, wq, self.layer.bias)
+            return self.layer._conv_forward(xq, wq, bias)
+        return F.linear(xq, wq, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_index is not None or not self.searchable:
@@ -125,10 +132,10 @@ class MixedLayer(nn.Module):
             return self.branch(x, index)
         sample = self.sampler(self.logits())
         if self.mode == "soft":
-            return sum(sample[i] * self.branch(x, i) for i in range(len(self.choices)))
+            return sum(self.branch(x, i, sample[i]) for i in range(len(self.choices)))
         index = int(sample.argmax())
         self.last_index = index
-        return sample[index] * self.branch(x, index)  # sample[index] == 1 in value
+        return self.branch(x, index, sample[index])  # sample[index] == 1 in value
 
     # Set by Supernet: the Gumbel sampler and the mode.
     sampler = None
