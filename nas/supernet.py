@@ -53,7 +53,6 @@ class MixedLayer(nn.Module):
         self.register_buffer("act_hi", torch.zeros(()))
         self.register_buffer("act_seen", torch.zeros((), dtype=torch.bool))
         self.fixed_index: int | None = None
-        self.last_index: int | None = None
 
     # ------------------------------------------------------------ architecture
 
@@ -128,13 +127,11 @@ class MixedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_index is not None or not self.searchable:
             index = self.fixed_index if self.fixed_index is not None else 0
-            self.last_index = index
             return self.branch(x, index)
         sample = self.sampler(self.logits())
         if self.mode == "soft":
             return sum(self.branch(x, i, sample[i]) for i in range(len(self.choices)))
         index = int(sample.argmax())
-        self.last_index = index
         return self.branch(x, index, sample[index])  # sample[index] == 1 in value
 
     # Set by Supernet: the Gumbel sampler and the mode.
