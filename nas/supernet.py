@@ -211,13 +211,6 @@ class Supernet(nn.Module):
         for m, i in zip(self.mixed(), indices if indices is not None else [None] * len(self.names)):
             m.fixed_index = i
 
-    def indices_for(self, plan) -> list[int]:
-        out = []
-        for m, name in zip(self.mixed(), self.names):
-            p = plan.layers[name]
-            out.append(next(i for i, c in enumerate(m.choices) if (c.w_bits, c.a_bits) == (p.w_bits, p.a_bits)))
-        return out
-
     def plan_for(self, indices: Sequence[int]):
         """The Plan that picks choice `indices[l]` for each layer."""
         from nas.plan import LayerPrecision, Plan, layer_hash

@@ -48,7 +48,7 @@ def lr_at(fraction: float, base: float, warmup: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Images go channels-last: oneDNN's convolutions run about 1.25x faster that way on a
     CPU (measured on resnet8, batch 128), and cuDNN prefers it too."""
     x = x.to(device)
@@ -62,7 +62,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     for x, y in loader:
-        x, y = _to_device(x, device), y.to(device)
+        x, y = to_device(x, device), y.to(device)
         logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -101,7 +101,7 @@ def train(model: nn.Module, splits: DataSplits, cfg: TrainConfig, device: torch.
         for x, y in train_loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(clock.fraction(), cfg.lr, cfg.warmup)
-            x, y = _to_device(x, device), y.to(device)
+            x, y = to_device(x, device), y.to(device)
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)

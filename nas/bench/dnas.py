@@ -23,7 +23,7 @@ from nas.cost.targets import Target
 from nas.data import make_loader
 from nas.search.dnas import DnasConfig, derive, one_shot_accuracy, search
 from nas.supernet import Supernet
-from nas.train import _to_device
+from nas.train import to_device
 
 
 def _memory_bytes(model: nn.Module, x, y, device) -> int:
@@ -59,7 +59,7 @@ def _step_seconds(model: nn.Module, x, y, steps: int) -> float:
 
 def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[str, Any]:
     x, y = next(iter(make_loader(splits.train, batch_size, shuffle=True, seed=0)))
-    x, y = _to_device(x, device), y.to(device)
+    x, y = to_device(x, device), y.to(device)
     fp = model.to(device, memory_format=torch.channels_last).train()
     results = {"batch_size": batch_size, "steps": steps,
                "fp_step_s": _step_seconds(fp, x, y, steps), "fp_memory": _memory_bytes(fp, x, y, device)}

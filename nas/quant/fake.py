@@ -26,7 +26,7 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
-def _shape_for(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def broadcast_along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Broadcast a per-channel vector along `axis` of x (a scalar tensor passes as is)."""
     if axis is None or t.ndim == 0:
         return t
@@ -64,8 +64,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     Stochastic rounding adds w ~ U(-s/2, s/2) before rounding (the whitepaper's
     Q(x) = clamp(round((x + w) / s))), so E[Q(x)] = x inside the range.
     """
-    scale = _shape_for(scale.to(x.dtype), x, axis)
-    zero_point = _shape_for(zero_point.to(x.dtype), x, axis)
+    scale = broadcast_along(scale.to(x.dtype), x, axis)
+    zero_point = broadcast_along(zero_point.to(x.dtype), x, axis)
     noise = torch.rand_like(x) - 0.5 if stochastic else None
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, noise)
 

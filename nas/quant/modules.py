@@ -106,18 +106,10 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def refresh_weight_ranges(model: nn.Module) -> None:
-    """Re-derive every weight range from the current weights."""
-    for layer in quant_layers(model).values():
-        layer.weight_quantizer.observe_tensor(layer.weight.detach())
-
-
-@torch.no_grad()
 def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str = "cpu") -> int:
     """Run `batches` batches through the float path to set every activation range.
 
-    Returns the number of batches used. Weight ranges were set by quantize_model; after
-    changing weights in place, call `refresh_weight_ranges`.
+    Returns the number of batches used. Weight ranges were set by quantize_model.
     """
     layers = quant_layers(model)
     for layer in layers.values():

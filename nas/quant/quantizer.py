@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError
-from nas.quant.fake import fake_quantize, grad_scale, is_float, qparams, quant_range, round_ste
+from nas.quant.fake import broadcast_along, fake_quantize, grad_scale, is_float, qparams, quant_range, round_ste
 from nas.quant.observers import Observer, make_observer
 
 LEARN = (None, "lsq", "pact")
@@ -121,20 +121,13 @@ class FakeQuantizer(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis,
                              stochastic=self.stochastic and self.training)
 
-    def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.axis is None or t.ndim == 0:
-            return t
-        shape = [1] * x.ndim
-        shape[self.axis] = -1
-        return t.view(shape)
-
     def _lsq(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: x_hat = round(clamp(x / s + z, qmin, qmax)) - z) * s, with the step size's
         gradient scaled by 1 / sqrt(N * qmax), N the elements per step size."""
         per_step = x.numel() // max(1, self.step.numel())
         g = 1.0 / math.sqrt(per_step * max(1, self.qmax))
-        s = self._broadcast(grad_scale(self.step.abs() + 1e-12, g), x)
-        z = self._broadcast(self.zero_point.to(x.dtype), x)
+        s = broadcast_along(grad_scale(self.step.abs() + 1e-12, g), x, self.axis)
+        z = broadcast_along(self.zero_point.to(x.dtype), x, self.axis)
         q = round_ste(torch.clamp(x / s + z, self.qmin, self.qmax))
         return (q - z) * s
 

@@ -27,7 +27,7 @@ from nas.cost.base import CostTable
 from nas.cost.targets import Target
 from nas.data import ArrayDataset, make_loader
 from nas.supernet import Supernet, recalibrate_bn, tau_at
-from nas.train import _to_device, evaluate, lr_at
+from nas.train import to_device, evaluate, lr_at
 
 LOSSES = ("additive", "multiplicative")
 
@@ -139,7 +139,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             for group in w_opt.param_groups:
                 group["lr"] = lr_at(fraction, cfg.w_lr, 0.03)
             x, y = train.at(state.step)
-            ce = nn.functional.cross_entropy(supernet(_to_device(x, device)), y.to(device))
+            ce = nn.functional.cross_entropy(supernet(to_device(x, device)), y.to(device))
             w_opt.zero_grad(set_to_none=True)
             ce.backward()
             w_opt.step()
@@ -147,7 +147,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             record = None
             if searching:
                 xa, ya = arch.at(state.step)
-                arch_ce = nn.functional.cross_entropy(supernet(_to_device(xa, device)),
+                arch_ce = nn.functional.cross_entropy(supernet(to_device(xa, device)),
                                                       ya.to(device))
                 expected = table.expected(supernet.probs())
                 loss = cost_penalty(arch_ce, expected, cfg)
