@@ -6,8 +6,11 @@ Weights are shared by all branches; only the quantizers differ. Architecture par
 theta (one logit per candidate, optionally factored into weight and activation logits)
 are sampled with Gumbel-softmax at temperature tau:
 - soft mode: the output is the probability-weighted sum of every branch;
-- hard mode (default): one branch is computed per step, and the straight-through one-hot
-  sample carries the gradient back to theta.
+- hard mode (default): one branch is computed per step; theta's gradient comes from
+  ProxylessNAS's estimate dL/dg_j = <dL/dy, y_j> for every branch j, obtained from the input
+  and weight gradients of the chosen branch (see `MixedLayer.hard`), through the
+  straight-through one-hot sample. Without theta gradients (the weight step) it is one
+  plain quantized branch.
 Fixed layers keep their single precision and have no theta.
 """
 
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nas.quant.fake import fake_quantize, is_float, qparams, quant_range
+from nas.quant.fake import fake_quantize, is_float, qparams, quant_range, tensor_minmax
 from nas.spaces import Choice
 
 MODES = ("hard", "soft")
@@ -53,6 +56,12 @@ class MixedLayer(nn.Module):
         self.register_buffer("act_hi", torch.zeros(()))
         self.register_buffer("act_seen", torch.zeros((), dtype=torch.bool))
         self.fixed_index: int | None = None
+        # Candidate indices grouped by input precision and by weight precision.
+        self.a_groups: dict[int, list[int]] = {}
+        self.w_groups: dict[int, list[int]] = {}
+        for j, c in enumerate(self.choices):
+            self.a_groups.setdefault(c.a_bits, []).append(j)
+            self.w_groups.setdefault(c.w_bits, []).append(j)
 
     # ------------------------------------------------------------ architecture
 
@@ -77,9 +86,10 @@ class MixedLayer(nn.Module):
     # ------------------------------------------------------------ branches
 
     def _input_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running input range, updated once per forward pass in training."""
         if self.training:
             with torch.no_grad():
-                lo, hi = (t.float() for t in torch.aminmax(x))
+                lo, hi = (t.float() for t in tensor_minmax(x))
                 if not bool(self.act_seen):
                     self.act_lo.copy_(lo)
                     self.act_hi.copy_(hi)
@@ -89,10 +99,9 @@ class MixedLayer(nn.Module):
                     self.act_hi.lerp_(hi, self.ema)
         return self.act_lo, self.act_hi
 
-    def _quant_input(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+    def _quant_input(self, x: torch.Tensor, bits: int, lo, hi) -> torch.Tensor:
         if is_float(bits):
             return x
-        lo, hi = self._input_range(x)
         scale, zp = qparams(lo, hi, bits, self.a_symmetric)
         return fake_quantize(x, scale, zp, *quant_range(bits, self.a_symmetric))
 
@@ -110,29 +119,70 @@ class MixedLayer(nn.Module):
         return fake_quantize(w, scale, zp, *quant_range(bits, self.w_symmetric),
                              axis=0 if self.per_channel else None)
 
-    def branch(self, x: torch.Tensor, index: int, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(Q_a(x), Q_w(W)) + b, times `gate`. The gate multiplies the weight and bias
-        rather than the output: the same value (the layer is linear), but no extra pass over
-        the activations and no activation-sized tensor kept for the backward pass."""
-        choice = self.choices[index]
-        xq, wq = self._quant_input(x, choice.a_bits), self._quant_weight(choice.w_bits)
-        bias = self.layer.bias
-        if gate is not None:
-            wq = wq * gate
-            bias = bias * gate if bias is not None else None
+    def _linear_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(xq, wq, bias)
-        return F.linear(xq, wq, bias)
+            return self.layer._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
+
+    def branch(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """conv(Q_a(x), Q_w(W)) + b for one candidate."""
+        choice = self.choices[index]
+        lo, hi = self._input_range(x)
+        return self._linear_op(self._quant_input(x, choice.a_bits, lo, hi),
+                           self._quant_weight(choice.w_bits), self.layer.bias)
+
+    def soft(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_j g_j conv(Q_a_j(x), Q_w_j(W)) + b, with one convolution per a_bits: the layer
+        is linear in its weight, so branches sharing an input quantizer share one conv of
+        their gate-weighted quantized weights."""
+        lo, hi = self._input_range(x)
+        out = None
+        for a_bits, js in self.a_groups.items():
+            w = sum(gates[j] * self._quant_weight(self.choices[j].w_bits) for j in js)
+            g = sum(gates[j] for j in js)
+            bias = self.layer.bias * g if self.layer.bias is not None else None
+            y = self._linear_op(self._quant_input(x, a_bits, lo, hi), w, bias)
+            out = y if out is None else out + y
+        return out
+
+    def hard(self, x: torch.Tensor, index: int, gates: torch.Tensor) -> torch.Tensor:
+        """Branch `index` only, with a gradient for every gate (ProxylessNAS's estimate
+        dL/dg_j = <dL/dy, y_j>).
+
+        Gating the chosen branch's own output gives no signal: a conv feeding BatchNorm is
+        scale-invariant, so <dL/dy, y_k> is zero. Instead, by bilinearity of the conv,
+            <dL/dy, conv(Q_a(x), Q_w(W))> = <dL/dQ_a(x), Q_a(x)>   (weight fixed at branch k)
+                                          = <dL/dQ_w(W), Q_w(W)>   (input fixed at branch k),
+        so the input and weight gradients that backward computes anyway give every branch's
+        <dL/dy, y_j>: exactly where j shares w_bits or a_bits with k, and up to the second-
+        order term <dL/dy, conv(dQ_a, dQ_w)> otherwise. Each gate's value is zero here
+        (gates = sample - sample.detach()); softmax removes any offset common to all j.
+        """
+        choice = self.choices[index]
+        lo, hi = self._input_range(x)
+        x_eff = self._quant_input(x, choice.a_bits, lo, hi)
+        w_eff = self._quant_weight(choice.w_bits)
+        with torch.no_grad():
+            inputs = {a: x_eff if a == choice.a_bits else self._quant_input(x, a, lo, hi)
+                      for a in self.a_groups}
+            weights = {w: w_eff if w == choice.w_bits else self._quant_weight(w)
+                       for w in self.w_groups}
+        for a_bits, js in self.a_groups.items():
+            x_eff = torch.addcmul(x_eff, gates[js].sum(), inputs[a_bits].detach())
+        for w_bits, js in self.w_groups.items():
+            w_eff = torch.addcmul(w_eff, gates[js].sum(), weights[w_bits].detach())
+        return self._linear_op(x_eff, w_eff, self.layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_index is not None or not self.searchable:
-            index = self.fixed_index if self.fixed_index is not None else 0
-            return self.branch(x, index)
+            return self.branch(x, self.fixed_index if self.fixed_index is not None else 0)
         sample = self.sampler(self.logits())
         if self.mode == "soft":
-            return sum(self.branch(x, i, sample[i]) for i in range(len(self.choices)))
+            return self.soft(x, sample)
         index = int(sample.argmax())
-        return self.branch(x, index, sample[index])  # sample[index] == 1 in value
+        if not (torch.is_grad_enabled() and sample.requires_grad):
+            return self.branch(x, index)  # weight step or evaluation: theta needs no gradient
+        return self.hard(x, index, sample - sample.detach())
 
     # Set by Supernet: the Gumbel sampler and the mode.
     sampler = None

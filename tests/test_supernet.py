@@ -47,6 +47,36 @@ def test_gradients_reach_theta_and_weights(space):
         assert net.net.layer1[0].conv1.layer.weight.grad.abs().sum() > 0
 
 
+def test_hard_mode_estimates_every_branch_gradient_through_batchnorm():
+    """Hard mode computes one branch but gives each gate g_j the gradient <dL/dy, y_j>:
+    exactly (up to one offset common to all j, which softmax ignores) for branches that share
+    w_bits or a_bits with the chosen one. Behind a train-mode BatchNorm the chosen branch's
+    own <dL/dy, y_k> is zero (scale invariance), so gating its output would teach theta
+    nothing; the estimate still separates the branches."""
+    torch.manual_seed(0)
+    choices = [Choice(w, a) for w in (2, 4, 8) for a in (4, 8)]
+    layer = MixedLayer(torch.nn.Conv2d(3, 5, 3, padding=1), choices)
+    bn = torch.nn.BatchNorm2d(5).train()
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    target = torch.randn(4, 5, 6, 6)
+    layer.train()
+    layer.branch(x, 0)  # records the input range
+    layer.eval()
+    k = choices.index(Choice(4, 8))
+    gates = torch.zeros(len(choices), requires_grad=True)
+    y = layer.hard(x, k, gates)
+    y.retain_grad()
+    (bn(y) * target).sum().backward()
+    exact = torch.stack([(y.grad * layer.branch(x, j)).sum() for j in range(6)])
+    # Scale invariance: the chosen branch's own signal vanishes (float32 rounding only).
+    assert abs(exact[k]) < 1e-4 * exact.abs().max()
+    offset = gates.grad[k] - exact[k]
+    share = [j for j, c in enumerate(choices) if c.w_bits == 4 or c.a_bits == 8]
+    assert len(share) == 4
+    torch.testing.assert_close(gates.grad[share] - offset, exact[share], rtol=1e-4, atol=1e-4)
+    assert exact[share].std() > 0.1 * exact.abs().max()  # the branches really differ
+
+
 def test_weights_are_shared_not_copied(space):
     model = space.build_model()
     net = Supernet(model, space)

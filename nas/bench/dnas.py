@@ -1,7 +1,7 @@
 """`nas bench dnas`: the DNAS supernet's overhead and search quality, measured in one run.
 
-1. Step time of the supernet (hard and soft mode) over the float model's, same model and
-   batch; and memory: on CUDA the peak allocated, on the CPU the bytes autograd keeps for
+1. Step time of the supernet's weight step and theta step (hard and soft mode) over the
+   float model's, same model and batch; and memory: on CUDA the peak allocated, on the CPU the bytes autograd keeps for
    the backward pass plus the parameters (the part of training memory the supernet changes).
 2. Three size targets: each derived plan's size and one-shot accuracy, beside uniform W8A8,
    W4A8 and W2A8 plans evaluated on the same supernet.
@@ -26,35 +26,62 @@ from nas.supernet import Supernet
 from nas.train import to_device
 
 
-def _memory_bytes(model: nn.Module, x, y, device) -> int:
+def _theta_step(net: Supernet):
+    """One architecture step: gradients for theta only, as the search takes it."""
+    theta = net.arch_parameters()
+    opt = torch.optim.Adam(theta, lr=0.01)
+
+    def step(loss):
+        for p, g in zip(theta, torch.autograd.grad(loss, theta)):
+            p.grad = g
+        opt.step()
+    return step
+
+
+def _weight_step(model: nn.Module):
+    """One SGD step on every trainable weight (theta frozen by the caller)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+
+    def step(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _memory_bytes(model: nn.Module, x, y, device, step) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        nn.functional.cross_entropy(model(x), y).backward()
+        step(nn.functional.cross_entropy(model(x), y))
         return torch.cuda.max_memory_allocated()
-    saved = []
+    saved: dict[int, int] = {}
 
     def pack(t):
-        saved.append(t.numel() * t.element_size())
+        # A tensor saved by several ops (a ReLU's output, kept by the ReLU and the next conv)
+        # occupies memory once.
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    return sum(saved) + sum(p.numel() * p.element_size() for p in model.parameters())
+    step(loss)
+    return sum(saved.values()) + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _step_seconds(model: nn.Module, x, y, steps: int) -> float:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+def _step_seconds(model: nn.Module, x, y, steps: int, step) -> float:
     times = []
     for i in range(steps + 3):
         start = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(nn.functional.cross_entropy(model(x), y))
         if i >= 3:  # warm-up steps excluded
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+# (row name, supernet mode, which step): the weight step freezes theta, so each layer computes
+# one plain branch in hard mode; the theta step computes the gradient estimate for theta.
+STEPS = (("hard weight step", "hard", "weights"), ("hard theta step", "hard", "theta"),
+         ("soft weight step", "soft", "weights"), ("soft theta step", "soft", "theta"))
 
 
 def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[str, Any]:
@@ -62,15 +89,22 @@ def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[
     x, y = to_device(x, device), y.to(device)
     fp = model.to(device, memory_format=torch.channels_last).train()
     results = {"batch_size": batch_size, "steps": steps,
-               "fp_step_s": _step_seconds(fp, x, y, steps), "fp_memory": _memory_bytes(fp, x, y, device)}
-    for mode in ("hard", "soft"):
-        net = Supernet(model, space, mode=mode, tau=1.0).to(device).train()
-        results[f"{mode}_step_s"] = _step_seconds(net, x, y, steps)
-        results[f"{mode}_memory"] = _memory_bytes(net, x, y, device)
-        results[f"{mode}_step_ratio"] = results[f"{mode}_step_s"] / results["fp_step_s"]
-        results[f"{mode}_memory_ratio"] = results[f"{mode}_memory"] / results["fp_memory"]
+               "fp_step_s": _step_seconds(fp, x, y, steps, _weight_step(fp)),
+               "fp_memory": _memory_bytes(fp, x, y, device, _weight_step(fp)), "rows": {}}
+    for name, mode, which in STEPS:
+        net = Supernet(model, space, mode=mode, tau=1.0).to(device,
+                                                             memory_format=torch.channels_last)
+        net.train()
+        for p in net.arch_parameters():
+            p.requires_grad_(which == "theta")
+        make = _theta_step if which == "theta" else _weight_step
+        seconds = _step_seconds(net, x, y, steps, make(net))
+        memory = _memory_bytes(net, x, y, device, make(net))
+        results["rows"][name] = {"step_s": seconds, "memory": memory,
+                                 "step_ratio": seconds / results["fp_step_s"],
+                                 "memory_ratio": memory / results["fp_memory"]}
     results["memory_measure"] = ("cuda max_memory_allocated" if device.type == "cuda" else
-                                 "bytes saved for backward + parameters")
+                                 "distinct storages saved for backward + parameters")
     return results
 
 
@@ -92,9 +126,9 @@ def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget
               say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.monotonic()
     results: dict[str, Any] = {"overhead": overhead(space, model, splits, device, batch_size, 20)}
-    o = results["overhead"]
-    say(f"step time hard/fp {o['hard_step_ratio']:.2f}x, soft/fp {o['soft_step_ratio']:.2f}x; "
-        f"memory hard/fp {o['hard_memory_ratio']:.2f}x, soft/fp {o['soft_memory_ratio']:.2f}x")
+    for name, row in results["overhead"]["rows"].items():
+        say(f"{name}: {row['step_ratio']:.2f}x the float step time, "
+            f"{row['memory_ratio']:.2f}x its memory")
     size = make_cost_model("size")
     table = size.table(space)
     from nas.plan import Plan
@@ -147,12 +181,14 @@ def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget
 
 def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
     o = results["overhead"]
-    out = [("Supernet overhead (same model and batch)",
-            ["mode", "step ms", "step / fp", "memory MB", "memory / fp"],
-            [["fp", round(o["fp_step_s"] * 1e3, 1), 1.0, round(o["fp_memory"] / 1e6, 1), 1.0]]
-            + [[m, round(o[f"{m}_step_s"] * 1e3, 1), round(o[f"{m}_step_ratio"], 2),
-                round(o[f"{m}_memory"] / 1e6, 1), round(o[f"{m}_memory_ratio"], 2)]
-               for m in ("hard", "soft")])]
+    out = [(f"Supernet overhead (same model, batch {o['batch_size']}; median of {o['steps']} "
+            f"steps; memory: {o['memory_measure']})",
+            ["step", "ms", "/ fp", "memory MB", "memory / fp"],
+            [["float model", round(o["fp_step_s"] * 1e3, 1), 1.0, round(o["fp_memory"] / 1e6, 1),
+              1.0]]
+            + [[name, round(r["step_s"] * 1e3, 1), round(r["step_ratio"], 2),
+                round(r["memory"] / 1e6, 1), round(r["memory_ratio"], 2)]
+               for name, r in o["rows"].items()])]
     headers = ["target KB", "plan KB", "meets", "DNAS acc %"]
     uniform = [k for k in ("W8A8", "W4A8", "W2A8", "W4A4") if f"{k}_accuracy" in results["targets"][0]]
     headers += [f"{k} acc % ({results['targets'][0][f'{k}_size'] / 1e3:.1f} KB)" for k in uniform]

@@ -35,26 +35,37 @@ def broadcast_along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch
     return t.view(shape)
 
 
+def tensor_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum and maximum of all of x. A channels_last tensor is read through its dense
+    1-D view: torch.aminmax on the 4-D tensor itself is about 9x slower on the CPU."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return torch.aminmax(x.reshape(-1))
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Round-to-nearest (or stochastic) fake quantization; the gradient passes straight
     through inside the clipping range and is zero outside it."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, noise):
-        # In place on one temporary: fewer passes over memory than torch's own fused CPU
-        # kernel (measured 9.7 ms vs 16 ms forward + backward on a 1.6M-element activation).
+        # clamp(round(x / s) + z, qmin, qmax) - z == clamp(round(x / s), qmin - z, qmax - z)
+        # exactly, since z is an integer: two passes fewer. Everything else runs in place on
+        # two float temporaries; the mask is kept as 0.0 / 1.0 floats because comparisons
+        # and boolean masks are several times slower than float arithmetic on the CPU.
         q = x * (1.0 / scale)
         if noise is not None:
             q.add_(noise)
-        q.round_().add_(zero_point)
-        clamped = q.clamp(qmin, qmax)
-        ctx.save_for_backward(clamped == q)  # inside the range: the gradient passes
-        return clamped.sub_(zero_point).mul_(scale)
+        q.round_()
+        out = torch.clamp(q, qmin - zero_point, qmax - zero_point)
+        inside = q.sub_(out).abs_().clamp_(max=1.0).neg_().add_(1.0)  # |q - out| is 0 or >= 1
+        ctx.save_for_backward(inside.bool())
+        return out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None, None
+        return grad * inside.to(grad.dtype), None, None, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,

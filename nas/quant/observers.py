@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from nas.errors import ConfigError
-from nas.quant.fake import qparams, quant_range
+from nas.quant.fake import qparams, quant_range, tensor_minmax
 
 from nas.quant import METHODS  # noqa: E402  (one list for the CLI and the code)
 
@@ -28,7 +28,7 @@ def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...] | None:
 
 def _amin_amax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if axis is None:
-        return x.min(), x.max()
+        return tensor_minmax(x)
     dims = _reduce_dims(x, axis)
     return x.amin(dim=dims), x.amax(dim=dims)
 

@@ -1,7 +1,9 @@
 """DNAS: train the supernet's shared weights and its architecture logits theta in turn.
 
 After a weight-only warm-up (theta frozen: every branch is sampled uniformly), each step
-takes one SGD step on the weights (train split) and one Adam step on theta (arch split).
+takes one SGD step on the weights (train split; theta frozen, so each layer computes one
+plain sampled branch) and one Adam step on theta (arch split; in hard mode each layer still
+computes one branch, and `MixedLayer.hard` estimates every branch's gradient).
 The theta loss is either the constrained additive form CE + lambda * max(0, E[cost] /
 target - 1) or DNAS's multiplicative form CE * beta * (log E[cost])^gamma; E[cost] is the
 cost table's expectation under softmax(theta), so it is differentiable in theta.
@@ -98,6 +100,11 @@ class _Clock:
         self.state.elapsed = time.monotonic() - self.started
 
 
+def _theta_trainable(supernet: Supernet, on: bool) -> None:
+    for p in supernet.arch_parameters():
+        p.requires_grad_(on)
+
+
 def cost_penalty(ce: torch.Tensor, expected: torch.Tensor, cfg: DnasConfig) -> torch.Tensor:
     if cfg.loss == "multiplicative":
         return ce * cfg.beta * torch.log(expected).clamp(min=1e-6) ** cfg.gamma
@@ -139,6 +146,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             for group in w_opt.param_groups:
                 group["lr"] = lr_at(fraction, cfg.w_lr, 0.03)
             x, y = train.at(state.step)
+            _theta_trainable(supernet, False)  # the weight step: one plain branch per layer
             ce = nn.functional.cross_entropy(supernet(to_device(x, device)), y.to(device))
             w_opt.zero_grad(set_to_none=True)
             ce.backward()
@@ -146,13 +154,16 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             ce_sum, n_sum = ce_sum + ce.item(), n_sum + 1
             record = None
             if searching:
+                _theta_trainable(supernet, True)
                 xa, ya = arch.at(state.step)
                 arch_ce = nn.functional.cross_entropy(supernet(to_device(xa, device)),
                                                       ya.to(device))
                 expected = table.expected(supernet.probs())
                 loss = cost_penalty(arch_ce, expected, cfg)
-                a_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                theta = supernet.arch_parameters()
+                # Gradients for theta only: the weights' .grad stays the weight step's.
+                for p, g in zip(theta, torch.autograd.grad(loss, theta)):
+                    p.grad = g
                 a_opt.step()
                 record = {"arch_ce": arch_ce.item(), "expected_cost": expected.item()}
             state.step += 1
@@ -172,6 +183,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
     finally:
         bar.close()
         clock.sync()
+        _theta_trainable(supernet, True)
     return state, {"weights": w_opt.state_dict(), "theta": a_opt.state_dict()}, interrupted
 
 
