@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.quant.fake import fake_quantize, is_float, qparams, quant_range, tensor_minmax
+from nas.errors import ConfigError
+from nas.quant.qinput import quant_input_layer, supports
 from nas.spaces import Choice
 
 MODES = ("hard", "soft")
@@ -99,12 +101,6 @@ class MixedLayer(nn.Module):
                     self.act_hi.lerp_(hi, self.ema)
         return self.act_lo, self.act_hi
 
-    def _quant_input(self, x: torch.Tensor, bits: int, lo, hi) -> torch.Tensor:
-        if is_float(bits):
-            return x
-        scale, zp = qparams(lo, hi, bits, self.a_symmetric)
-        return fake_quantize(x, scale, zp, *quant_range(bits, self.a_symmetric))
-
     def _quant_weight(self, bits: int) -> torch.Tensor:
         w = self.layer.weight
         if is_float(bits):
@@ -119,17 +115,18 @@ class MixedLayer(nn.Module):
         return fake_quantize(w, scale, zp, *quant_range(bits, self.w_symmetric),
                              axis=0 if self.per_channel else None)
 
-    def _linear_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, bias)
-        return F.linear(x, w, bias)
+    def _input_qparams(self, bits: int, lo, hi) -> tuple | None:
+        if is_float(bits):
+            return None
+        return (*qparams(lo, hi, bits, self.a_symmetric), *quant_range(bits, self.a_symmetric))
 
     def branch(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """conv(Q_a(x), Q_w(W)) + b for one candidate."""
+        """conv(Q_a(x), Q_w(W)) + b for one candidate, keeping x rather than Q_a(x) for the
+        backward pass (the float model's activation memory; see nas.quant.qinput)."""
         choice = self.choices[index]
         lo, hi = self._input_range(x)
-        return self._linear_op(self._quant_input(x, choice.a_bits, lo, hi),
-                           self._quant_weight(choice.w_bits), self.layer.bias)
+        return quant_input_layer(self.layer, x, self._input_qparams(choice.a_bits, lo, hi),
+                                 self._quant_weight(choice.w_bits), self.layer.bias)
 
     def soft(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """sum_j g_j conv(Q_a_j(x), Q_w_j(W)) + b, with one convolution per a_bits: the layer
@@ -139,9 +136,8 @@ class MixedLayer(nn.Module):
         out = None
         for a_bits, js in self.a_groups.items():
             w = sum(gates[j] * self._quant_weight(self.choices[j].w_bits) for j in js)
-            g = sum(gates[j] for j in js)
-            bias = self.layer.bias * g if self.layer.bias is not None else None
-            y = self._linear_op(self._quant_input(x, a_bits, lo, hi), w, bias)
+            bias = self.layer.bias * gates[js].sum() if self.layer.bias is not None else None
+            y = quant_input_layer(self.layer, x, self._input_qparams(a_bits, lo, hi), w, bias)
             out = y if out is None else out + y
         return out
 
@@ -153,25 +149,22 @@ class MixedLayer(nn.Module):
         scale-invariant, so <dL/dy, y_k> is zero. Instead, by bilinearity of the conv,
             <dL/dy, conv(Q_a(x), Q_w(W))> = <dL/dQ_a(x), Q_a(x)>   (weight fixed at branch k)
                                           = <dL/dQ_w(W), Q_w(W)>   (input fixed at branch k),
-        so the input and weight gradients that backward computes anyway give every branch's
+        so the input and weight gradients of the chosen branch give every branch's
         <dL/dy, y_j>: exactly where j shares w_bits or a_bits with k, and up to the second-
-        order term <dL/dy, conv(dQ_a, dQ_w)> otherwise. Each gate's value is zero here
-        (gates = sample - sample.detach()); softmax removes any offset common to all j.
+        order term <dL/dy, conv(dQ_a, dQ_w)> otherwise; softmax ignores the offset this
+        leaves common to all j. Each gate's value is zero (gates = sample - sample.detach()).
         """
         choice = self.choices[index]
         lo, hi = self._input_range(x)
-        x_eff = self._quant_input(x, choice.a_bits, lo, hi)
-        w_eff = self._quant_weight(choice.w_bits)
+        a_bits, w_bits = list(self.a_groups), list(self.w_groups)
+        a_candidates = [self._input_qparams(a, lo, hi) for a in a_bits]
         with torch.no_grad():
-            inputs = {a: x_eff if a == choice.a_bits else self._quant_input(x, a, lo, hi)
-                      for a in self.a_groups}
-            weights = {w: w_eff if w == choice.w_bits else self._quant_weight(w)
-                       for w in self.w_groups}
-        for a_bits, js in self.a_groups.items():
-            x_eff = torch.addcmul(x_eff, gates[js].sum(), inputs[a_bits].detach())
-        for w_bits, js in self.w_groups.items():
-            w_eff = torch.addcmul(w_eff, gates[js].sum(), weights[w_bits].detach())
-        return self._linear_op(x_eff, w_eff, self.layer.bias)
+            w_candidates = [self._quant_weight(w) for w in w_bits]
+        a_gates = torch.stack([gates[js].sum() for js in self.a_groups.values()])
+        w_gates = torch.stack([gates[js].sum() for js in self.w_groups.values()])
+        return quant_input_layer(self.layer, x, a_candidates[a_bits.index(choice.a_bits)],
+                                 self._quant_weight(choice.w_bits), self.layer.bias,
+                                 (a_gates, a_candidates, w_gates, w_candidates))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_index is not None or not self.searchable:
@@ -203,6 +196,10 @@ class Supernet(nn.Module):
         self.names: list[str] = []
         for layer in space.layers(model):
             module = self.net.get_submodule(layer.name)
+            if not supports(module):
+                raise ConfigError(f"layer {layer.name} of {space.model} is {module!r}; the "
+                                  "supernet handles Linear layers and Conv2d layers with zero "
+                                  "padding given as numbers")
             mixed = MixedLayer(module, layer.choices, q["w_granularity"], q["w_symmetric"],
                                q["a_symmetric"], factored)
             self.net.set_submodule(layer.name, mixed)

@@ -173,3 +173,43 @@ def test_per_channel_state_dict_loads_into_a_fresh_quantizer():
     fresh.load_state_dict(q.state_dict())
     x = torch.randn(5, 3)
     assert torch.equal(fresh(x), q(x))
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_s2_groups", "linear"])
+def test_quant_input_layer_matches_autograd_through_fake_quant(kind):
+    """The memory-saving op (keeps x, recomputes Q(x) in backward) gives the same output and
+    gradients as fake_quantize followed by the layer."""
+    from torch.nn import functional as F
+
+    from nas.quant.fake import fake_quantize, qparams, quant_range
+    from nas.quant.qinput import quant_input_layer
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = torch.nn.Linear(7, 5), torch.randn(6, 7) * 2
+        op = F.linear
+    else:
+        groups, stride = (3, 2) if kind == "conv_s2_groups" else (1, 1)
+        layer = torch.nn.Conv2d(6, 9, 3, stride=stride, padding=1, groups=groups)
+        x = torch.randn(2, 6, 7, 7).contiguous(memory_format=torch.channels_last) * 2
+
+        def op(xq, w, b):
+            return layer._conv_forward(xq, w, b)
+    scale, zp = qparams(x.min() * 0.8, x.max() * 0.8, 4, False)  # some values clip
+    upstream = torch.randn_like(op(x, layer.weight, layer.bias))
+    results = []
+    for fused in (False, True):
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        if fused:
+            y = quant_input_layer(layer, xg, (scale, zp, 0, 15), layer.weight, layer.bias)
+        else:
+            y = op(fake_quantize(xg, scale, zp, *quant_range(4, False)), layer.weight, layer.bias)
+        y.backward(upstream)
+        results.append((y.detach(), xg.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    (y0, gx0, gw0, gb0), (y1, gx1, gw1, gb1) = results
+    assert torch.equal(y0, y1)
+    assert (gx1 == 0).any() and torch.equal(gx0 == 0, gx1 == 0)  # the same values clipped
+    # The same kernels on the same tensors (linear: matmuls in a different order).
+    for a, b in ((gx0, gx1), (gw0, gw1), (gb0, gb1)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

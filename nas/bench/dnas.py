@@ -68,44 +68,56 @@ def _memory_bytes(model: nn.Module, x, y, device, step) -> int:
     return sum(saved.values()) + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _step_seconds(model: nn.Module, x, y, steps: int, step) -> float:
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        step(nn.functional.cross_entropy(model(x), y))
-        if i >= 3:  # warm-up steps excluded
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # (row name, supernet mode, which step): the weight step freezes theta, so each layer computes
-# one plain branch in hard mode; the theta step computes the gradient estimate for theta.
+# one plain branch in hard mode; the theta step computes the gradient for theta.
 STEPS = (("hard weight step", "hard", "weights"), ("hard theta step", "hard", "theta"),
          ("soft weight step", "soft", "weights"), ("soft theta step", "soft", "theta"))
 
 
 def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[str, Any]:
+    """Median step time and memory of each STEPS row against the float model's. The steps
+    are interleaved (one of each per round), so drift in the machine's speed hits every row
+    alike instead of biasing the ratios."""
     x, y = next(iter(make_loader(splits.train, batch_size, shuffle=True, seed=0)))
     x, y = to_device(x, device), y.to(device)
     fp = model.to(device, memory_format=torch.channels_last).train()
-    results = {"batch_size": batch_size, "steps": steps,
-               "fp_step_s": _step_seconds(fp, x, y, steps, _weight_step(fp)),
-               "fp_memory": _memory_bytes(fp, x, y, device, _weight_step(fp)), "rows": {}}
+    subjects = {"float model": (fp, _weight_step)}
     for name, mode, which in STEPS:
         net = Supernet(model, space, mode=mode, tau=1.0).to(device,
                                                              memory_format=torch.channels_last)
         net.train()
-        for p in net.arch_parameters():
-            p.requires_grad_(which == "theta")
-        make = _theta_step if which == "theta" else _weight_step
-        seconds = _step_seconds(net, x, y, steps, make(net))
-        memory = _memory_bytes(net, x, y, device, make(net))
-        results["rows"][name] = {"step_s": seconds, "memory": memory,
-                                 "step_ratio": seconds / results["fp_step_s"],
-                                 "memory_ratio": memory / results["fp_memory"]}
+        subjects[name] = (net, _theta_step if which == "theta" else _weight_step)
+    steppers = {name: (net, make(net)) for name, (net, make) in subjects.items()}
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    for round_ in range(steps + 3):
+        for name, (net, step) in steppers.items():
+            _set_theta(net, name)
+            start = time.perf_counter()
+            step(nn.functional.cross_entropy(net(x), y))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= 3:  # warm-up rounds excluded
+                times[name].append(time.perf_counter() - start)
+    results = {"batch_size": batch_size, "steps": steps, "rows": {}}
+    for name, (net, make) in subjects.items():
+        _set_theta(net, name)
+        results["rows"][name] = {"step_s": statistics.median(times[name]),
+                                 "memory": _memory_bytes(net, x, y, device, make(net))}
+    fp_row = results["rows"].pop("float model")
+    results["fp_step_s"], results["fp_memory"] = fp_row["step_s"], fp_row["memory"]
+    for row in results["rows"].values():
+        row["step_ratio"] = row["step_s"] / results["fp_step_s"]
+        row["memory_ratio"] = row["memory"] / results["fp_memory"]
     results["memory_measure"] = ("cuda max_memory_allocated" if device.type == "cuda" else
                                  "distinct storages saved for backward + parameters")
     return results
+
+
+def _set_theta(net: nn.Module, name: str) -> None:
+    """The theta step trains theta; every other row keeps it frozen."""
+    if isinstance(net, Supernet):
+        for p in net.arch_parameters():
+            p.requires_grad_("theta" in name)
 
 
 def _uniform_indices(net: Supernet, w_bits: int, a_bits: int) -> list[int] | None:

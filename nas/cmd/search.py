@@ -31,7 +31,12 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--checkpoint", help="start from the weights of a 'nas train' checkpoint")
     p.add_argument("--resume", metavar="RUN", help="continue the search of an earlier run folder "
                                                    "(--budget is then the total, done part included)")
-    p.add_argument("--mode", choices=("hard", "soft"), default="hard")
+    p.add_argument("--mode", choices=("hard", "soft"), default="hard",
+                   help="forward of the weight step: one sampled branch per layer (hard) or "
+                        "the weighted sum of all (soft); default hard")
+    p.add_argument("--arch-mode", choices=("hard", "soft"), default="soft",
+                   help="forward of the theta step: soft (default) is the exact gradient of "
+                        "the relaxed mixture; hard is a cheaper first-order estimate")
     p.add_argument("--factored", action="store_true", help="separate weight and activation logits")
     p.add_argument("--samples", type=int, default=8, help="plans sampled for one-shot evaluation")
     p.add_argument("--batch-size", type=int, default=128)
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         model = space.build_model()
     cfg = DnasConfig(budget=search_budget, target=target, loss=args.loss, tau0=args.tau0,
                      tau_min=args.tau_min, warmup=args.warmup, batch_size=args.batch_size,
+                     arch_mode=args.arch_mode,
                      seed=args.seed, progress=not args.no_progress)
     supernet = Supernet(model, space, factored=args.factored, mode=args.mode, tau=args.tau0,
                         seed=args.seed)
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),
                               "budget": str(budget), "target": target.text if target else None,
                               "cost": cost_name, "loss": args.loss, "mode": args.mode,
+                              "arch_mode": args.arch_mode,
                               "factored": args.factored, "checkpoint": args.checkpoint,
                               "resume": args.resume, "seed": args.seed, "samples": args.samples,
                               "tau0": args.tau0, "tau_min": args.tau_min, "warmup": args.warmup})

@@ -43,24 +43,37 @@ def tensor_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.aminmax(x.reshape(-1))
 
 
+def quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       qmin: int, qmax: int, noise: torch.Tensor | None = None,
+                       want_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fake-quantized x, and (if wanted) the boolean mask of values inside the range.
+
+    clamp(round(x / s) + z, qmin, qmax) - z == clamp(round(x / s), qmin - z, qmax - z)
+    exactly, since z is an integer: two passes fewer. The rest runs in place on two float
+    temporaries, and the mask comes from float arithmetic (|q - clamp(q)| is 0 or >= 1):
+    comparisons that write booleans are several times slower on the CPU.
+    """
+    q = x * (1.0 / scale)
+    if noise is not None:
+        q.add_(noise)
+    q.round_()
+    lo, hi = qmin - zero_point, qmax - zero_point
+    if lo.ndim == 0 and lo.device.type == "cpu":
+        lo, hi = float(lo), float(hi)  # clamp to tensor bounds is about 5x slower on the CPU
+    out = torch.clamp(q, lo, hi)
+    inside = q.sub_(out).abs_().clamp_(max=1.0).neg_().add_(1.0).bool() if want_mask else None
+    return out.mul_(scale), inside
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Round-to-nearest (or stochastic) fake quantization; the gradient passes straight
     through inside the clipping range and is zero outside it."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, noise):
-        # clamp(round(x / s) + z, qmin, qmax) - z == clamp(round(x / s), qmin - z, qmax - z)
-        # exactly, since z is an integer: two passes fewer. Everything else runs in place on
-        # two float temporaries; the mask is kept as 0.0 / 1.0 floats because comparisons
-        # and boolean masks are several times slower than float arithmetic on the CPU.
-        q = x * (1.0 / scale)
-        if noise is not None:
-            q.add_(noise)
-        q.round_()
-        out = torch.clamp(q, qmin - zero_point, qmax - zero_point)
-        inside = q.sub_(out).abs_().clamp_(max=1.0).neg_().add_(1.0)  # |q - out| is 0 or >= 1
-        ctx.save_for_backward(inside.bool())
-        return out.mul_(scale)
+        out, inside = quantize_with_mask(x, scale, zero_point, qmin, qmax, noise)
+        ctx.save_for_backward(inside)
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,9 +1,12 @@
 """DNAS: train the supernet's shared weights and its architecture logits theta in turn.
 
 After a weight-only warm-up (theta frozen: every branch is sampled uniformly), each step
-takes one SGD step on the weights (train split; theta frozen, so each layer computes one
-plain sampled branch) and one Adam step on theta (arch split; in hard mode each layer still
-computes one branch, and `MixedLayer.hard` estimates every branch's gradient).
+takes one SGD step on the weights (train split, in the supernet's mode; theta frozen, so in
+hard mode each layer computes one plain sampled branch) and one Adam step on theta (arch
+split, in `arch_mode`). The theta step defaults to soft mode, the exact gradient of the
+relaxed mixture (FBNet, EdMIPS): hard mode's one-branch estimate (`MixedLayer.hard`) is
+first order, blind to the loss that quantization noise adds through curvature, and in
+`nas bench dnas` it drifted to 4-bit activations that cost no size (docs/DESIGN.md).
 The theta loss is either the constrained additive form CE + lambda * max(0, E[cost] /
 target - 1) or DNAS's multiplicative form CE * beta * (log E[cost])^gamma; E[cost] is the
 cost table's expectation under softmax(theta), so it is differentiable in theta.
@@ -42,6 +45,7 @@ class DnasConfig:
     lam: float = 2.0          # additive penalty weight
     beta: float = 0.2         # multiplicative form (FBNet: 0.2, 0.6)
     gamma: float = 0.6
+    arch_mode: str = "soft"   # the theta step's forward mode (the weight step uses the supernet's)
     tau0: float = 5.0
     tau_min: float = 0.2
     warmup: float = 0.2       # fraction of the budget that trains weights only
@@ -122,6 +126,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
     from tqdm import tqdm
 
     state = state or SearchState()
+    weight_mode = supernet.mode
     supernet.to(device, memory_format=torch.channels_last).train()  # faster CPU convs
     train = _Batches(splits.train, cfg.batch_size, cfg.seed)
     arch = _Batches(splits.arch, cfg.batch_size, cfg.seed + 1)
@@ -146,7 +151,8 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             for group in w_opt.param_groups:
                 group["lr"] = lr_at(fraction, cfg.w_lr, 0.03)
             x, y = train.at(state.step)
-            _theta_trainable(supernet, False)  # the weight step: one plain branch per layer
+            _theta_trainable(supernet, False)  # hard mode: one plain branch per layer
+            supernet.set_mode(weight_mode)
             ce = nn.functional.cross_entropy(supernet(to_device(x, device)), y.to(device))
             w_opt.zero_grad(set_to_none=True)
             ce.backward()
@@ -155,6 +161,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             record = None
             if searching:
                 _theta_trainable(supernet, True)
+                supernet.set_mode(cfg.arch_mode)
                 xa, ya = arch.at(state.step)
                 arch_ce = nn.functional.cross_entropy(supernet(to_device(xa, device)),
                                                       ya.to(device))
@@ -184,6 +191,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
         bar.close()
         clock.sync()
         _theta_trainable(supernet, True)
+        supernet.set_mode(weight_mode)
     return state, {"weights": w_opt.state_dict(), "theta": a_opt.state_dict()}, interrupted
 
 
