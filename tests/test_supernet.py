@@ -10,7 +10,7 @@ from nas.cost.base import CostTable
 from nas.cost.targets import Target
 from nas.data import load_data
 from nas.errors import ConfigError
-from nas.search.derive import repair
+from nas.search.derive import fill, repair
 from nas.search.dnas import DnasConfig, SearchState, search
 from nas.spaces import Choice, SearchSpace
 from nas.supernet import MixedLayer, Supernet, tau_at
@@ -137,6 +137,22 @@ def test_repair_gives_up_least_probability_per_cost():
     assert repair([1, 1], probs, table, target) == [1, 1]  # already within: unchanged
     with pytest.raises(ConfigError, match="target size=10B is impossible: the cheapest plan"):
         repair([2, 2], probs, table, Target("size", 10.0, "size=10B"))
+
+
+def test_fill_spends_the_budget_left_under_the_target():
+    table = _table([[10.0, 20.0, 40.0], [10.0, 20.0, 40.0]])
+    probs = [torch.tensor([0.1, 0.2, 0.7]), torch.tensor([0.3, 0.3, 0.4])]
+    # From (10, 10) = 20 bytes with 60 allowed, the moves and their probability given up per
+    # byte added: layer 0: 2->4 -0.1/10, 2->8 -0.6/30 = -0.02 (the best); layer 1: 2->4 0/10,
+    # 2->8 -0.1/30. Then (40, 10) = 50 bytes: only layer 1 2->4 (10 bytes) fits.
+    assert fill([0, 0], probs, table, Target("size", 60.0, "size=60B")) == [2, 1]
+    assert fill([2, 2], probs, table, Target("size", 80.0, "size=80B")) == [2, 2]  # nothing fits
+    # Activation bits cost no size: W2A4 becomes W2A8 at once, then the budget is spent.
+    choices = [[Choice(2, 4), Choice(2, 8), Choice(8, 8)]]
+    free = _table([[10.0, 10.0, 40.0]])
+    uniform = [torch.tensor([1 / 3] * 3)]
+    assert fill([0], uniform, free, Target("size", 20.0, "size=20B"), choices) == [1]
+    assert fill([0], uniform, free, Target("size", 40.0, "size=40B"), choices) == [2]
 
 
 def _search(space, splits, steps_to_interrupt=None, log_every=5):

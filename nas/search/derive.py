@@ -46,3 +46,38 @@ def repair(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTab
         layer, choice = best  # feasible, so some move always saves cost
         current[layer] = choice
     return current
+
+
+def fill(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTable,
+         target: Target, choices: Sequence[Sequence] | None = None) -> list[int]:
+    """Raise precisions greedily while the plan stays within the target.
+
+    The constrained loss is flat below the target, so a search may stop well under it; the
+    budget it leaves is spent here. Each move changes one layer to a dearer choice that still
+    fits, the one that gives up the least probability mass per unit of cost added. With
+    `choices` (each layer's Choice list), a choice at no extra cost whose w_bits and a_bits
+    are both at least the current ones (4-bit activations cost no size) is taken first.
+    """
+    current = list(indices)
+    if choices is not None:
+        for layer, (row, opts) in enumerate(zip(table.values, choices)):
+            now = current[layer]
+            better = [c for c in range(len(opts)) if row[c] <= row[now]
+                      and opts[c].w_bits >= opts[now].w_bits and opts[c].a_bits >= opts[now].a_bits]
+            current[layer] = max(better, key=lambda c: (opts[c].w_bits + opts[c].a_bits, -row[c]))
+    while True:
+        spare = target.value - table.index_cost(current)
+        best, best_score = None, float("inf")
+        for layer, (row, p) in enumerate(zip(table.values, probs)):
+            now = current[layer]
+            for choice, cost in enumerate(row):
+                added = cost - row[now]
+                if added <= 0 or added > spare:
+                    continue
+                score = (float(p[now]) - float(p[choice])) / added
+                if score < best_score:
+                    best, best_score = (layer, choice), score
+        if best is None:
+            return current
+        layer, choice = best
+        current[layer] = choice

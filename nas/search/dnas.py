@@ -225,8 +225,9 @@ def one_shot_accuracy(supernet: Supernet, indices, splits, device, bn_batches: i
 
 def candidates(supernet: Supernet, table: CostTable, target: Target | None, samples: int,
                seed: int) -> list[Candidate]:
-    """The argmax plan, its repair to the target, and `samples` plans drawn from softmax(theta)."""
-    from nas.search.derive import repair
+    """The argmax plan, its repair to the target, that plan filled up to the target, and
+    `samples` plans drawn from softmax(theta)."""
+    from nas.search.derive import fill, repair
 
     probs = [p.detach() for p in supernet.probs()]
     limit = target.value if target else math.inf
@@ -239,6 +240,11 @@ def candidates(supernet: Supernet, table: CostTable, target: Target | None, samp
     out = [make("argmax", argmax)]
     if target and not out[0].meets_target:
         out.append(make("argmax-repaired", repair(argmax, probs, table, target)))
+    if target:
+        base = out[-1].indices
+        filled = fill(base, probs, table, target, [m.choices for m in supernet.mixed()])
+        if filled != base:
+            out.append(make(out[-1].name + "-filled", filled))
     gen = torch.Generator().manual_seed(seed + 12345)
     seen = {tuple(c.indices) for c in out}
     for k in range(samples):
