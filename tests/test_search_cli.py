@@ -109,3 +109,27 @@ def test_ctrl_c_stops_cleanly_with_a_plan(trained, tmp_path):
     assert summary["interrupted"] and summary["seconds"] < 120
     assert Plan.load(folder / "plan.yaml").provenance["interrupted"] is True
     assert (folder / "supernet.pt").is_file()
+
+
+@pytest.mark.slow
+def test_bench_dnas_small(trained, tmp_path):
+    _, checkpoint = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "bench", "dnas", "--checkpoint", str(checkpoint),
+                     "--budget", "3s", "--samples", "1", "--random-plans", "2",
+                     "--batch-size", "32")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((_folder(runs, "-bench-dnas") / "bench_dnas.json").read_text())
+    rows = data["overhead"]["rows"]
+    assert list(rows) == ["hard weight step", "hard theta step", "soft weight step",
+                          "soft theta step"]
+    # Memory (distinct saved tensors): hard mode keeps the float model's activations plus a
+    # 1-byte clip mask per quantized layer, and soft mode one more conv per a_bits.
+    assert 1.0 < rows["hard weight step"]["memory_ratio"] < rows["soft weight step"]["memory_ratio"]
+    targets = data["targets"]
+    assert [t["target_fraction"] for t in targets] == [0.35, 0.5, 0.7]
+    assert all(t["meets_target"] and t["plan_size"] <= t["target"] for t in targets)
+    held = data["random"]["held_out"]
+    assert held["split"] == "test" and 0 <= held["dnas_accuracy"] <= 100
+    for title in ("Supernet overhead", "Size targets", "DNAS vs random plans"):
+        assert title in result.stdout
