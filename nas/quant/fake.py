@@ -60,8 +60,10 @@ def quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     lo, hi = qmin - zero_point, qmax - zero_point
     if lo.ndim == 0 and lo.device.type == "cpu":
         lo, hi = float(lo), float(hi)  # clamp to tensor bounds is about 5x slower on the CPU
+    if not want_mask:
+        return q.clamp_(lo, hi).mul_(scale), None
     out = torch.clamp(q, lo, hi)
-    inside = q.sub_(out).abs_().clamp_(max=1.0).neg_().add_(1.0).bool() if want_mask else None
+    inside = q.sub_(out).abs_().clamp_(max=1.0).neg_().add_(1.0).bool()
     return out.mul_(scale), inside
 
 

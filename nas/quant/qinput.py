@@ -78,7 +78,7 @@ class _QuantInputOp(torch.autograd.Function):
             if probe_w:
                 g_w = torch.stack([(gw * alt).sum() for alt in ctx.w_alts])
             if needs[0]:
-                gx = gxq * inside.to(gxq.dtype) if inside is not None else gxq
+                gx = gxq.mul_(inside.to(gxq.dtype)) if inside is not None else gxq
         return gx, None, gw if needs[2] else None, gb, None, g_a, None, g_w, None
 
 

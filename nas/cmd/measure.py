@@ -1,0 +1,74 @@
+"""`nas measure`: a latency table for a space, measured on a CUDA GPU with the Triton kernels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser("measure", parents=parents, help="measure a latency table on a CUDA GPU",
+                       description="Time every (layer, choice) of a space with the Triton "
+                                   "integer kernels (CUDA graphs, median of --reps replays) "
+                                   "beside torch fp16 cuDNN, and write the latency table under "
+                                   "cost_models/. --validate N then times N random plans end "
+                                   "to end against the table's sums (MAPE, Kendall tau).")
+    p.add_argument("--space", help="search space (default: the embedded default)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--reps", type=int, default=100, help="graph replays per case (default 100)")
+    p.add_argument("--device-spec", default="h200",
+                   help="device spec the table belongs to (default h200)")
+    p.add_argument("--output", help="table path (default cost_models/<spec>-<space>-b<batch>.json)")
+    p.add_argument("--validate", type=int, default=0, metavar="N",
+                   help="also time N random plans end to end against the table")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nas.cost.latency import COST_MODELS_DIR, DeviceSpec
+    from nas.cost.measure import (CudaGraphTimer, layer_cases, measure, provenance,
+                                  require_cuda, table_document, validate)
+    from nas.errors import ConfigError
+    from nas.runs import atomic_write_text
+    from nas.spaces import load_space
+    from nas.table import format_table
+
+    device_name = "cuda" if args.device in (None, "auto") else args.device
+    if args.batch <= 0:
+        raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
+    if args.validate < 0:
+        raise ConfigError(f"--validate {args.validate}: give a number of plans, 0 or more")
+    space = load_space(args.space)
+    spec = DeviceSpec.load(args.device_spec)
+    device = require_cuda(device_name)
+    timer = CudaGraphTimer(reps=args.reps)
+    output = Path(args.output or COST_MODELS_DIR / f"{spec.name}-{space.name}-b{args.batch}.json")
+
+    cases = layer_cases(space, args.batch, device, seed=args.seed)
+    print(f"measuring {len(cases)} (layer, precision) cases of {space.name} at batch "
+          f"{args.batch} on {device}", flush=True)
+    entries = measure(cases, args.batch, timer, spec, say=lambda s: print(s, flush=True))
+    doc = table_document(entries, provenance(device, spec, args.batch, timer.method))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, json.dumps(doc, indent=1) + "\n")
+    print(format_table(["layer geometry and precision", "us", "fp16 cuDNN us", "speed-up",
+                        "of roofline", "of INT8 peak"],
+                       [[e["key"], e["us"], e["fp16_cudnn_us"], e["speedup_vs_fp16"],
+                         f"{e['roofline_fraction'] * 100:.1f} %",
+                         f"{e['int8_peak_fraction'] * 100:.1f} %"] for e in entries]))
+    print(f"latency table: {output}")
+    if args.validate:
+        rng = random.Random(args.seed)
+        plans = [{layer.name: rng.choice(layer.choices) for layer in space.layers()}
+                 for _ in range(args.validate)]
+        table = {e["key"]: e["us"] for e in entries}
+        result = validate(space, plans, table, args.batch, device, timer, seed=args.seed,
+                          say=lambda s: print(s, flush=True))
+        doc["validation"] = result
+        atomic_write_text(output, json.dumps(doc, indent=1) + "\n")
+        print(f"{args.validate} random plans: MAPE {result['mape_percent']:.2f} %, "
+              f"Kendall tau {result['kendall_tau']:.3f} (table sum vs end to end)")
+    return 0

@@ -1,0 +1,271 @@
+"""`nas measure`: time every (layer, choice) of a space with the Triton integer kernels.
+
+Each case runs on random integer inputs of the layer's geometry: the kernel is called once
+outside (Triton autotunes on that call), then captured in a CUDA graph and replayed; the
+latency is the median of the replays, timed with CUDA events. The same layer in torch
+fp16 channels_last (cuDNN) is the baseline column. Float choices (16 / 32 bits) are timed
+as torch convolutions in that dtype.
+
+`validate` checks the table against reality: for random plans, every quantized layer of the
+network is captured in one CUDA graph and timed end to end, against the sum of the table's
+entries; MAPE and Kendall's tau summarise the fit.
+
+Timing is pluggable (`Timer`) so that everything but the clock runs in tests on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from nas.cost.latency import TABLE_FORMAT, DeviceSpec, roofline_us, table_key
+from nas.errors import ConfigError
+from nas.spaces import FLOAT_BITS
+
+Fn = Callable[[], Any]
+
+
+def require_cuda(device: str) -> torch.device:
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ConfigError("nas measure times kernels on a CUDA GPU and none is available here "
+                          "(torch.cuda.is_available() is False); run it on a machine with one")
+    return torch.device(device)
+
+
+class CudaGraphTimer:
+    """Median microseconds of `reps` replays of a CUDA graph holding fn's launches."""
+
+    def __init__(self, reps: int = 100, warmup: int = 10):
+        if reps < 1:
+            raise ConfigError(f"--reps {reps}: must be at least 1")
+        self.reps, self.warmup = reps, warmup
+        self.method = (f"one call outside the graph (autotuning), {warmup} warm-up replays, "
+                       f"median of {reps} CUDA-graph replays timed with CUDA events")
+
+    def __call__(self, fn: Fn) -> float:
+        fn()  # autotunes and compiles outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(self.warmup):
+            graph.replay()
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)  # ms -> us
+        return statistics.median(times)
+
+
+class WallTimer:
+    """Median wall-clock microseconds of `reps` calls (CPU tests; not a device measurement)."""
+
+    def __init__(self, reps: int = 3):
+        self.reps = reps
+        self.method = f"median wall-clock time of {reps} calls (CPU, Triton interpreter)"
+
+    def __call__(self, fn: Fn) -> float:
+        fn()
+        times = []
+        for _ in range(self.reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
+
+
+def _int_values(shape, bits: int, gen: torch.Generator) -> torch.Tensor:
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int8)
+
+
+@dataclass
+class Case:
+    """One layer at one precision, with its inputs ready on the device."""
+
+    key: str
+    info: Any
+    w_bits: int
+    a_bits: int
+    run: Fn          # the launch being timed (nothing else: no allocation, no preparation)
+    baseline: Fn     # the same layer in torch fp16 channels_last
+
+
+def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
+              gen: torch.Generator) -> Case:
+    """Inputs for one (layer, choice): NHWC int8 activations and OHWI int8 weights, packed two
+    per byte where the kernel takes 4-bit operands packed and the packed axis is even."""
+    from nas.kernels import pack_int4
+    from nas.kernels.conv import prepare_conv
+
+    c, o, g = info.in_channels, info.out_channels, info.groups
+    kh, kw = info.kernel
+    h, w = info.in_hw
+    key = table_key(info, batch, w_bits, a_bits)
+    xf = torch.randn(batch, c, h, w, generator=gen).to(device, torch.float16)
+    xf = xf.contiguous(memory_format=torch.channels_last)
+    wf = torch.randn(o, c // g, kh, kw, generator=gen).to(device, torch.float16)
+    wf = wf.contiguous(memory_format=torch.channels_last)
+    conv = dict(stride=info.stride, padding=info.padding, groups=g)  # Linear: a 1x1 conv
+
+    def baseline():
+        F.conv2d(xf, wf, None, **conv)
+
+    if w_bits in FLOAT_BITS or a_bits in FLOAT_BITS:
+        dtype = torch.float16 if max(w_bits, a_bits) <= 16 else torch.float32
+        xd, wd = xf.to(dtype), wf.to(dtype)
+        return Case(key, info, w_bits, a_bits, lambda: F.conv2d(xd, wd, None, **conv), baseline)
+    x = _int_values((batch, h, w, c), a_bits, gen).to(device)
+    wt = _int_values((o, kh, kw, c // g), w_bits, gen).to(device)
+    if a_bits <= 4 and c % 2 == 0 and g == 1:
+        x = pack_int4(x, dim=3)
+    if w_bits <= 4 and (c // g) % 2 == 0:
+        wt = pack_int4(wt, dim=3)
+    scale = torch.rand(o, generator=gen).to(device) * 1e-3
+    bias = torch.randn(o, generator=gen).to(device)
+    launch = prepare_conv(x, wt, w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias,
+                          relu=True, **conv)
+    return Case(key, info, w_bits, a_bits, launch, baseline)
+
+
+def layer_cases(space, batch: int, device: torch.device, seed: int = 0) -> list[Case]:
+    """Every (layer, choice) of the space, each geometry and precision once."""
+    gen = torch.Generator().manual_seed(seed)
+    cases, seen = [], set()
+    for layer in space.layers():
+        for choice in layer.choices:
+            key = table_key(layer.info, batch, choice.w_bits, choice.a_bits)
+            if key not in seen:
+                seen.add(key)
+                cases.append(make_case(layer.info, batch, choice.w_bits, choice.a_bits, device, gen))
+    return cases
+
+
+def ops(info, batch: int) -> float:
+    """Multiply-adds x 2 of one layer at `batch`."""
+    ho, wo = info.out_hw
+    k = (info.in_channels // info.groups) * info.kernel[0] * info.kernel[1]
+    return 2.0 * batch * ho * wo * info.out_channels * k
+
+
+def measure(cases: Sequence[Case], batch: int, timer, spec: DeviceSpec,
+            say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Time every case and its fp16 baseline; entries for the latency table."""
+    entries = []
+    for i, case in enumerate(cases, 1):
+        us, base = timer(case.run), timer(case.baseline)
+        achieved = ops(case.info, batch) / (us * 1e-6) / 1e12
+        estimate = roofline_us(case.info, case.w_bits, case.a_bits, batch, spec)
+        entries.append({"key": case.key, "us": round(us, 3), "fp16_cudnn_us": round(base, 3),
+                        "speedup_vs_fp16": _sig(base / us),
+                        # The cost model's roofline time (compute or memory bound, waves,
+                        # launch) over the measured time; and achieved TOPS over INT8 peak.
+                        "roofline_fraction": _sig(estimate / us),
+                        "int8_peak_fraction": _sig(achieved / spec.int8_tops)})
+        say(f"[{i}/{len(cases)}] {case.key}: {us:.2f} us (fp16 cuDNN {base:.2f} us)")
+    return entries
+
+
+def _sig(x: float) -> float:
+    """Four significant digits (ratios span orders of magnitude)."""
+    return float(f"{x:.4g}")
+
+
+def provenance(device: torch.device, spec: DeviceSpec, batch: int, method: str) -> dict[str, Any]:
+    import triton
+
+    info: dict[str, Any] = {
+        "device_spec": spec.name, "batch": batch, "method": method,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": triton.__version__, "host": platform.node()}
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info.update(_nvidia_smi())
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()}), not a GPU"
+    return info
+
+
+def _nvidia_smi() -> dict[str, str]:
+    """Driver and clocks as nvidia-smi reports them (absent if it cannot be run)."""
+    fields = ["driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "power.limit"]
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20, check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return {}
+    return {name: value.strip() for name, value in zip(fields, out.split(","))}
+
+
+def table_document(entries, prov) -> dict[str, Any]:
+    return {"format": TABLE_FORMAT, "provenance": prov, "entries": entries}
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b of two equally long sequences (ties counted as neither)."""
+    n = len(a)
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return (concordant - discordant) / denom if denom else float("nan")
+
+
+def validate(space, plans: Sequence[dict], table: dict[str, float], batch: int,
+             device: torch.device, timer, seed: int = 0,
+             say: Callable[[str], None] = print) -> dict[str, Any]:
+    """End-to-end time of each plan's layers (one graph) against the sum of the table's
+    entries. A plan maps each layer name to its Choice (w_bits, a_bits)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    infos = {layer.name: layer.info for layer in space.layers()}
+    rows = []
+    for i, plan in enumerate(plans, 1):
+        cases = [make_case(infos[name], batch, p.w_bits, p.a_bits, device, gen)
+                 for name, p in plan.items()]
+        missing = [c.key for c in cases if c.key not in table]
+        if missing:
+            raise ConfigError(f"the latency table has no entry for {missing[0]}; measure the "
+                              f"space at batch {batch} first")
+
+        def network():
+            for case in cases:
+                case.run()
+
+        measured = timer(network)
+        predicted = sum(table[c.key] for c in cases)
+        rows.append({"plan": i, "predicted_us": round(predicted, 3), "measured_us": round(measured, 3),
+                     "error": round((predicted - measured) / measured, 4)})
+        say(f"plan {i}/{len(plans)}: table {predicted:.1f} us, end to end {measured:.1f} us")
+    mape = statistics.fmean(abs(r["error"]) for r in rows) * 100
+    tau = kendall_tau([r["predicted_us"] for r in rows], [r["measured_us"] for r in rows])
+    return {"plans": rows, "mape_percent": round(mape, 2), "kendall_tau": round(tau, 4)}

@@ -1,0 +1,94 @@
+"""`nas measure` on the CPU: its errors, and everything but the GPU clock (the Triton
+interpreter runs the kernels; a fake or wall-clock timer stands in for CUDA graphs)."""
+
+import json
+
+import pytest
+import torch
+
+from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable, table_key
+from nas.cost.measure import (WallTimer, kendall_tau, layer_cases, measure, provenance,
+                              table_document, validate)
+from nas.errors import ConfigError
+from nas.plan import LayerPrecision
+from nas.spaces import Choice, SearchSpace
+from tests.conftest import SYNTHETIC_SPACE, run_nas
+
+TINY = {**SYNTHETIC_SPACE, "searchable": ["layer1.0.conv1"],
+        "choices": {"w_bits": [4, 8], "a_bits": [8]}}
+
+
+def test_measure_without_cuda_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "table.json"
+    result = run_nas("measure", "--output", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "nas: error: nas measure times kernels on a CUDA GPU and none is available here "
+        "(torch.cuda.is_available() is False); run it on a machine with one")
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # 6 pairs: 5 concordant, 1 discordant -> (5 - 1) / 6.
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_cases():
+    space = SearchSpace.from_dict(TINY)
+    return space, layer_cases(space, 1, torch.device("cpu"))
+
+
+def test_one_case_per_layer_geometry_and_precision(tiny_cases):
+    space, cases = tiny_cases
+    expected = {table_key(layer.info, 1, c.w_bits, c.a_bits)
+                for layer in space.layers() for c in layer.choices}
+    assert sorted(c.key for c in cases) == sorted(expected)
+    assert any(c.w_bits == 4 for c in cases)  # the searchable layer's W4A8 branch
+    # A case's launch runs the Triton kernel into its preallocated output: NHWC fp16.
+    case = next(c for c in cases if c.w_bits == 4)
+    out = case.run()
+    ho, wo = case.info.out_hw
+    assert out.shape == (1, ho, wo, case.info.out_channels) and out.dtype == torch.float16
+    assert case.run() is out  # the same buffer every launch: nothing allocated per call
+
+
+def test_table_written_by_measure_is_read_by_the_latency_cost(tiny_cases, tmp_path):
+    space, cases = tiny_cases
+    spec = DeviceSpec.load("h200")
+    entries = measure(cases[:2], 1, WallTimer(reps=1), spec, say=lambda s: None)
+    assert [e["key"] for e in entries] == [c.key for c in cases[:2]]
+    for e in entries:
+        assert e["us"] > 0 and e["fp16_cudnn_us"] > 0
+        assert e["speedup_vs_fp16"] == pytest.approx(e["fp16_cudnn_us"] / e["us"], rel=1e-2)
+    prov = provenance(torch.device("cpu"), spec, 1, WallTimer(reps=1).method)
+    assert prov["device"].endswith("not a GPU") and prov["device_spec"] == "h200"
+    (tmp_path / "t.json").write_text(json.dumps(table_document(entries, prov)))
+    table = LatencyTable.load_dir("h200", tmp_path)
+    assert table.entries == {e["key"]: e["us"] for e in entries}
+    cost = LatencyCost(spec, batch=1, table=table)
+    case = cases[0]
+    prec = LayerPrecision(case.w_bits, case.a_bits)
+    assert cost.layer_cost(case.info, prec) == entries[0]["us"]
+    assert not cost.is_estimated(case.info, prec)
+
+
+def test_validate_compares_table_sums_with_end_to_end_times(tiny_cases):
+    space, cases = tiny_cases
+    layers = space.layers()
+    table = {c.key: 10.0 for c in cases}
+    plans = [{layer.name: layer.choices[i % len(layer.choices)] for layer in layers}
+             for i in range(2)]
+    # A fake clock: 40 us for any network. The table predicts 10 us per layer.
+    result = validate(space, plans, table, 1, torch.device("cpu"), lambda fn: (fn(), 40.0)[1],
+                      say=lambda s: None)
+    n = len(layers)
+    assert [r["predicted_us"] for r in result["plans"]] == [10.0 * n] * 2
+    assert result["mape_percent"] == pytest.approx(abs(10.0 * n - 40) / 40 * 100)
+    first = plans[0][layers[0].name]
+    key = table_key(layers[0].info, 1, first.w_bits, first.a_bits)
+    with pytest.raises(ConfigError, match=f"the latency table has no entry for {key}; measure "
+                                          "the space at batch 1 first"):
+        validate(space, plans[:1], {}, 1, torch.device("cpu"), lambda fn: 1.0, say=lambda s: None)
