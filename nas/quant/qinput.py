@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nas.quant.fake import quantize_with_mask
+from nas.quant.fake import mask_as, quantize_with_mask
 
 
 def supports(layer: nn.Module) -> bool:
@@ -78,7 +78,7 @@ class _QuantInputOp(torch.autograd.Function):
             if probe_w:
                 g_w = torch.stack([(gw * alt).sum() for alt in ctx.w_alts])
             if needs[0]:
-                gx = gxq.mul_(inside.to(gxq.dtype)) if inside is not None else gxq
+                gx = gxq.mul_(mask_as(inside, gxq.dtype)) if inside is not None else gxq
         return gx, None, gw if needs[2] else None, gb, None, g_a, None, g_w, None
 
 
