@@ -240,6 +240,11 @@ class Supernet(nn.Module):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.mixed() for p in m.arch_parameters()]
 
+    def train_theta(self, on: bool) -> None:
+        """Whether theta takes gradients. Frozen, a hard-mode layer is one plain branch."""
+        for p in self.arch_parameters():
+            p.requires_grad_(on)
+
     def weight_parameters(self) -> list[nn.Parameter]:
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]

@@ -118,8 +118,7 @@ def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[
 def _set_theta(net: nn.Module, name: str) -> None:
     """The theta step trains theta; every other row keeps it frozen."""
     if isinstance(net, Supernet):
-        for p in net.arch_parameters():
-            p.requires_grad_("theta" in name)
+        net.train_theta("theta" in name)
 
 
 def _uniform_indices(net: Supernet, w_bits: int, a_bits: int) -> list[int] | None:

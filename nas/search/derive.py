@@ -23,6 +23,22 @@ def check_feasible(table: CostTable, target: Target) -> None:
                           f"fewer bits in the space")
 
 
+def _best_move(current: list[int], probs: Sequence[torch.Tensor], table: CostTable,
+               step_ok) -> tuple[int, int] | None:
+    """The single-layer change (layer, choice) whose cost step passes `step_ok` and that gives
+    up the least probability mass per unit of cost changed; None if no step passes."""
+    best, best_score = None, float("inf")
+    for layer, (row, p) in enumerate(zip(table.values, probs)):
+        now = current[layer]
+        for choice, cost in enumerate(row):
+            if not step_ok(cost - row[now]):
+                continue
+            score = (float(p[now]) - float(p[choice])) / abs(cost - row[now])
+            if score < best_score:
+                best, best_score = (layer, choice), score
+    return best
+
+
 def repair(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTable,
            target: Target) -> list[int]:
     """Lower precisions greedily until the plan meets the target.
@@ -33,17 +49,8 @@ def repair(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTab
     check_feasible(table, target)
     current = list(indices)
     while table.index_cost(current) > target.value:
-        best, best_score = None, float("inf")
-        for layer, (row, p) in enumerate(zip(table.values, probs)):
-            now = current[layer]
-            for choice, cost in enumerate(row):
-                saved = row[now] - cost
-                if saved <= 0:
-                    continue
-                score = (float(p[now]) - float(p[choice])) / saved
-                if score < best_score:
-                    best, best_score = (layer, choice), score
-        layer, choice = best  # feasible, so some move always saves cost
+        # Feasible, so some move always saves cost.
+        layer, choice = _best_move(current, probs, table, lambda delta: delta < 0)
         current[layer] = choice
     return current
 
@@ -67,17 +74,7 @@ def fill(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTable
             current[layer] = max(better, key=lambda c: (opts[c].w_bits + opts[c].a_bits, -row[c]))
     while True:
         spare = target.value - table.index_cost(current)
-        best, best_score = None, float("inf")
-        for layer, (row, p) in enumerate(zip(table.values, probs)):
-            now = current[layer]
-            for choice, cost in enumerate(row):
-                added = cost - row[now]
-                if added <= 0 or added > spare:
-                    continue
-                score = (float(p[now]) - float(p[choice])) / added
-                if score < best_score:
-                    best, best_score = (layer, choice), score
-        if best is None:
+        move = _best_move(current, probs, table, lambda delta: 0 < delta <= spare)
+        if move is None:
             return current
-        layer, choice = best
-        current[layer] = choice
+        current[move[0]] = move[1]

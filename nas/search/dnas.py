@@ -104,11 +104,6 @@ class _Clock:
         self.state.elapsed = time.monotonic() - self.started
 
 
-def _theta_trainable(supernet: Supernet, on: bool) -> None:
-    for p in supernet.arch_parameters():
-        p.requires_grad_(on)
-
-
 def cost_penalty(ce: torch.Tensor, expected: torch.Tensor, cfg: DnasConfig) -> torch.Tensor:
     if cfg.loss == "multiplicative":
         return ce * cfg.beta * torch.log(expected).clamp(min=1e-6) ** cfg.gamma
@@ -151,7 +146,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             for group in w_opt.param_groups:
                 group["lr"] = lr_at(fraction, cfg.w_lr, 0.03)
             x, y = train.at(state.step)
-            _theta_trainable(supernet, False)  # hard mode: one plain branch per layer
+            supernet.train_theta(False)  # hard mode: one plain branch per layer
             supernet.set_mode(weight_mode)
             ce = nn.functional.cross_entropy(supernet(to_device(x, device)), y.to(device))
             w_opt.zero_grad(set_to_none=True)
@@ -160,7 +155,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
             ce_sum, n_sum = ce_sum + ce.item(), n_sum + 1
             record = None
             if searching:
-                _theta_trainable(supernet, True)
+                supernet.train_theta(True)
                 supernet.set_mode(cfg.arch_mode)
                 xa, ya = arch.at(state.step)
                 arch_ce = nn.functional.cross_entropy(supernet(to_device(xa, device)),
@@ -190,7 +185,7 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
     finally:
         bar.close()
         clock.sync()
-        _theta_trainable(supernet, True)
+        supernet.train_theta(True)
         supernet.set_mode(weight_mode)
     return state, {"weights": w_opt.state_dict(), "theta": a_opt.state_dict()}, interrupted
 
