@@ -58,7 +58,8 @@ def test_exact_int32_against_reference(case):
     expected = reference(x, w, case["stride"], case["padding"], case["groups"])
     xin, win = x, w
     if case["pack"]:  # 4-bit operands may also come packed two per byte
-        if case["a_bits"] == 4 and case["c"] % 2 == 0:
+        # Packed activations need whole bytes per group (depthwise reads them one by one).
+        if case["a_bits"] == 4 and case["c"] % 2 == 0 and (case["ci"] % 2 == 0 or case["ci"] == 1):
             xin = pack_int4(x, dim=3)
         if case["w_bits"] == 4 and case["ci"] % 2 == 0:
             win = pack_int4(w, dim=3)
@@ -73,6 +74,25 @@ def test_resnet_like_layer_and_batch_one():
     w = values((17, 3, 3, 33), 8, gen)
     assert torch.equal(conv2d_int(x, w, w_bits=8, a_bits=8, stride=2, padding=1),
                        reference(x, w, 2, 1, 1))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_operands_over_several_channel_blocks(groups):
+    # 2 x 66 channels: three 32-channel blocks per tap (the last one partial) per group,
+    # packed bytes masked at the block edge; stride 2 and padding exercise the zero point.
+    gen = torch.Generator().manual_seed(3)
+    x = values((2, 5, 6, 66 * groups), 4, gen)
+    w = values((10, 3, 3, 66), 4, gen)
+    out = conv2d_int(pack_int4(x, dim=3), pack_int4(w, dim=3), w_bits=4, a_bits=4, stride=2,
+                     padding=1, groups=groups)
+    assert torch.equal(out, reference(x, w, 2, 1, groups))
+
+
+def test_packed_activations_with_odd_channels_per_group_are_rejected():
+    gen = torch.Generator().manual_seed(0)
+    x = pack_int4(values((1, 3, 3, 6), 4, gen), dim=3)  # 2 groups of 3 channels
+    with pytest.raises(ConfigError, match=r"even channel count per group \(C // groups = 3\)"):
+        conv2d_int(x, values((4, 1, 1, 3), 4, gen), w_bits=4, a_bits=4, groups=2)
 
 
 def _epilogue_case():
@@ -162,3 +182,20 @@ def test_packed_operand_with_more_than_four_bits_is_rejected():
     x = pack_int4(values((1, 3, 3, 4), 4, gen), dim=3)
     with pytest.raises(ConfigError, match="x is packed .* but has 8 bits"):
         conv2d_int(x, values((4, 1, 1, 4), 8, gen), w_bits=8, a_bits=8)
+
+
+def test_autotuning_prunes_tiles_larger_than_the_problem():
+    import triton
+
+    from nas.kernels.conv import _prune
+
+    configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k})
+               for c in GPU_CONFIGS]
+    tiles = lambda kept: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])  # noqa: E731
+                          for c in kept}
+    big = tiles(_prune(configs, {"M": 200704, "CO_G": 256, "CI": 128}))
+    assert big == tiles(configs)  # a large layer keeps every tile
+    # Batch 1 at 7x7 (M = 49), 64 output channels, 3 input channels (a stem).
+    assert tiles(_prune(configs, {"M": 49, "CO_G": 64, "CI": 3})) == {(64, 64, 32)}
+    # Nothing fits 8 output channels: the smallest tile stands in.
+    assert tiles(_prune(configs, {"M": 49, "CO_G": 8, "CI": 64})) == {(64, 32, 64)}

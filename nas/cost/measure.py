@@ -93,7 +93,7 @@ class WallTimer:
 
 def _int_values(shape, bits: int, gen: torch.Generator) -> torch.Tensor:
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int8)
+    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int8, device=gen.device)
 
 
 @dataclass
@@ -111,7 +111,8 @@ class Case:
 def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
               gen: torch.Generator) -> Case:
     """Inputs for one (layer, choice): NHWC int8 activations and OHWI int8 weights, packed two
-    per byte where the kernel takes 4-bit operands packed and the packed axis is even."""
+    per byte where the kernel takes 4-bit operands packed and the packed axis is even.
+    Random values are drawn on `gen`'s device (on the GPU: no host work or copies)."""
     from nas.kernels import pack_int4
     from nas.kernels.conv import prepare_conv
 
@@ -119,10 +120,11 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
     kh, kw = info.kernel
     h, w = info.in_hw
     key = table_key(info, batch, w_bits, a_bits)
-    xf = torch.randn(batch, c, h, w, generator=gen).to(device, torch.float16)
-    xf = xf.contiguous(memory_format=torch.channels_last)
-    wf = torch.randn(o, c // g, kh, kw, generator=gen).to(device, torch.float16)
-    wf = wf.contiguous(memory_format=torch.channels_last)
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float16)
+
+    xf = randn(batch, c, h, w).contiguous(memory_format=torch.channels_last)
+    wf = randn(o, c // g, kh, kw).contiguous(memory_format=torch.channels_last)
     conv = dict(stride=info.stride, padding=info.padding, groups=g)  # Linear: a 1x1 conv
 
     def baseline():
@@ -138,8 +140,8 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
         x = pack_int4(x, dim=3)
     if w_bits <= 4 and (c // g) % 2 == 0:
         wt = pack_int4(wt, dim=3)
-    scale = torch.rand(o, generator=gen).to(device) * 1e-3
-    bias = torch.randn(o, generator=gen).to(device)
+    scale = torch.rand(o, generator=gen, device=gen.device).to(device) * 1e-3
+    bias = torch.randn(o, generator=gen, device=gen.device).to(device)
     launch = prepare_conv(x, wt, w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias,
                           relu=True, **conv)
     return Case(key, info, w_bits, a_bits, launch, baseline)
@@ -147,7 +149,7 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
 
 def layer_cases(space, batch: int, device: torch.device, seed: int = 0) -> list[Case]:
     """Every (layer, choice) of the space, each geometry and precision once."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     cases, seen = [], set()
     for layer in space.layers():
         for choice in layer.choices:
@@ -246,7 +248,7 @@ def validate(space, plans: Sequence[dict], table: dict[str, float], batch: int,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """End-to-end time of each plan's layers (one graph) against the sum of the table's
     entries. A plan maps each layer name to its Choice (w_bits, a_bits)."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     infos = {layer.name: layer.info for layer in space.layers()}
     rows = []
     for i, plan in enumerate(plans, 1):

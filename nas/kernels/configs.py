@@ -44,6 +44,7 @@ GPU_CONFIGS = [
     KernelConfig(64, 128, 64, 4, 4), KernelConfig(64, 64, 128, 4, 3),
     KernelConfig(128, 256, 64, 8, 3), KernelConfig(64, 32, 64, 4, 4),
     KernelConfig(128, 128, 128, 8, 3), KernelConfig(64, 64, 64, 4, 2),
+    KernelConfig(128, 64, 32, 4, 4), KernelConfig(64, 64, 32, 4, 3),
 ]
 # The one configuration the CPU interpreter runs (valid on the GPU too).
 INTERPRETER_CONFIG = KernelConfig(64, 32, 32, 4, 1)

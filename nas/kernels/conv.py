@@ -77,49 +77,75 @@ def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_pt
 
 
 @triton.jit
+def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS // 2] bytes of packed nibbles -> [ROWS, COLS] int8 in element order (low
+    nibble first): the two halves are sign-extended, then interleaved by join + reshape."""
+    v = byte.to(tl.int32)
+    lo = v & 0xF
+    hi = (v >> 4) & 0xF
+    lo = lo - 2 * (lo & 8)
+    hi = hi - 2 * (hi & 8)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS)).to(tl.int8)
+
+
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
+                               "pad_w", "M", "x_zp", "out_zp"])
 def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                       H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w,
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
-    the reduction runs over (kh, kw, ci) with ci fastest, matching OHWI weights."""
+    """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels.
+    The reduction walks kernel taps (kh, kw), and within a tap blocks of BLOCK_K input
+    channels, so every load is a contiguous run of channels (NHWC activations, OHWI
+    weights): vectorised loads, no per-element division. Geometry arguments are not
+    specialised (one compilation serves every layer); channel counts are, for alignment."""
     g = tl.program_id(2)
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < CO_G
     co = g * CO_G + offs_n
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_c = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
+    blocks = tl.cdiv(CI, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        ci = offs_k % CI
-        tap = offs_k // CI
+    for step in range(0, (K // CI) * blocks):
+        tap = step // blocks
+        c0 = (step - tap * blocks) * BLOCK_K
         kh = tap // KW
-        kw = tap % KW
-        ih = oh[:, None] * stride_h - pad_h + kh[None, :]
-        iw = ow[:, None] * stride_w - pad_w + kw[None, :]
-        in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        valid = m_mask[:, None] & k_mask[None, :]
-        x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
-        a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED).to(tl.int8)
-        w_off = co[None, :] * K + offs_k[:, None]
-        w_valid = k_mask[:, None] & n_mask[None, :]
-        if W_PACKED:
-            byte = tl.load(w_ptr + w_off // 2, mask=w_valid, other=0).to(tl.int32)
-            nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
-            b = tl.where(nib > 7, nib - 16, nib).to(tl.int8)
+        ih = oh * stride_h - pad_h + kh
+        iw = ow * stride_w - pad_w + (tap - kh * KW)
+        in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pix = (img * H + ih) * W + iw
+        k0 = tap * CI + c0  # this block's first position in an OHWI weight row
+        if X_PACKED:  # CI even (checked), so a byte never straddles two groups
+            x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
+            x_mask = in_image[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+            a = _unpack_int4_rows(tl.load(x_ptr + x_off, mask=x_mask, other=0), BLOCK_M, BLOCK_K)
         else:
-            b = tl.load(w_ptr + w_off, mask=w_valid, other=0)
-        acc += tl.dot(a, b, out_dtype=tl.int32)
+            x_off = pix[:, None] * C + (g * CI + c0 + offs_c)[None, :]
+            x_mask = in_image[:, None] & (c0 + offs_c < CI)[None, :]
+            a = tl.load(x_ptr + x_off, mask=x_mask, other=0)
+        # Padding reads the zero point (a real 0); channels past CI meet zero weights.
+        a = tl.where(in_image[:, None], a, x_zp).to(tl.int8)
+        if W_PACKED:
+            w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
+            w_mask = n_mask[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+            b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0), BLOCK_N, BLOCK_K)
+        else:
+            w_off = co[:, None] * K + (k0 + offs_c)[None, :]
+            b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :], other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
               out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h",
+                               "pad_w", "M", "x_zp", "out_zp"])
 def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                            H, W, C, OH, OW, KH, KW, stride_h, stride_w, pad_h, pad_w, M,
                            x_zp, out_scale, out_zp,
@@ -269,6 +295,9 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                                          BLOCK_M=block_m, BLOCK_C=block_c, **common)
             return out
         return launch_depthwise
+    if x_packed and ci % 2:
+        raise ConfigError(f"conv2d_int: packed activations need an even channel count per group "
+                          f"(C // groups = {ci}); pass them unpacked (int8)")
     k = kh * kw * ci
     cfg = validate_config(config or INTERPRETER_CONFIG)
     args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci,
@@ -291,6 +320,24 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
 _TUNED = None
 
 
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (batch-1 layers, few channels): they only waste
+    lanes and autotuning time. The smallest configuration always survives."""
+    def fits(c):
+        kw = c.kwargs
+        return (kw["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["M"]))
+                and kw["BLOCK_N"] <= max(16, triton.next_power_of_2(named_args["CO_G"]))
+                and kw["BLOCK_K"] <= max(32, triton.next_power_of_2(named_args["CI"])))
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _bench(kernel_call, quantiles):
+    # Shorter than Triton's default (25 ms warm-up, 100 ms of repetitions): tens of layers
+    # times several precisions are tuned per space, and the final timing is done separately.
+    return triton.testing.do_bench(kernel_call, warmup=3, rep=15, quantiles=quantiles)
+
+
 def _tuned():
     """The GEMM kernel autotuned over GPU_CONFIGS (built once, on first GPU use)."""
     global _TUNED
@@ -298,5 +345,11 @@ def _tuned():
         configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
                                  num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in map(validate_config, GPU_CONFIGS)]
-        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K"])(_conv_gemm_kernel)
+        import inspect
+
+        # Older Triton releases take no do_bench argument; they tune with their default.
+        quick = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI"],
+                                 prune_configs_by={"early_config_prune": _prune},
+                                 **quick)(_conv_gemm_kernel)
     return _TUNED

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: check the Triton kernels compiled for it (exact int32 results),
+# then measure the latency tables of the built-in spaces with `nas measure`, most important
+# first, within a time budget. Tables land in cost_models/; logs and tables are also bundled
+# into $OUT/results.tgz after every stage, so a run cut short still returns what it finished.
+#
+#   OUT=/tmp/gpu-out BUDGET_S=560 bash scripts/gpu-measure.sh
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+BUDGET_S=${BUDGET_S:-560}
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+bundle() { cp cost_models/*.json "$LOGS"/ 2>/dev/null; tar czf "$OUT/results.tgz" -C "$LOGS" .; }
+
+# stage NAME CAP_S COMMAND...: run with the smaller of its cap and the time left.
+stage() {
+    local name=$1 cap=$2 left=$((BUDGET_S - SECONDS)) rc
+    shift 2
+    if ((left < 20)); then echo "== $name skipped: budget spent"; return; fi
+    ((cap > left)) && cap=$left
+    echo "== $(date -u +%T) $name (cap ${cap}s, ${SECONDS}s used)"
+    timeout "$cap" "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    tail -n "${TAIL:-6}" "$LOGS/$name.log"
+    echo "== $name rc=$rc after ${SECONDS}s"
+    bundle
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+        --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} >"$LOGS/env.log" 2>&1
+cat "$LOGS/env.log"
+
+stage kernels 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py
+TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30
+TAIL=12 stage resnet18-b1 70 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
+stage fmnist-b64 40 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 10
+stage fmnist-b1 30 python3 -m nas measure --space fmnist_resnet8 --batch 1 --validate 10
+stage mobilenetv2-b64 120 python3 -m nas measure --space imagenet_mobilenetv2 --batch 64 --validate 10
+stage mobilenetv2-b1 90 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 --validate 10
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu --format=csv >>"$LOGS/env.log" 2>&1
+bundle
+echo "== done after ${SECONDS}s"

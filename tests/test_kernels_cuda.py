@@ -1,0 +1,69 @@
+"""The Triton integer convolution compiled for a real GPU: exact int32 results against a
+float64 reference, for every autotuning configuration and for ResNet-sized layers. The CPU
+interpreter accepts things a GPU compiler does not (tl.dot rules, layouts), so these run
+wherever CUDA is present; without it they are skipped."""
+
+import pytest
+import torch
+
+from nas.kernels import conv2d_int, pack_int4
+from nas.kernels.configs import GPU_CONFIGS
+from tests.test_kernels import reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _values(shape, bits, gen):
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    return torch.randint(lo, hi, shape, dtype=torch.int8, generator=gen)
+
+
+def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, config=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = _values((n, h, w, c), a_bits, gen)
+    wt = _values((o, k, k, c // groups), w_bits, gen)
+    expected = reference(x, wt, stride, padding, groups)
+    xin, win = x, wt
+    if a_bits <= 4 and c % 2 == 0 and ((c // groups) % 2 == 0 or c == groups):
+        xin = pack_int4(x, dim=3)
+    if w_bits <= 4 and (c // groups) % 2 == 0:
+        win = pack_int4(wt, dim=3)
+    out = conv2d_int(xin.cuda(), win.cuda(), w_bits=w_bits, a_bits=a_bits, stride=stride,
+                     padding=padding, groups=groups, config=config)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.int32 and torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 4)])  # unpacked and both packed
+@pytest.mark.parametrize("index", range(len(GPU_CONFIGS)))
+def test_every_config_is_exact(index, w_bits, a_bits):
+    # 70 channels: three blocks of 32 (or two of 64) per tap, the last one partial.
+    _check(2, 9, 7, 70, 45, 3, 2, 1, 1, w_bits, a_bits, seed=index, config=GPU_CONFIGS[index])
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 8), (2, 4)])
+@pytest.mark.parametrize("geometry", [
+    (4, 56, 56, 64, 64, 3, 1, 1, 1),    # ResNet-18 layer1
+    (4, 56, 56, 64, 128, 1, 2, 0, 1),   # downsample 1x1 stride 2
+    (1, 14, 14, 256, 256, 3, 1, 1, 1),  # batch 1, deep
+    (2, 224, 224, 3, 64, 7, 2, 3, 1),   # stem: 3 channels
+    (2, 28, 28, 96, 96, 3, 2, 1, 96),   # depthwise
+    (2, 12, 12, 64, 32, 3, 1, 1, 4),    # grouped
+    (8, 1, 1, 512, 1000, 1, 1, 0, 1),   # a Linear as a 1x1 conv
+])
+def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
+    _check(*geometry, w_bits, a_bits, seed=sum(geometry))
+
+
+def test_fused_epilogue_on_the_gpu():
+    gen = torch.Generator().manual_seed(5)
+    x, wt = _values((2, 14, 14, 64), 8, gen), _values((32, 3, 3, 64), 8, gen)
+    scale, bias, zp = torch.rand(32, generator=gen) * 1e-3, torch.randn(32, generator=gen), -7
+    real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
+                                      wt.permute(0, 3, 1, 2).double(), padding=1)
+    expected = (real.permute(0, 2, 3, 1) * scale.double() + bias.double()).clamp(min=0)
+    y = conv2d_int(x.cuda(), wt.cuda(), w_bits=8, a_bits=8, padding=1, scale=scale.cuda(),
+                   bias=bias.cuda(), relu=True, x_zero_point=zp, out_dtype=torch.float32)
+    # int32 -> float32 times a float32 scale: a few float32 ulps.
+    assert torch.allclose(y.cpu().double(), expected, rtol=1e-6, atol=1e-5)
