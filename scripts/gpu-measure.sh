@@ -35,7 +35,7 @@ stage() {
 } >"$LOGS/env.log" 2>&1
 cat "$LOGS/env.log"
 
-stage kernels 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py
+stage kernels 130 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py
 TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30
 TAIL=12 stage resnet18-b1 70 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
 stage fmnist-b64 40 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 10

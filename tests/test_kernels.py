@@ -38,11 +38,11 @@ def conv_cases(draw):
         groups, o, ci = c, c, 1
     elif kind == "grouped":
         groups = 2
-        ci, o = draw(st.integers(1, 4)), 2 * draw(st.integers(1, 4))
+        ci, o = draw(st.sampled_from([1, 2, 3, 4, 16, 18])), 2 * draw(st.integers(1, 4))
         c = groups * ci
-    else:
-        groups, c, o = 1, draw(st.integers(1, 9)), draw(st.integers(1, 9))
-        ci = c
+    else:  # few channels walk the flattened reduction, 16 or more one tap at a time
+        groups, o = 1, draw(st.integers(1, 9))
+        c = ci = draw(st.one_of(st.integers(1, 9), st.integers(16, 40)))
     w_bits, a_bits = draw(st.sampled_from([(8, 8), (4, 8), (4, 4)]))
     return dict(n=draw(st.integers(1, 2)), h=size, w=draw(st.integers(max(1, kernel - 2 * padding), size + 2)),
                 c=c, o=o, ci=ci, k=kernel, stride=stride, padding=padding, groups=groups,
@@ -93,6 +93,21 @@ def test_packed_activations_with_odd_channels_per_group_are_rejected():
     x = pack_int4(values((1, 3, 3, 6), 4, gen), dim=3)  # 2 groups of 3 channels
     with pytest.raises(ConfigError, match=r"even channel count per group \(C // groups = 3\)"):
         conv2d_int(x, values((4, 1, 1, 3), 4, gen), w_bits=4, a_bits=4, groups=2)
+
+
+@pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
+def test_zero_point_pads_the_tap_path(bits, zp, pack):
+    # 32 channels: the tap-by-channel-block loop, where padding reads the zero point through
+    # the load's default. With scale 1 the float32 output is the exact integer sum(q_x - zp) * q_w
+    # over a zero-padded (in real terms) input.
+    gen = torch.Generator().manual_seed(4)
+    x, w = values((1, 4, 5, 32), bits, gen), values((6, 3, 3, 32), bits, gen)
+    real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
+                                      w.permute(0, 3, 1, 2).double(), padding=1)
+    xin, win = (pack_int4(x, dim=3), pack_int4(w, dim=3)) if pack else (x, w)
+    y = conv2d_int(xin, win, w_bits=bits, a_bits=bits, padding=1, scale=torch.ones(6),
+                   x_zero_point=zp, out_dtype=torch.float32)
+    assert torch.equal(y.double(), real.permute(0, 2, 3, 1))
 
 
 def _epilogue_case():

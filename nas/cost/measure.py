@@ -1,8 +1,10 @@
 """`nas measure`: time every (layer, choice) of a space with the Triton integer kernels.
 
 Each case runs on random integer inputs of the layer's geometry: the kernel is called once
-outside (Triton autotunes on that call), then captured in a CUDA graph and replayed; the
-latency is the median of the replays, timed with CUDA events. The same layer in torch
+outside (Triton autotunes on that call), then captured in a CUDA graph of back-to-back calls
+and replayed; the latency is the median replay, timed with CUDA events, over the calls per
+graph (so that the graph's own launch, which a whole network pays once, is not charged to
+every layer). The same layer in torch
 fp16 channels_last (cuDNN) is the baseline column. Float choices (16 / 32 bits) are timed
 as torch convolutions in that dtype.
 
@@ -42,14 +44,22 @@ def require_cuda(device: str) -> torch.device:
 
 
 class CudaGraphTimer:
-    """Median microseconds of `reps` replays of a CUDA graph holding fn's launches."""
+    """Microseconds per call of fn, from CUDA graphs of back-to-back calls.
 
-    def __init__(self, reps: int = 100, warmup: int = 10):
+    A graph holding one short kernel pays the graph launch (several microseconds) on every
+    replay, which a network captured whole does not; so each graph holds enough calls for at
+    least `min_replay_us` (at most `max_calls`), and the median replay is divided by them."""
+
+    def __init__(self, reps: int = 100, warmup: int = 10, min_replay_us: float = 100.0,
+                 max_calls: int = 20):
         if reps < 1:
             raise ConfigError(f"--reps {reps}: must be at least 1")
         self.reps, self.warmup = reps, warmup
-        self.method = (f"one call outside the graph (autotuning), {warmup} warm-up replays, "
-                       f"median of {reps} CUDA-graph replays timed with CUDA events")
+        self.min_replay_us, self.max_calls = min_replay_us, max_calls
+        self.method = (f"one call outside the graph (autotuning, cuDNN algorithm search); a "
+                       f"CUDA graph of back-to-back calls (enough for {min_replay_us:g} us per "
+                       f"replay, at most {max_calls}); {warmup} warm-up replays; median of {reps} "
+                       f"replays timed with CUDA events, divided by the calls per graph")
 
     def __call__(self, fn: Fn) -> float:
         fn()  # autotunes and compiles outside the capture
@@ -58,13 +68,19 @@ class CudaGraphTimer:
         with torch.cuda.stream(stream):
             fn()
         torch.cuda.current_stream().wait_stream(stream)
+        single = self._replay_us(fn, 1, reps=5)
+        calls = max(1, min(self.max_calls, math.ceil(self.min_replay_us / max(single, 1e-3))))
+        return self._replay_us(fn, calls, self.reps) / calls
+
+    def _replay_us(self, fn: Fn, calls: int, reps: int) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            for _ in range(calls):
+                fn()
         for _ in range(self.warmup):
             graph.replay()
         times = []
-        for _ in range(self.reps):
+        for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
@@ -175,13 +191,21 @@ def measure(cases: Sequence[Case], batch: int, timer, spec: DeviceSpec,
         us, base = timer(case.run), timer(case.baseline)
         achieved = ops(case.info, batch) / (us * 1e-6) / 1e12
         estimate = roofline_us(case.info, case.w_bits, case.a_bits, batch, spec)
-        entries.append({"key": case.key, "us": round(us, 3), "fp16_cudnn_us": round(base, 3),
+        entry = {"key": case.key, "us": round(us, 3), "fp16_cudnn_us": round(base, 3),
                         "speedup_vs_fp16": _sig(base / us),
                         # The cost model's roofline time (compute or memory bound, waves,
                         # launch) over the measured time; and achieved TOPS over INT8 peak.
                         "roofline_fraction": _sig(estimate / us),
-                        "int8_peak_fraction": _sig(achieved / spec.int8_tops)})
-        say(f"[{i}/{len(cases)}] {case.key}: {us:.2f} us (fp16 cuDNN {base:.2f} us)")
+                        "int8_peak_fraction": _sig(achieved / spec.int8_tops)}
+        if case.w_bits not in FLOAT_BITS and case.a_bits not in FLOAT_BITS:
+            from nas.kernels.conv import tuned_config
+
+            config = tuned_config(case.run)
+            if config:
+                entry["kernel_config"] = config
+        entries.append(entry)
+        say(f"[{i}/{len(cases)}] {case.key}: {us:.2f} us (fp16 cuDNN {base:.2f} us)"
+            + (f" [{entry['kernel_config']}]" if "kernel_config" in entry else ""))
     return entries
 
 

@@ -45,6 +45,8 @@ GPU_CONFIGS = [
     KernelConfig(128, 256, 64, 8, 3), KernelConfig(64, 32, 64, 4, 4),
     KernelConfig(128, 128, 128, 8, 3), KernelConfig(64, 64, 64, 4, 2),
     KernelConfig(128, 64, 32, 4, 4), KernelConfig(64, 64, 32, 4, 3),
+    KernelConfig(256, 128, 64, 8, 3), KernelConfig(256, 64, 64, 8, 3),
+    KernelConfig(128, 128, 64, 4, 4),
 ]
 # The one configuration the CPU interpreter runs (valid on the GPU too).
 INTERPRETER_CONFIG = KernelConfig(64, 32, 32, 4, 1)

@@ -24,6 +24,9 @@ import triton.language as tl  # noqa: E402
 # was switched on, and then cannot run under it.
 
 _OUT_INT32, _OUT_FP16, _OUT_FP32, _OUT_INT8 = 0, 1, 2, 3
+# Fewer input channels per group than this: the GEMM walks the flattened (kh, kw, ci) axis
+# instead of one tap at a time (a block of 32 channels would be mostly padding).
+FLAT_K_BELOW = 16
 
 
 @triton.jit
@@ -79,13 +82,13 @@ def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_pt
 @triton.jit
 def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS // 2] bytes of packed nibbles -> [ROWS, COLS] int8 in element order (low
-    nibble first): the two halves are sign-extended, then interleaved by join + reshape."""
-    v = byte.to(tl.int32)
-    lo = v & 0xF
-    hi = (v >> 4) & 0xF
-    lo = lo - 2 * (lo & 8)
-    hi = hi - 2 * (hi & 8)
-    return tl.reshape(tl.join(lo, hi), (ROWS, COLS)).to(tl.int8)
+    nibble first). Shifts on the signed byte sign-extend each nibble (a few integer
+    operations per byte: this runs on CUDA cores for every tile), then join + reshape
+    interleave the halves."""
+    b = byte.to(tl.int8, bitcast=True)
+    lo = ((b << 4).to(tl.int8) >> 4).to(tl.int8)
+    hi = (b >> 4).to(tl.int8)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
@@ -95,72 +98,106 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
+                      FLAT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels.
-    The reduction walks kernel taps (kh, kw), and within a tap blocks of BLOCK_K input
-    channels, so every load is a contiguous run of channels (NHWC activations, OHWI
-    weights): vectorised loads, no per-element division. Geometry arguments are not
-    specialised (one compilation serves every layer); channel counts are, for alignment."""
+    """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
+    the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
+
+    Two ways to walk the reduction: by kernel tap and, within a tap, blocks of BLOCK_K input
+    channels, so every load is a contiguous run of channels (vectorised, no per-element
+    division); or, for few input channels (FLAT_K: a stem's 3), over the flattened
+    (kh, kw, ci) axis, gathering element by element, so that blocks are not mostly empty.
+    Geometry arguments are not specialised (one compilation serves every layer); channel
+    counts are, for alignment."""
     g = tl.program_id(2)
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < CO_G
     co = g * CO_G + offs_n
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    offs_c = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
-    blocks = tl.cdiv(CI, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
-    for step in range(0, (K // CI) * blocks):
-        tap = step // blocks
-        c0 = (step - tap * blocks) * BLOCK_K
-        kh = tap // KW
-        ih = oh * stride_h - pad_h + kh
-        iw = ow * stride_w - pad_w + (tap - kh * KW)
-        in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix = (img * H + ih) * W + iw
-        k0 = tap * CI + c0  # this block's first position in an OHWI weight row
-        if X_PACKED:  # CI even (checked), so a byte never straddles two groups
-            x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
-            x_mask = in_image[:, None] & (c0 + 2 * offs_b < CI)[None, :]
-            a = _unpack_int4_rows(tl.load(x_ptr + x_off, mask=x_mask, other=0), BLOCK_M, BLOCK_K)
-        else:
-            x_off = pix[:, None] * C + (g * CI + c0 + offs_c)[None, :]
-            x_mask = in_image[:, None] & (c0 + offs_c < CI)[None, :]
-            a = tl.load(x_ptr + x_off, mask=x_mask, other=0)
-        # Padding reads the zero point (a real 0); channels past CI meet zero weights.
-        a = tl.where(in_image[:, None], a, x_zp).to(tl.int8)
-        if W_PACKED:
-            w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
-            w_mask = n_mask[:, None] & (c0 + 2 * offs_b < CI)[None, :]
-            b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0), BLOCK_N, BLOCK_K)
-        else:
-            w_off = co[:, None] * K + (k0 + offs_c)[None, :]
-            b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :], other=0)
-        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    if FLAT_K:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            ci = offs_k % CI
+            tap = offs_k // CI
+            kh = tap // KW
+            ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+            iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
+            in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            valid = m_mask[:, None] & k_mask[None, :]
+            x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
+            a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED).to(tl.int8)
+            w_off = co[:, None] * K + offs_k[None, :]
+            w_valid = n_mask[:, None] & k_mask[None, :]
+            if W_PACKED:
+                byte = tl.load(w_ptr + w_off // 2, mask=w_valid, other=0).to(tl.int32)
+                nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+                b = tl.where(nib > 7, nib - 16, nib).to(tl.int8)
+            else:
+                b = tl.load(w_ptr + w_off, mask=w_valid, other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    else:
+        HALF_K: tl.constexpr = BLOCK_K // 2
+        offs_c = tl.arange(0, BLOCK_K)
+        offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
+        blocks = (CI + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
+        for step in range(0, (K // CI) * blocks):
+            tap = step // blocks
+            c0 = (step - tap * blocks) * BLOCK_K
+            kh = tap // KW
+            ih = oh * stride_h - pad_h + kh
+            iw = ow * stride_w - pad_w + (tap - kh * KW)
+            in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = (img * H + ih) * W + iw
+            k0 = tap * CI + c0  # this block's first position in an OHWI weight row
+            # Padding reads the zero point (a real 0) through the load's `other`, so no
+            # select per element; channels past CI read it too but meet zero weights.
+            if X_PACKED:  # CI even (checked), so a byte never straddles two groups
+                x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
+                x_mask = in_image[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+                zp_pair = (x_zp & 0xF) * 17  # the zero point in both nibbles
+                a = _unpack_int4_rows(tl.load(x_ptr + x_off, mask=x_mask, other=zp_pair),
+                                      BLOCK_M, BLOCK_K)
+            else:
+                x_off = pix[:, None] * C + (g * CI + c0 + offs_c)[None, :]
+                x_mask = in_image[:, None] & (c0 + offs_c < CI)[None, :]
+                a = tl.load(x_ptr + x_off, mask=x_mask, other=x_zp)
+            if W_PACKED:
+                w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
+                w_mask = n_mask[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+                b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0),
+                                      BLOCK_N, BLOCK_K)
+            else:
+                w_off = co[:, None] * K + (k0 + offs_c)[None, :]
+                b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :],
+                            other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
               out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
 
 
-@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h",
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp", "out_zp"])
 def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
-                           H, W, C, OH, OW, KH, KW, stride_h, stride_w, pad_h, pad_w, M,
+                           H, W, C, OH, OW, KH: tl.constexpr, KW: tl.constexpr, stride_h, stride_w, pad_h, pad_w, M,
                            x_zp, out_scale, out_zp,
                            HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                            OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr,
                            W_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise: each channel convolves alone, so a GEMM would be all padding; this walks
-    the kernel taps directly, a tile of output pixels by a tile of channels at a time."""
+    the kernel taps directly, a tile of output pixels by a tile of channels at a time. The
+    kernel size is a compile-time constant, so the taps unroll and their loads are all in
+    flight together (a run-time loop waits on each load in turn)."""
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=tl.int32)
     valid = m_mask[:, None] & c_mask[None, :]
-    for kh in range(0, KH):
-        for kw in range(0, KW):
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
             ih = oh * stride_h - pad_h + kh
             iw = ow * stride_w - pad_w + kw
             in_image = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
@@ -300,6 +337,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                           f"(C // groups = {ci}); pass them unpacked (int8)")
     k = kh * kw * ci
     cfg = validate_config(config or INTERPRETER_CONFIG)
+    common["FLAT_K"] = ci < FLAT_K_BELOW
     args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci,
             o // groups, o, m, k, x_zero_point, float(out_scale or 1.0), out_zero_point)
 
@@ -353,3 +391,20 @@ def _tuned():
                                  prune_configs_by={"early_config_prune": _prune},
                                  **quick)(_conv_gemm_kernel)
     return _TUNED
+
+
+def tuned_config(case_launch) -> str | None:
+    """The autotuned configuration `case_launch` (a `prepare_conv` launch) runs with, as text;
+    None where nothing was tuned (CPU interpreter, explicit config, depthwise kernel)."""
+    before = getattr(_TUNED, "best_config", None)
+    if _TUNED is not None:
+        _TUNED.best_config = None
+    case_launch()
+    cfg = getattr(_TUNED, "best_config", None)
+    if cfg is None:
+        if _TUNED is not None:
+            _TUNED.best_config = before
+        return None
+    kw = cfg.kwargs
+    return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
+            f"warps={cfg.num_warps} stages={cfg.num_stages}")
