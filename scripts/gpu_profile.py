@@ -22,7 +22,7 @@ LAYERS = [
     ("imagenet_resnet18", "layer1.0.conv1", 64, [(8, 8), (4, 8)]),
     ("imagenet_resnet18", "layer3.0.conv2", 64, [(8, 8)]),
     ("imagenet_resnet18", "layer4.0.conv2", 1, [(8, 8), (4, 8)]),
-    ("imagenet_mobilenetv2", "features.4.conv.1.0", 64, [(8, 8)]),
+    ("imagenet_mobilenetv2", "features.3.conv.1.0", 64, [(8, 8)]),
 ]
 
 
