@@ -67,3 +67,17 @@ def test_fused_epilogue_on_the_gpu():
                    bias=bias.cuda(), relu=True, x_zero_point=zp, out_dtype=torch.float32)
     # int32 -> float32 times a float32 scale: a few float32 ulps.
     assert torch.allclose(y.cpu().double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
+def test_zero_point_padding_on_the_gpu(bits, zp, pack):
+    # A nonzero zero point takes the kernel's other load path (the default is the zero
+    # point, not the copy engine's zero fill); scale 1 makes the float32 output exact.
+    gen = torch.Generator().manual_seed(6)
+    x, wt = _values((2, 9, 9, 64), bits, gen), _values((16, 3, 3, 64), bits, gen)
+    real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
+                                      wt.permute(0, 3, 1, 2).double(), padding=1)
+    xin, win = (pack_int4(x, dim=3), pack_int4(wt, dim=3)) if pack else (x, wt)
+    y = conv2d_int(xin.cuda(), win.cuda(), w_bits=bits, a_bits=bits, padding=1,
+                   scale=torch.ones(16).cuda(), x_zero_point=zp, out_dtype=torch.float32)
+    assert torch.equal(y.cpu().double(), real.permute(0, 2, 3, 1))
