@@ -95,19 +95,25 @@ def test_packed_activations_with_odd_channels_per_group_are_rejected():
         conv2d_int(x, values((4, 1, 1, 3), 4, gen), w_bits=4, a_bits=4, groups=2)
 
 
-@pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
-def test_zero_point_pads_the_tap_path(bits, zp, pack):
-    # 32 channels: the tap-by-channel-block loop, where padding reads the zero point through
-    # the load's default. With scale 1 the float32 output is the exact integer sum(q_x - zp) * q_w
-    # over a zero-padded (in real terms) input.
+def check_zero_point_padding(bits, zp, pack, x_shape, out_channels, device="cpu"):
+    """Padding must read the zero point (a real 0). With scale 1 the float32 output is the exact
+    integer sum((q_x - zp) * q_w) over an input zero-padded in real terms."""
     gen = torch.Generator().manual_seed(4)
-    x, w = values((1, 4, 5, 32), bits, gen), values((6, 3, 3, 32), bits, gen)
+    x, w = values(x_shape, bits, gen), values((out_channels, 3, 3, x_shape[3]), bits, gen)
     real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
                                       w.permute(0, 3, 1, 2).double(), padding=1)
     xin, win = (pack_int4(x, dim=3), pack_int4(w, dim=3)) if pack else (x, w)
-    y = conv2d_int(xin, win, w_bits=bits, a_bits=bits, padding=1, scale=torch.ones(6),
-                   x_zero_point=zp, out_dtype=torch.float32)
-    assert torch.equal(y.double(), real.permute(0, 2, 3, 1))
+    y = conv2d_int(xin.to(device), win.to(device), w_bits=bits, a_bits=bits, padding=1,
+                   scale=torch.ones(out_channels, device=device), x_zero_point=zp,
+                   out_dtype=torch.float32)
+    assert torch.equal(y.cpu().double(), real.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
+def test_zero_point_pads_the_tap_path(bits, zp, pack):
+    # 32 channels: the tap-by-channel-block loop, where a nonzero zero point is the masked
+    # load's default (zero point 0 takes the copy engine's zero fill instead).
+    check_zero_point_padding(bits, zp, pack, (1, 4, 5, 32), 6)
 
 
 def _epilogue_case():

@@ -8,7 +8,7 @@ import torch
 
 from nas.kernels import conv2d_int, pack_int4
 from nas.kernels.configs import GPU_CONFIGS
-from tests.test_kernels import reference
+from tests.test_kernels import check_zero_point_padding, reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -72,12 +72,5 @@ def test_fused_epilogue_on_the_gpu():
 @pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
 def test_zero_point_padding_on_the_gpu(bits, zp, pack):
     # A nonzero zero point takes the kernel's other load path (the default is the zero
-    # point, not the copy engine's zero fill); scale 1 makes the float32 output exact.
-    gen = torch.Generator().manual_seed(6)
-    x, wt = _values((2, 9, 9, 64), bits, gen), _values((16, 3, 3, 64), bits, gen)
-    real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
-                                      wt.permute(0, 3, 1, 2).double(), padding=1)
-    xin, win = (pack_int4(x, dim=3), pack_int4(wt, dim=3)) if pack else (x, wt)
-    y = conv2d_int(xin.cuda(), win.cuda(), w_bits=bits, a_bits=bits, padding=1,
-                   scale=torch.ones(16).cuda(), x_zero_point=zp, out_dtype=torch.float32)
-    assert torch.equal(y.cpu().double(), real.permute(0, 2, 3, 1))
+    # point, not the copy engine's zero fill).
+    check_zero_point_padding(bits, zp, pack, (2, 9, 9, 64), 16, device="cuda")

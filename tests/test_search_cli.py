@@ -94,7 +94,10 @@ def test_ctrl_c_stops_cleanly_with_a_plan(trained, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "nas", "--runs-dir", str(runs), "search",
                              "--space", str(space_path), "--budget", "10m", "--samples", "1",
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ})
+                            text=True, env={**os.environ},
+                            # A test run started in the background (`make test &`) ignores
+                            # SIGINT, and a child would inherit that: restore the default.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until the search loop is logging
         if any((p / "theta.jsonl").exists() for p in runs.glob("*.partial")):
