@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable, table_key
-from nas.cost.measure import (WallTimer, kendall_tau, layer_cases, measure, provenance,
-                              table_document, validate)
+from nas.cost.measure import (WallTimer, calls_per_graph, kendall_tau, layer_cases, measure,
+                              provenance, table_document, validate)
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision
 from nas.spaces import Choice, SearchSpace
@@ -92,3 +92,10 @@ def test_validate_compares_table_sums_with_end_to_end_times(tiny_cases):
     with pytest.raises(ConfigError, match=f"the latency table has no entry for {key}; measure "
                                           "the space at batch 1 first"):
         validate(space, plans[:1], {}, 1, torch.device("cpu"), lambda fn: 1.0, say=lambda s: None)
+
+
+def test_calls_per_graph_reach_the_minimum_replay_time():
+    assert calls_per_graph(9.0, 100.0, 20) == 12    # short kernels: 12 x 9 us >= 100 us
+    assert calls_per_graph(3.0, 100.0, 20) == 20    # capped
+    assert calls_per_graph(250.0, 100.0, 20) == 1   # long enough alone
+    assert calls_per_graph(0.0, 100.0, 20) == 20    # a zero reading cannot divide by zero

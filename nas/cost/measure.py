@@ -71,8 +71,7 @@ class CudaGraphTimer:
         with torch.cuda.stream(stream):
             fn()
         torch.cuda.current_stream().wait_stream(stream)
-        single = self._replay_us(fn, 1, reps=5)
-        calls = max(1, min(self.max_calls, math.ceil(self.min_replay_us / max(single, 1e-3))))
+        calls = calls_per_graph(self._replay_us(fn, 1, reps=5), self.min_replay_us, self.max_calls)
         return self._replay_us(fn, calls, self.reps) / calls
 
     def _replay_us(self, fn: Fn, calls: int, reps: int) -> float:
@@ -91,6 +90,12 @@ class CudaGraphTimer:
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3)  # ms -> us
         return statistics.median(times)
+
+
+def calls_per_graph(single_us: float, min_replay_us: float, max_calls: int) -> int:
+    """Calls to capture in one graph so that a replay lasts at least `min_replay_us`, given one
+    call's time (which includes the graph launch, so this errs towards fewer calls)."""
+    return max(1, min(max_calls, math.ceil(min_replay_us / max(single_us, 1e-3))))
 
 
 class WallTimer:
