@@ -21,7 +21,7 @@ echo "ncu cudnn rc=$?"
 for f in $(find "$TRITON_CACHE_DIR" -name '_conv*.ptx'); do
     echo "$(basename "$(dirname "$f")")/$(basename "$f"): $(grep -c wgmma "$f") wgmma," \
          "$(grep -c 'mma.sync' "$f") mma.sync, $(grep -c cp.async "$f") cp.async," \
-         "$(grep -c 'ld.global.v4' "$f") ld.global.v4, $(grep -c 'ld.global' "$f") ld.global"
+         "$(grep -c 'ld.global.v4' "$f") ld.global.v4, $(grep -c 'ld.global' "$f") ld.global (all widths)"
 done >"$OUT/ptx-summary.txt"
 tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
 cat "$OUT/ptx-summary.txt"

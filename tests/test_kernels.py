@@ -186,6 +186,8 @@ def test_config_validator():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(w_bits=8, a_bits=8, groups=3), "need C % groups == 0"),
+    (dict(w_bits=8, a_bits=4, x_zero_point=8),
+     r"x_zero_point=8 is not a 4-bit code \(it must lie in \[-8, 7\]"),
     (dict(w_bits=9, a_bits=8), "w_bits=9: the integer kernels take 2-8 bits"),
     (dict(w_bits=8, a_bits=8, relu=True), "bias, relu and out_dtype need a scale"),
     (dict(w_bits=8, a_bits=8, padding=0, stride=1, groups=1, scale=torch.ones(4),

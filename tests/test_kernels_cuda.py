@@ -51,6 +51,7 @@ def test_every_config_is_exact(index, w_bits, a_bits):
     (2, 28, 28, 96, 96, 3, 2, 1, 96),   # depthwise
     (2, 12, 12, 64, 32, 3, 1, 1, 4),    # grouped
     (8, 1, 1, 512, 1000, 1, 1, 0, 1),   # a Linear as a 1x1 conv
+    (2, 16, 16, 4, 32, 3, 1, 1, 1),     # few channels, even: the flattened walk, packed
 ])
 def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
     _check(*geometry, w_bits, a_bits, seed=sum(geometry))
@@ -70,7 +71,18 @@ def test_fused_epilogue_on_the_gpu():
 
 
 @pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
-def test_zero_point_padding_on_the_gpu(bits, zp, pack):
+@pytest.mark.parametrize("channels", [64, 4])  # the tap walk, the flattened walk
+def test_zero_point_padding_on_the_gpu(bits, zp, pack, channels):
     # A nonzero zero point takes the kernel's other load path (the default is the zero
-    # point, not the copy engine's zero fill).
-    check_zero_point_padding(bits, zp, pack, (2, 9, 9, 64), 16, device="cuda")
+    # point, not cp.async's zero fill).
+    check_zero_point_padding(bits, zp, pack, (2, 9, 9, channels), 16, device="cuda")
+
+
+def test_depthwise_zero_point_padding_on_the_gpu():
+    gen = torch.Generator().manual_seed(7)
+    x, wt, zp = _values((2, 10, 10, 48), 8, gen), _values((48, 3, 3, 1), 8, gen), -9
+    real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
+                                      wt.permute(0, 3, 1, 2).double(), padding=1, groups=48)
+    y = conv2d_int(x.cuda(), wt.cuda(), w_bits=8, a_bits=8, padding=1, groups=48,
+                   scale=torch.ones(48).cuda(), x_zero_point=zp, out_dtype=torch.float32)
+    assert torch.equal(y.cpu().double(), real.permute(0, 2, 3, 1))

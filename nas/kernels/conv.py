@@ -152,9 +152,9 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
             pix = (img * H + ih) * W + iw
             k0 = tap * CI + c0  # this block's first position in an OHWI weight row
             # Padding reads the zero point (a real 0) as the masked load's default; channels
-            # past CI read it too but meet zero weights. A zero point of 0 is the copy
-            # engine's own zero fill, and the tile goes straight from shared memory to the
-            # tensor cores; any other default costs a pass through registers per tile
+            # past CI read it too but meet zero weights. A zero point of 0 is cp.async's own
+            # zero fill, and the tile goes straight from shared memory to the tensor cores;
+            # any other default costs a pass through registers per tile
             # (measured on the H200: 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64).
             if X_PACKED:  # CI even (checked), so a byte never straddles two groups
                 x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
@@ -276,6 +276,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     `nas measure` times and captures in CUDA graphs."""
     _check_bits(w_bits, "w_bits")
     _check_bits(a_bits, "a_bits")
+    lo, hi = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
+    if not lo <= x_zero_point <= hi:
+        raise ConfigError(f"conv2d_int: x_zero_point={x_zero_point} is not a {a_bits}-bit code "
+                          f"(it must lie in [{lo}, {hi}], like the activations)")
     x_packed, w_packed = x.dtype == torch.uint8, w.dtype == torch.uint8
     for t, packed, bits, name in ((x, x_packed, a_bits, "x"), (w, w_packed, w_bits, "w")):
         if t.dtype not in (torch.int8, torch.uint8):
@@ -395,7 +399,8 @@ def _tuned():
 
         # Older Triton releases take no do_bench argument; they tune with their default.
         quick = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI"],
+        # HAS_ZP is in the key: the two padding paths differ in speed, so each is tuned.
+        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "HAS_ZP"],
                                  prune_configs_by={"early_config_prune": _prune},
                                  **quick)(_conv_gemm_kernel)
     return _TUNED
