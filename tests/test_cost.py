@@ -112,11 +112,13 @@ def test_nas_cost_cli_is_light_and_labelled():
     assert result.returncode == 0, result.stderr
     assert "layer4.1.conv2" in result.stdout and "estimated" in result.stdout
     assert "latency" in result.stdout.splitlines()[-1] and "roofline" in result.stdout
+    assert result.stdout.splitlines()[-1].endswith("; no measured table for batch 8)")
     # Batch 64 was measured on the H200 (cost_models/h200-imagenet_resnet18-b64.json).
     result = run_nas("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "64")
     assert result.returncode == 0, result.stderr
     assert "estimated" not in result.stdout
-    assert "(measured; measured tables: " in result.stdout.splitlines()[-1]
+    assert result.stdout.splitlines()[-1].endswith(
+        "(measured; measured table: h200-imagenet_resnet18-b64.json)")
     code = ("import sys, nas.cli; nas.cli.main(['cost', '--uniform', 'W8A8']); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

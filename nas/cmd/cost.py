@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
               for name in ("size", "bitops", "latency")}
     latency = models["latency"]
     infos = {x.name: x.info for x in space.layers()}
-    rows, totals, estimated = [], {n: 0.0 for n in models}, 0
+    rows, totals, estimated, used = [], {n: 0.0 for n in models}, 0, set()
     for name, prec in plan.layers.items():
         info = infos[name]
         costs = {n: m.layer_cost(info, prec) for n, m in models.items()}
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             totals[n] += v
         est = latency.is_estimated(info, prec)
         estimated += est
+        used.add(latency.source(info, prec))
         rows.append([name, str(prec), int(costs["size"]), f"{costs['bitops'] / 1e6:.2f}",
                      round(costs["latency"], 2), "estimated" if est else "measured"])
     rows.append(["total", "", int(totals["size"]), f"{totals['bitops'] / 1e6:.2f}",
@@ -53,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"space {space.name}, plan {args.plan or args.uniform}, batch {args.batch}, "
           f"device {latency.spec.name}")
     print(format_table(["layer", "bits", "size B", "MBitOps", "latency us", "latency source"], rows))
-    source = (f"measured tables: {', '.join(latency.table_.sources)}"
-              if latency.table_.sources else "no measured table")
+    used.discard(None)
+    source = (f"measured table{'s' if len(used) > 1 else ''}: {', '.join(sorted(used))}" if used
+              else f"no measured table for batch {args.batch}")
     print(f"size {format_cost('size', totals['size'])}, {format_cost('bitops', totals['bitops'])}, "
           f"latency {format_cost('latency', totals['latency'])}"
           + (" (estimated: roofline from the device spec" if estimated else " (measured")

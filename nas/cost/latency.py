@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +80,19 @@ class LatencyTable:
     device: str
     entries: dict[str, float]
     sources: list[str]
+    origin: dict[str, str] = field(default_factory=dict)  # key -> the file it came from
 
     @classmethod
     def load_dir(cls, device: str, folder: Path = COST_MODELS_DIR) -> "LatencyTable":
-        entries, sources = {}, []
+        entries, sources, origin = {}, [], {}
         for path in sorted(folder.glob("*.json")):
             raw = cls._read(path)
             if raw["provenance"].get("device_spec") != device:
                 continue
             entries.update({e["key"]: float(e["us"]) for e in raw["entries"]})
+            origin.update({e["key"]: path.name for e in raw["entries"]})
             sources.append(path.name)
-        return cls(device, entries, sources)
+        return cls(device, entries, sources, origin)
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
@@ -157,3 +159,7 @@ class LatencyCost(CostModel):
 
     def is_estimated(self, info, prec) -> bool:
         return self._measured(info, prec) is None
+
+    def source(self, info, prec) -> str | None:
+        """The table file a measured latency came from (None where it is estimated)."""
+        return self.table_.origin.get(table_key(info, self.batch, prec.w_bits, prec.a_bits))
