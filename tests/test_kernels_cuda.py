@@ -8,21 +8,16 @@ import torch
 
 from nas.kernels import conv2d_int, pack_int4
 from nas.kernels.configs import GPU_CONFIGS
-from tests.test_kernels import check_zero_point_padding, reference
+from tests.test_kernels import check_zero_point_padding, reference, values
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _values(shape, bits, gen):
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
-    return torch.randint(lo, hi, shape, dtype=torch.int8, generator=gen)
-
-
 def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, config=None):
     gen = torch.Generator().manual_seed(seed)
-    x = _values((n, h, w, c), a_bits, gen)
-    wt = _values((o, k, k, c // groups), w_bits, gen)
+    x = values((n, h, w, c), a_bits, gen)
+    wt = values((o, k, k, c // groups), w_bits, gen)
     expected = reference(x, wt, stride, padding, groups)
     xin, win = x, wt
     if a_bits <= 4 and c % 2 == 0 and ((c // groups) % 2 == 0 or c == groups):
@@ -59,7 +54,7 @@ def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
 
 def test_fused_epilogue_on_the_gpu():
     gen = torch.Generator().manual_seed(5)
-    x, wt = _values((2, 14, 14, 64), 8, gen), _values((32, 3, 3, 64), 8, gen)
+    x, wt = values((2, 14, 14, 64), 8, gen), values((32, 3, 3, 64), 8, gen)
     scale, bias, zp = torch.rand(32, generator=gen) * 1e-3, torch.randn(32, generator=gen), -7
     real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
                                       wt.permute(0, 3, 1, 2).double(), padding=1)
@@ -80,7 +75,7 @@ def test_zero_point_padding_on_the_gpu(bits, zp, pack, channels):
 
 def test_depthwise_zero_point_padding_on_the_gpu():
     gen = torch.Generator().manual_seed(7)
-    x, wt, zp = _values((2, 10, 10, 48), 8, gen), _values((48, 3, 3, 1), 8, gen), -9
+    x, wt, zp = values((2, 10, 10, 48), 8, gen), values((48, 3, 3, 1), 8, gen), -9
     real = torch.nn.functional.conv2d((x.double() - zp).permute(0, 3, 1, 2),
                                       wt.permute(0, 3, 1, 2).double(), padding=1, groups=48)
     y = conv2d_int(x.cuda(), wt.cuda(), w_bits=8, a_bits=8, padding=1, groups=48,
