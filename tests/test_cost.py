@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from nas.cost import make_cost_model, parse_target
-from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable, roofline_us, table_key
+from nas.cost import latency
+from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyCost, LatencyTable,
+                              kernel_fingerprint, roofline_us, table_key)
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
 from nas.spaces import LayerInfo, load_space
@@ -70,6 +72,22 @@ def test_measured_entries_override_the_estimate(tmp_path):
         LatencyTable.load_dir("toy", tmp_path)
 
 
+def test_tables_measured_with_other_kernels_are_stale(tmp_path, monkeypatch):
+    source = tmp_path / "conv.py"
+    source.write_text("kernel v1\n")
+    monkeypatch.setattr(latency, "KERNEL_SOURCES", [source])
+    v1 = latency.kernel_fingerprint()
+    for name, kernel in (("now.json", v1), ("old.json", "0123456789ab"), ("none.json", None)):
+        prov = {"device_spec": "toy"} | ({"kernel_source": kernel} if kernel else {})
+        (tmp_path / name).write_text(json.dumps({"format": "nas-latency/1", "provenance": prov,
+                                                 "entries": []}))
+    table = LatencyTable.load_dir("toy", tmp_path)
+    assert table.stale(["now.json", "old.json", "none.json"]) == ["none.json", "old.json"]
+    source.write_text("kernel v2\n")  # any change to the kernel source
+    assert latency.kernel_fingerprint() != v1
+    assert table.stale(["now.json"]) == ["now.json"]
+
+
 def test_cost_table_and_differentiable_expectation():
     space = load_space("fmnist_resnet8")
     table = make_cost_model("size").table(space)
@@ -117,8 +135,19 @@ def test_nas_cost_cli_is_light_and_labelled():
     result = run_nas("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "64")
     assert result.returncode == 0, result.stderr
     assert "estimated" not in result.stdout
-    assert result.stdout.splitlines()[-1].endswith(
-        "(measured; measured table: h200-imagenet_resnet18-b64.json)")
+    footer = [line for line in result.stdout.splitlines() if line.startswith("size ")]
+    assert footer[-1].endswith("(measured; measured table: h200-imagenet_resnet18-b64.json)")
+    # The table names the kernel code it timed; when that is not this checkout's, say so.
+    kernel = json.loads((COST_MODELS_DIR / "h200-imagenet_resnet18-b64.json").read_text())[
+        "provenance"]["kernel_source"]
+    note = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    if kernel == kernel_fingerprint():
+        assert note == []
+    else:
+        assert note == [f"note: measured with other kernel code than this checkout's "
+                        f"(kernel_source {kernel_fingerprint()}): "
+                        f"h200-imagenet_resnet18-b64.json (kernel_source {kernel}); re-measure "
+                        f"on a GPU with `nas measure --space imagenet_resnet18 --batch 64`"]
     code = ("import sys, nas.cli; nas.cli.main(['cost', '--uniform', 'W8A8']); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

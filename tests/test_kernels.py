@@ -14,10 +14,14 @@ from nas.kernels.configs import GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, v
 pytestmark = pytest.mark.triton
 
 
-def reference(x, w, stride, padding, groups):
-    """torch convolution in float64 on the integer values: exact for these magnitudes."""
-    out = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).double(), w.permute(0, 3, 1, 2).double(),
-                                     stride=stride, padding=padding, groups=groups)
+def reference(x, w, stride, padding, groups, zero_point=0):
+    """torch convolution in float64 on the integer values (exact for these magnitudes), the
+    input padded with the zero point."""
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    pad = (pw, pw, ph, ph)
+    xp = torch.nn.functional.pad(x.permute(0, 3, 1, 2).double(), pad, value=zero_point)
+    out = torch.nn.functional.conv2d(xp, w.permute(0, 3, 1, 2).double(), stride=stride,
+                                     groups=groups)
     return out.permute(0, 2, 3, 1).round().to(torch.int32)
 
 
@@ -46,7 +50,8 @@ def conv_cases(draw):
     w_bits, a_bits = draw(st.sampled_from([(8, 8), (4, 8), (4, 4)]))
     return dict(n=draw(st.integers(1, 2)), h=size, w=draw(st.integers(max(1, kernel - 2 * padding), size + 2)),
                 c=c, o=o, ci=ci, k=kernel, stride=stride, padding=padding, groups=groups,
-                w_bits=w_bits, a_bits=a_bits, pack=draw(st.booleans()), seed=draw(st.integers(0, 10**6)))
+                w_bits=w_bits, a_bits=a_bits, pack=draw(st.booleans()), seed=draw(st.integers(0, 10**6)),
+                zp=draw(st.sampled_from([0, 0, -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1, 3])))
 
 
 @settings(max_examples=int(os.environ.get("NAS_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,7 +60,7 @@ def test_exact_int32_against_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     x = values((case["n"], case["h"], case["w"], case["c"]), case["a_bits"], gen)
     w = values((case["o"], case["k"], case["k"], case["ci"]), case["w_bits"], gen)
-    expected = reference(x, w, case["stride"], case["padding"], case["groups"])
+    expected = reference(x, w, case["stride"], case["padding"], case["groups"], case["zp"])
     xin, win = x, w
     if case["pack"]:  # 4-bit operands may also come packed two per byte
         # Packed activations need whole bytes per group (depthwise reads them one by one).
@@ -64,7 +69,7 @@ def test_exact_int32_against_reference(case):
         if case["w_bits"] == 4 and case["ci"] % 2 == 0:
             win = pack_int4(w, dim=3)
     out = conv2d_int(xin, win, w_bits=case["w_bits"], a_bits=case["a_bits"], stride=case["stride"],
-                     padding=case["padding"], groups=case["groups"])
+                     padding=case["padding"], groups=case["groups"], x_zero_point=case["zp"])
     assert out.dtype == torch.int32 and torch.equal(out, expected)
 
 
@@ -111,9 +116,29 @@ def check_zero_point_padding(bits, zp, pack, x_shape, out_channels, device="cpu"
 
 @pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
 def test_zero_point_pads_the_tap_path(bits, zp, pack):
-    # 32 channels: the tap-by-channel-block loop, where a nonzero zero point is the masked
-    # load's default (zero point 0 takes the copy engine's zero fill instead).
+    # 32 channels: the tap-by-channel-block loop, which pads with 0 and adds the zero point
+    # times the padded taps' weights in its epilogue.
     check_zero_point_padding(bits, zp, pack, (1, 4, 5, 32), 6)
+
+
+@pytest.mark.parametrize("ci, groups, kernel, padding, stride", [
+    (20, 1, (5, 3), (3, 2), 1),  # tap walk, padding wider than half the kernel
+    (5, 1, (3, 3), (4, 1), 2),  # flattened walk; the first output rows are all padding
+    (18, 2, (3, 5), (1, 3), (2, 1)),  # grouped
+])
+def test_zero_point_padding_correction_at_every_border(ci, groups, kernel, padding, stride):
+    check_padding_correction(ci, groups, kernel, padding, stride, (2, 6, 7))
+
+
+def check_padding_correction(ci, groups, kernel, padding, stride, nhw, device="cpu"):
+    """The GEMM reads padding as 0 and adds zero point x the padded taps' weights per output
+    pixel; the raw int32 accumulator must equal a convolution over zero-point padding."""
+    gen = torch.Generator().manual_seed(5)
+    x = values((*nhw, ci * groups), 8, gen)
+    w = values((4 * groups, *kernel, ci), 8, gen)
+    out = conv2d_int(x.to(device), w.to(device), w_bits=8, a_bits=8, stride=stride,
+                     padding=padding, groups=groups, x_zero_point=-7)
+    assert torch.equal(out.cpu(), reference(x, w, stride, padding, groups, zero_point=-7))
 
 
 def _epilogue_case():

@@ -8,7 +8,8 @@ import torch
 
 from nas.kernels import conv2d_int, pack_int4
 from nas.kernels.configs import GPU_CONFIGS
-from tests.test_kernels import check_zero_point_padding, reference, values
+from tests.test_kernels import (check_padding_correction, check_zero_point_padding,
+                                reference, values)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -68,9 +69,16 @@ def test_fused_epilogue_on_the_gpu():
 @pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
 @pytest.mark.parametrize("channels", [64, 4])  # the tap walk, the flattened walk
 def test_zero_point_padding_on_the_gpu(bits, zp, pack, channels):
-    # A nonzero zero point takes the kernel's other load path (the default is the zero
-    # point, not cp.async's zero fill).
+    # A nonzero zero point: padding is read as 0 and corrected in the epilogue.
     check_zero_point_padding(bits, zp, pack, (2, 9, 9, channels), 16, device="cuda")
+
+
+@pytest.mark.parametrize("ci, groups, kernel, padding, stride", [
+    (64, 1, (3, 3), (1, 1), 1), (20, 1, (5, 3), (3, 2), 1), (5, 1, (7, 7), (3, 3), 2),
+    (18, 2, (3, 5), (1, 3), (2, 1))])
+def test_padding_correction_on_the_gpu(ci, groups, kernel, padding, stride):
+    # Autotuned tiles over 2 x 23 x 21 pixels: tiles holding border and interior pixels.
+    check_padding_correction(ci, groups, kernel, padding, stride, (2, 23, 21), device="cuda")
 
 
 def test_depthwise_zero_point_padding_on_the_gpu():

@@ -68,6 +68,7 @@ def test_table_written_by_measure_is_read_by_the_latency_cost(tiny_cases, tmp_pa
     (tmp_path / "t.json").write_text(json.dumps(table_document(entries, prov)))
     table = LatencyTable.load_dir("h200", tmp_path)
     assert table.entries == {e["key"]: e["us"] for e in entries}
+    assert table.stale(["t.json"]) == []  # measured with this checkout's kernels
     cost = LatencyCost(spec, batch=1, table=table)
     case = cases[0]
     prec = LayerPrecision(case.w_bits, case.a_bits)

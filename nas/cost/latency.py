@@ -18,6 +18,7 @@ The estimate: time = max(compute, memory) + launch overhead, where
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ from nas.errors import ConfigError
 from nas.spaces import FLOAT_BITS
 
 COST_MODELS_DIR = Path(__file__).resolve().parents[2] / "cost_models"
+# The code a measured latency describes: tables record its fingerprint, so that a table
+# measured before the kernels changed is reported as such.
+KERNEL_SOURCES = [Path(__file__).resolve().parents[1] / "kernels" / name
+                  for name in ("conv.py", "configs.py")]
 TABLE_FORMAT = "nas-latency/1"
 OUTPUT_BYTES = 2  # fp16 output of the fused epilogue
 
@@ -66,6 +71,14 @@ class DeviceSpec:
             raise ConfigError(f"device spec {path}: {exc}") from exc
 
 
+def kernel_fingerprint() -> str:
+    """First 12 hex digits of the SHA-256 of the kernel sources (conv.py, then configs.py)."""
+    digest = hashlib.sha256()
+    for path in KERNEL_SOURCES:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def table_key(info, batch: int, w_bits: int, a_bits: int) -> str:
     """The geometry a latency depends on, as one string."""
     return (f"{info.type}:{info.in_channels}x{info.out_channels}:k{info.kernel[0]}x{info.kernel[1]}"
@@ -81,10 +94,11 @@ class LatencyTable:
     entries: dict[str, float]
     sources: list[str]
     origin: dict[str, str] = field(default_factory=dict)  # key -> the file it came from
+    kernels: dict[str, str | None] = field(default_factory=dict)  # file -> kernel fingerprint
 
     @classmethod
     def load_dir(cls, device: str, folder: Path = COST_MODELS_DIR) -> "LatencyTable":
-        entries, sources, origin = {}, [], {}
+        entries, sources, origin, kernels = {}, [], {}, {}
         for path in sorted(folder.glob("*.json")):
             raw = cls._read(path)
             if raw["provenance"].get("device_spec") != device:
@@ -92,7 +106,14 @@ class LatencyTable:
             entries.update({e["key"]: float(e["us"]) for e in raw["entries"]})
             origin.update({e["key"]: path.name for e in raw["entries"]})
             sources.append(path.name)
-        return cls(device, entries, sources, origin)
+            kernels[path.name] = raw["provenance"].get("kernel_source")
+        return cls(device, entries, sources, origin, kernels)
+
+    def stale(self, names) -> list[str]:
+        """Those of the named files measured with other kernel code than this checkout's
+        (or with no fingerprint recorded)."""
+        current = kernel_fingerprint()
+        return sorted(n for n in names if n in self.kernels and self.kernels[n] != current)
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:

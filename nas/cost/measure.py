@@ -29,13 +29,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.nn import functional as F
 
-from nas.cost.latency import TABLE_FORMAT, DeviceSpec, roofline_us, table_key
+from nas.cost.latency import TABLE_FORMAT, DeviceSpec, kernel_fingerprint, roofline_us, table_key
 from nas.errors import ConfigError
 from nas.spaces import FLOAT_BITS
 
 Fn = Callable[[], Any]
 # Activations are timed with a nonzero zero point: the built-in spaces quantize them
-# asymmetrically, and padding then reads the zero point (zero point 0 takes a faster path).
+# asymmetrically, and padded layers then pay the kernel's padding correction.
 ACTIVATION_ZERO_POINT = 1
 
 
@@ -230,7 +230,7 @@ def provenance(device: torch.device, spec: DeviceSpec, batch: int, method: str) 
         "device_spec": spec.name, "batch": batch, "method": method,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "host": platform.node(),
-        "activation_zero_point": ACTIVATION_ZERO_POINT}
+        "activation_zero_point": ACTIVATION_ZERO_POINT, "kernel_source": kernel_fingerprint()}
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

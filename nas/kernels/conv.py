@@ -91,14 +91,37 @@ def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
     return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
 
 
+@triton.jit
+def _padding_correction(oh, ow, rows, co, co_mask, pfx_ptr, H, W, KH, KW, stride_h, stride_w,
+                        pad_h, pad_w):
+    """Sum of the weights of each output pixel's taps that fall in the padding, per output
+    channel: [rows, channels] int32. The taps inside the image form a rectangle
+    [kh_lo, kh_hi) x [kw_lo, kw_hi); `pfx` holds 2-D prefix sums of the per-tap weight sums,
+    P[co, a, b] = sum over kh < a, kw < b, so the rectangle costs four lookups. Interior
+    pixels (no padded tap) load nothing."""
+    kh_lo = tl.minimum(tl.maximum(pad_h - oh * stride_h, 0), KH)
+    kh_hi = tl.maximum(tl.minimum(H + pad_h - oh * stride_h, KH), kh_lo)
+    kw_lo = tl.minimum(tl.maximum(pad_w - ow * stride_w, 0), KW)
+    kw_hi = tl.maximum(tl.minimum(W + pad_w - ow * stride_w, KW), kw_lo)
+    border = rows & ((kh_lo > 0) | (kh_hi < KH) | (kw_lo > 0) | (kw_hi < KW))
+    mask = border[:, None] & co_mask[None, :]
+    base = pfx_ptr + (co * ((KH + 1) * (KW + 1)))[None, :]
+    rect = tl.load(base + (kh_hi * (KW + 1) + kw_hi)[:, None], mask=mask, other=0)
+    rect -= tl.load(base + (kh_lo * (KW + 1) + kw_hi)[:, None], mask=mask, other=0)
+    rect -= tl.load(base + (kh_hi * (KW + 1) + kw_lo)[:, None], mask=mask, other=0)
+    rect += tl.load(base + (kh_lo * (KW + 1) + kw_lo)[:, None], mask=mask, other=0)
+    total = tl.load(base + KH * (KW + 1) + KW, mask=co_mask[None, :], other=0)
+    return tl.where(mask, total - rect, 0)
+
+
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp", "out_zp"])
-def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
+def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_ptr,
                       H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w,
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
-                      FLAT_K: tl.constexpr, HAS_ZP: tl.constexpr,
+                      FLAT_K: tl.constexpr, PAD_FIX: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
@@ -108,7 +131,14 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
     division); or, for few input channels (FLAT_K: a stem's 3), over the flattened
     (kh, kw, ci) axis, gathering element by element, so that blocks are not mostly empty.
     Geometry arguments are not specialised (one compilation serves every layer); channel
-    counts are, for alignment."""
+    counts are, for alignment.
+
+    Padding is read as 0 whatever the activation zero point: a masked load whose default is
+    0 is cp.async's own zero fill, and the tile goes straight from shared memory to the
+    tensor cores (any other default costs a pass through registers per tile, measured on
+    the H200 at 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64). Padding should read
+    the zero point (a real 0), so with PAD_FIX the epilogue adds x_zp times the weights of
+    the padded taps (`_padding_correction`); channels past CI read 0 and meet zero weights."""
     g = tl.program_id(2)
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,7 +157,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
             in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             valid = m_mask[:, None] & k_mask[None, :]
             x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
-            a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED).to(tl.int8)
+            a = _load_x(x_ptr, x_off, in_image, valid, 0, X_PACKED).to(tl.int8)
             w_off = co[:, None] * K + offs_k[None, :]
             w_valid = n_mask[:, None] & k_mask[None, :]
             if W_PACKED:
@@ -151,26 +181,15 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
             in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             pix = (img * H + ih) * W + iw
             k0 = tap * CI + c0  # this block's first position in an OHWI weight row
-            # Padding reads the zero point (a real 0) as the masked load's default; channels
-            # past CI read it too but meet zero weights. A zero point of 0 is cp.async's own
-            # zero fill, and the tile goes straight from shared memory to the tensor cores;
-            # any other default costs a pass through registers per tile
-            # (measured on the H200: 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64).
             if X_PACKED:  # CI even (checked), so a byte never straddles two groups
                 x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
                 x_mask = in_image[:, None] & (c0 + 2 * offs_b < CI)[None, :]
-                if HAS_ZP:
-                    byte = tl.load(x_ptr + x_off, mask=x_mask, other=(x_zp & 0xF) * 17)
-                else:
-                    byte = tl.load(x_ptr + x_off, mask=x_mask, other=0)
-                a = _unpack_int4_rows(byte, BLOCK_M, BLOCK_K)
+                a = _unpack_int4_rows(tl.load(x_ptr + x_off, mask=x_mask, other=0),
+                                      BLOCK_M, BLOCK_K)
             else:
                 x_off = pix[:, None] * C + (g * CI + c0 + offs_c)[None, :]
                 x_mask = in_image[:, None] & (c0 + offs_c < CI)[None, :]
-                if HAS_ZP:
-                    a = tl.load(x_ptr + x_off, mask=x_mask, other=x_zp)
-                else:
-                    a = tl.load(x_ptr + x_off, mask=x_mask, other=0)
+                a = tl.load(x_ptr + x_off, mask=x_mask, other=0)
             if W_PACKED:
                 w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
                 w_mask = n_mask[:, None] & (c0 + 2 * offs_b < CI)[None, :]
@@ -181,6 +200,9 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                 b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :],
                             other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    if PAD_FIX:
+        acc += x_zp * _padding_correction(oh, ow, m_mask, co, n_mask, pfx_ptr, H, W,
+                                          K // (CI * KW), KW, stride_h, stride_w, pad_h, pad_w)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
@@ -321,13 +343,19 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
             raise ConfigError("conv2d_int: out_dtype int8 needs out_scale")
     out = torch.empty((n, oh, ow, o), dtype=out_torch, device=device)
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
-    wsum = dummy
-    if scale is not None:
+    wsum = pfx = dummy
+    # The GEMM pads with 0 and corrects in its epilogue (see _conv_gemm_kernel).
+    pad_fix = x_zero_point != 0 and (ph > 0 or pw > 0)
+    if scale is not None or pad_fix:
         from nas.kernels.pack import unpack_int4
 
-        values = unpack_int4(w, dim=3) if w_packed else w
-        wsum = values.to(torch.int32).sum(dim=(1, 2, 3)).to(torch.int32).contiguous()
-        scale = scale.to(device=device, dtype=torch.float32).contiguous()
+        tap_sums = (unpack_int4(w, dim=3) if w_packed else w).to(torch.int32).sum(dim=3)
+        if scale is not None:
+            wsum = tap_sums.sum(dim=(1, 2)).to(torch.int32).contiguous()
+            scale = scale.to(device=device, dtype=torch.float32).contiguous()
+        if pad_fix:  # 2-D prefix sums over (kh, kw), a zero row and column in front
+            pfx = torch.zeros((o, kh + 1, kw + 1), dtype=torch.int32, device=device)
+            pfx[:, 1:, 1:] = tap_sums.cumsum(dim=1).cumsum(dim=2)
     bias_t = bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None else dummy
     scale_t = scale if scale is not None else dummy
     common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
@@ -349,8 +377,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                           f"(C // groups = {ci}); pass them unpacked (int8)")
     k = kh * kw * ci
     cfg = validate_config(config or INTERPRETER_CONFIG)
-    common.update(FLAT_K=ci < FLAT_K_BELOW, HAS_ZP=x_zero_point != 0)
-    args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci,
+    common.update(FLAT_K=ci < FLAT_K_BELOW, PAD_FIX=pad_fix)
+    args = (x, w, out, scale_t, bias_t, wsum, pfx, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci,
             o // groups, o, m, k, x_zero_point, float(out_scale or 1.0), out_zero_point)
 
     def launch() -> torch.Tensor:
@@ -399,8 +427,8 @@ def _tuned():
 
         # Older Triton releases take no do_bench argument; they tune with their default.
         quick = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-        # HAS_ZP is in the key: the two padding paths differ in speed, so each is tuned.
-        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "HAS_ZP"],
+        # PAD_FIX is in the key: the padding correction changes the epilogue's cost.
+        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "PAD_FIX"],
                                  prune_configs_by={"early_config_prune": _prune},
                                  **quick)(_conv_gemm_kernel)
     return _TUNED
