@@ -26,12 +26,14 @@ LAYERS = [
 ]
 
 
-def config_of(entry: dict) -> KernelConfig | None:
+def config_of(entry: dict) -> dict:
+    """The tile and split the table's entry was timed with, as make_case arguments."""
     if "kernel_config" not in entry:
-        return None  # the direct (depthwise) kernel has no configuration
+        return {}  # the direct (depthwise) kernel has no configuration
     kv = dict(part.split("=") for part in entry["kernel_config"].split())
-    return KernelConfig(int(kv["BLOCK_M"]), int(kv["BLOCK_N"]), int(kv["BLOCK_K"]),
-                        int(kv["warps"]), int(kv["stages"]))
+    return {"config": KernelConfig(int(kv["BLOCK_M"]), int(kv["BLOCK_N"]), int(kv["BLOCK_K"]),
+                                   int(kv["warps"]), int(kv["stages"])),
+            "split_k": int(kv.get("split_k", 1))}
 
 
 def main() -> None:
@@ -47,7 +49,7 @@ def main() -> None:
         info = next(l.info for l in load_space(space_name).layers() if l.name == layer)
         for w_bits, a_bits in precisions:
             entry = entries[table_key(info, batch, w_bits, a_bits)]
-            case = make_case(info, batch, w_bits, a_bits, device, gen, config=config_of(entry))
+            case = make_case(info, batch, w_bits, a_bits, device, gen, **config_of(entry))
             (case.baseline if args.cudnn else case.run)()
             torch.cuda.synchronize()
             print(f"{entry['key']}: table {entry['us']} us, cuDNN {entry['fp16_cudnn_us']} us, "

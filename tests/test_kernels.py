@@ -51,7 +51,8 @@ def conv_cases(draw):
     return dict(n=draw(st.integers(1, 2)), h=size, w=draw(st.integers(max(1, kernel - 2 * padding), size + 2)),
                 c=c, o=o, ci=ci, k=kernel, stride=stride, padding=padding, groups=groups,
                 w_bits=w_bits, a_bits=a_bits, pack=draw(st.booleans()), seed=draw(st.integers(0, 10**6)),
-                zp=draw(st.sampled_from([0, 0, -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1, 3])))
+                zp=draw(st.sampled_from([0, 0, -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1, 3])),
+                split_k=draw(st.sampled_from([None, None, 1, 2, 3, 7])))
 
 
 @settings(max_examples=int(os.environ.get("NAS_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -64,12 +65,14 @@ def test_exact_int32_against_reference(case):
     xin, win = x, w
     if case["pack"]:  # 4-bit operands may also come packed two per byte
         # Packed activations need whole bytes per group (depthwise reads them one by one).
-        if case["a_bits"] == 4 and case["c"] % 2 == 0 and (case["ci"] % 2 == 0 or case["ci"] == 1):
+        depthwise = case["ci"] == 1 and case["o"] == case["c"] == case["groups"]
+        if case["a_bits"] == 4 and case["c"] % 2 == 0 and (case["ci"] % 2 == 0 or depthwise):
             xin = pack_int4(x, dim=3)
         if case["w_bits"] == 4 and case["ci"] % 2 == 0:
             win = pack_int4(w, dim=3)
     out = conv2d_int(xin, win, w_bits=case["w_bits"], a_bits=case["a_bits"], stride=case["stride"],
-                     padding=case["padding"], groups=case["groups"], x_zero_point=case["zp"])
+                     padding=case["padding"], groups=case["groups"], x_zero_point=case["zp"],
+                     split_k=case["split_k"])
     assert out.dtype == torch.int32 and torch.equal(out, expected)
 
 
@@ -121,23 +124,26 @@ def test_zero_point_pads_the_tap_path(bits, zp, pack):
     check_zero_point_padding(bits, zp, pack, (1, 4, 5, 32), 6)
 
 
+@pytest.mark.parametrize("split_k", [1, 4])  # with split-K only one split adds it
 @pytest.mark.parametrize("ci, groups, kernel, padding, stride", [
     (20, 1, (5, 3), (3, 2), 1),  # tap walk, padding wider than half the kernel
     (5, 1, (3, 3), (4, 1), 2),  # flattened walk; the first output rows are all padding
     (18, 2, (3, 5), (1, 3), (2, 1)),  # grouped
 ])
-def test_zero_point_padding_correction_at_every_border(ci, groups, kernel, padding, stride):
-    check_padding_correction(ci, groups, kernel, padding, stride, (2, 6, 7))
+def test_zero_point_padding_correction_at_every_border(ci, groups, kernel, padding, stride,
+                                                       split_k):
+    check_padding_correction(ci, groups, kernel, padding, stride, (2, 6, 7), split_k=split_k)
 
 
-def check_padding_correction(ci, groups, kernel, padding, stride, nhw, device="cpu"):
+def check_padding_correction(ci, groups, kernel, padding, stride, nhw, device="cpu",
+                             split_k=None):
     """The GEMM reads padding as 0 and adds zero point x the padded taps' weights per output
     pixel; the raw int32 accumulator must equal a convolution over zero-point padding."""
     gen = torch.Generator().manual_seed(5)
     x = values((*nhw, ci * groups), 8, gen)
     w = values((4 * groups, *kernel, ci), 8, gen)
     out = conv2d_int(x.to(device), w.to(device), w_bits=8, a_bits=8, stride=stride,
-                     padding=padding, groups=groups, x_zero_point=-7)
+                     padding=padding, groups=groups, x_zero_point=-7, split_k=split_k)
     assert torch.equal(out.cpu(), reference(x, w, stride, padding, groups, zero_point=-7))
 
 
@@ -153,24 +159,26 @@ def _epilogue_case():
     return x, w, scale, bias, zp, real.permute(0, 2, 3, 1) * scale.double() + bias.double()
 
 
-def test_fused_epilogue_dequantizes_with_zero_point_correction():
+@pytest.mark.parametrize("split_k", [1, 3])  # epilogue fused, or a kernel of its own
+def test_fused_epilogue_dequantizes_with_zero_point_correction(split_k):
     x, w, scale, bias, zp, expected = _epilogue_case()
     y = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
-                   out_dtype=torch.float32)
+                   out_dtype=torch.float32, split_k=split_k)
     # int32 -> float32 times a float32 scale: relative error of a few float32 ulps.
     assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-5)
     relu = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias,
-                      x_zero_point=zp, relu=True)
+                      x_zero_point=zp, relu=True, split_k=split_k)
     assert relu.dtype == torch.float16
     assert torch.allclose(relu.double(), expected.clamp(min=0), rtol=1e-3, atol=1e-2)
 
 
-def test_requantized_int8_output():
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_requantized_int8_output(split_k):
     x, w, scale, bias, zp, _ = _epilogue_case()
     y = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
-                   out_dtype=torch.float32)
+                   out_dtype=torch.float32, split_k=1)
     q = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
-                   out_dtype=torch.int8, out_scale=0.05, out_zero_point=3)
+                   out_dtype=torch.int8, out_scale=0.05, out_zero_point=3, split_k=split_k)
     expected = torch.clamp(torch.round(y / 0.05) + 3, -128, 127).to(torch.int8)
     assert q.dtype == torch.int8 and torch.equal(q, expected)
 
@@ -217,6 +225,8 @@ def test_config_validator():
     (dict(w_bits=8, a_bits=8, relu=True), "bias, relu and out_dtype need a scale"),
     (dict(w_bits=8, a_bits=8, padding=0, stride=1, groups=1, scale=torch.ones(4),
           out_dtype=torch.int8), "out_dtype int8 needs out_scale"),
+    (dict(w_bits=8, a_bits=8, split_k=0), r"split_k=0 must be a positive whole number"),
+    (dict(w_bits=8, a_bits=8, split_k=2.0), r"split_k=2.0 must be a positive whole number"),
 ])
 def test_bad_arguments(kwargs, message):
     gen = torch.Generator().manual_seed(0)
@@ -247,3 +257,18 @@ def test_autotuning_prunes_tiles_larger_than_the_problem():
     assert tiles(_prune(configs, {"M": 49, "CO_G": 64, "CI": 3})) == {(64, 64, 32)}
     # Nothing fits 8 output channels: the smallest tile stands in.
     assert tiles(_prune(configs, {"M": 49, "CO_G": 8, "CI": 64})) == {(64, 32, 64)}
+
+
+def test_split_k_is_proposed_where_tiles_cannot_fill_the_gpu():
+    from nas.kernels.conv import propose_split_k
+
+    # ResNet-18 3x3 layers on an H200 (132 SMs), counted in 64 x 64 tiles.
+    assert propose_split_k(7 * 7, 512, 1, 512, 9, 132) == 16  # batch 1, layer4: 8 tiles
+    assert propose_split_k(14 * 14, 256, 1, 256, 9, 132) == 9  # layer3: 16 tiles, 132 // 16 + 1
+    assert propose_split_k(28 * 28, 128, 1, 128, 9, 132) == 4  # layer2: 18 steps, 4 per split
+    assert propose_split_k(56 * 56, 64, 1, 64, 9, 132) == 1  # layer1: 49 tiles, enough
+    assert propose_split_k(64 * 7 * 7, 512, 1, 512, 9, 132) == 1  # batch 64
+    assert propose_split_k(7 * 7, 512, 1, 256, 1, 132) == 1  # a 1x1 conv: 4 steps, too few
+    assert propose_split_k(1, 1000, 1, 512, 1, 132) == 2  # the classifier at batch 1
+    assert propose_split_k(112 * 112, 64, 1, 3, 49, 132) == 1  # the stem (flattened walk)
+    assert propose_split_k(8, 8, 2, 3, 49, 132) == 1  # flattened: 147 values = 3 steps

@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, config=None):
+def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, config=None,
+           split_k=None):
     gen = torch.Generator().manual_seed(seed)
     x = values((n, h, w, c), a_bits, gen)
     wt = values((o, k, k, c // groups), w_bits, gen)
@@ -26,7 +27,7 @@ def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, conf
     if w_bits <= 4 and (c // groups) % 2 == 0:
         win = pack_int4(wt, dim=3)
     out = conv2d_int(xin.cuda(), win.cuda(), w_bits=w_bits, a_bits=a_bits, stride=stride,
-                     padding=padding, groups=groups, config=config)
+                     padding=padding, groups=groups, config=config, split_k=split_k)
     torch.cuda.synchronize()
     assert out.dtype == torch.int32 and torch.equal(out.cpu(), expected)
 
@@ -42,7 +43,8 @@ def test_every_config_is_exact(index, w_bits, a_bits):
 @pytest.mark.parametrize("geometry", [
     (4, 56, 56, 64, 64, 3, 1, 1, 1),    # ResNet-18 layer1
     (4, 56, 56, 64, 128, 1, 2, 0, 1),   # downsample 1x1 stride 2
-    (1, 14, 14, 256, 256, 3, 1, 1, 1),  # batch 1, deep
+    (1, 14, 14, 256, 256, 3, 1, 1, 1),  # batch 1, deep: split-K proposed (and timed)
+    (1, 7, 7, 512, 512, 3, 1, 1, 1),    # batch 1, layer4
     (2, 224, 224, 3, 64, 7, 2, 3, 1),   # stem: 3 channels
     (2, 28, 28, 96, 96, 3, 2, 1, 96),   # depthwise
     (2, 12, 12, 64, 32, 3, 1, 1, 4),    # grouped
@@ -51,6 +53,24 @@ def test_every_config_is_exact(index, w_bits, a_bits):
 ])
 def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
     _check(*geometry, w_bits, a_bits, seed=sum(geometry))
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 8)])
+@pytest.mark.parametrize("split_k", [2, 16])
+def test_split_k_is_exact_on_the_gpu(split_k, w_bits, a_bits):
+    # Partial sums added atomically by autotuned tiles: exact in any order.
+    _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=split_k)
+
+
+def test_split_k_epilogue_matches_the_fused_one():
+    gen = torch.Generator().manual_seed(6)
+    x, wt = values((1, 14, 14, 256), 8, gen).cuda(), values((128, 3, 3, 256), 8, gen).cuda()
+    scale, bias = (torch.rand(128, generator=gen) * 1e-3).cuda(), torch.randn(128, generator=gen).cuda()
+    args = dict(w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, relu=True, x_zero_point=5)
+    for out_dtype, extra in ((torch.float32, {}), (torch.int8, dict(out_scale=0.05))):
+        fused = conv2d_int(x, wt, out_dtype=out_dtype, split_k=1, **args, **extra)
+        split = conv2d_int(x, wt, out_dtype=out_dtype, split_k=9, **args, **extra)
+        assert torch.equal(fused, split)  # the same int32 sums through the same epilogue code
 
 
 def test_fused_epilogue_on_the_gpu():

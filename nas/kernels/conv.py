@@ -121,7 +121,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
-                      FLAT_K: tl.constexpr, PAD_FIX: tl.constexpr,
+                      FLAT_K: tl.constexpr, PAD_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
@@ -138,16 +138,33 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
     tensor cores (any other default costs a pass through registers per tile, measured on
     the H200 at 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64). Padding should read
     the zero point (a real 0), so with PAD_FIX the epilogue adds x_zp times the weights of
-    the padded taps (`_padding_correction`); channels past CI read 0 and meet zero weights."""
-    g = tl.program_id(2)
+    the padded taps (`_padding_correction`); channels past CI read 0 and meet zero weights.
+
+    SPLIT_K > 1 (problems with too few tiles to fill the GPU, e.g. batch 1): the reduction
+    steps are shared among SPLIT_K programs per tile, which add their partial int32 sums
+    into the zeroed `out_ptr` atomically (integer addition: exact in any order); the
+    epilogue then runs as its own kernel (`_epilogue_kernel`)."""
+    g = tl.program_id(2) // SPLIT_K
+    split = tl.program_id(2) - g * SPLIT_K
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < CO_G
     co = g * CO_G + offs_n
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
     if FLAT_K:
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
+    else:
+        blocks = (CI + BLOCK_K - 1) // BLOCK_K
+        steps = (K // CI) * blocks
+    if SPLIT_K == 1:
+        first, last = 0, steps
+    else:
+        per_split = (steps + SPLIT_K - 1) // SPLIT_K
+        first = split * per_split
+        last = tl.minimum(first + per_split, steps)
+    if FLAT_K:
+        for step in range(first, last):
+            offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             ci = offs_k % CI
             tap = offs_k // CI
@@ -171,8 +188,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
         HALF_K: tl.constexpr = BLOCK_K // 2
         offs_c = tl.arange(0, BLOCK_K)
         offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
-        blocks = (CI + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
-        for step in range(0, (K // CI) * blocks):
+        for step in range(first, last):
             tap = step // blocks
             c0 = (step - tap * blocks) * BLOCK_K
             kh = tap // KW
@@ -200,13 +216,32 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
                 b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :],
                             other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-    if PAD_FIX:
-        acc += x_zp * _padding_correction(oh, ow, m_mask, co, n_mask, pfx_ptr, H, W,
-                                          K // (CI * KW), KW, stride_h, stride_w, pad_h, pad_w)
+    if PAD_FIX:  # added once per tile: by the first split
+        acc += tl.where(split == 0, x_zp, 0) * _padding_correction(
+            oh, ow, m_mask, co, n_mask, pfx_ptr, H, W, K // (CI * KW), KW, stride_h, stride_w,
+            pad_h, pad_w)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
-              out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+    if SPLIT_K == 1:
+        _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+                  out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["M", "x_zp", "out_zp"])
+def _epilogue_kernel(acc_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, M, O, x_zp, out_scale,
+                     out_zp, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                     OUT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue on its own, over a finished int32 accumulator [M, O] (split-K)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < O
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    offs = offs_m[:, None] * O + offs_n[None, :]
+    acc = tl.load(acc_ptr + offs, mask=mask, other=0)
+    _epilogue(acc, offs_n, n_mask, out_ptr + offs, mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+              out_scale, out_zp, True, HAS_BIAS, RELU, OUT_MODE)
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h",
@@ -264,7 +299,7 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
                bias: torch.Tensor | None = None, relu: bool = False,
                out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                out_scale: float | None = None, out_zero_point: int = 0,
-               config: KernelConfig | None = None) -> torch.Tensor:
+               config: KernelConfig | None = None, split_k: int | None = None) -> torch.Tensor:
     """Integer convolution. Layout contract:
 
     - `x`: NHWC activations, int8 holding quantized values q_x (signed; at a_bits=4 in
@@ -280,11 +315,14 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
       clamp(round_half_even(y / out_scale) + out_zero_point, -128, 127).
     - Depthwise convolutions (groups == C == O: one channel in and out per group) use a direct kernel;
       other groupings run one implicit GEMM per group.
+    - `split_k`: how many programs share each output tile's reduction (partial sums added
+      atomically, exact); None chooses (`propose_split_k`, checked by timing on a GPU).
+      `config` fixes the tile instead of autotuning it. Both are ignored by the depthwise kernel.
     """
     return prepare_conv(x, w, w_bits=w_bits, a_bits=a_bits, stride=stride, padding=padding,
                         groups=groups, scale=scale, bias=bias, relu=relu, out_dtype=out_dtype,
                         x_zero_point=x_zero_point, out_scale=out_scale,
-                        out_zero_point=out_zero_point, config=config)()
+                        out_zero_point=out_zero_point, config=config, split_k=split_k)()
 
 
 def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
@@ -292,7 +330,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                  bias: torch.Tensor | None = None, relu: bool = False,
                  out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                  out_scale: float | None = None, out_zero_point: int = 0,
-                 config: KernelConfig | None = None):
+                 config: KernelConfig | None = None, split_k: int | None = None):
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
     function that only launches the kernel into a preallocated output and returns it: what
     `nas measure` times and captures in CUDA graphs."""
@@ -378,21 +416,78 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     k = kh * kw * ci
     cfg = validate_config(config or INTERPRETER_CONFIG)
     common.update(FLAT_K=ci < FLAT_K_BELOW, PAD_FIX=pad_fix)
-    args = (x, w, out, scale_t, bias_t, wsum, pfx, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci,
-            o // groups, o, m, k, x_zero_point, float(out_scale or 1.0), out_zero_point)
+    co_g = o // groups
+    tail = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k, x_zero_point,
+            float(out_scale or 1.0), out_zero_point)
 
-    def launch() -> torch.Tensor:
-        if interpreted or config is not None:
-            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(o // groups, cfg.block_n), groups)
-            _conv_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                    BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages, **common)
-        else:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
-                                 triton.cdiv(o // groups, meta["BLOCK_N"]), groups)
-            _tuned()[grid](*args, **common)
-        return out
-    return launch
+    def gemm_launch(split: int):
+        # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
+        acc = out if split == 1 or scale is None else torch.empty(out.shape, dtype=torch.int32,
+                                                                  device=device)
+        args = (x, w, acc, scale_t, bias_t, wsum, pfx, *tail)
+        ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
+
+        def launch() -> torch.Tensor:
+            if split > 1:
+                acc.zero_()
+            if interpreted or config is not None:
+                grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(co_g, cfg.block_n),
+                        groups * split)
+                _conv_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages, SPLIT_K=split, **common)
+            else:
+                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                                     triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
+                _tuned()[grid](*args, SPLIT_K=split, **common)
+            if acc is not out:
+                _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, wsum, m, o, x_zero_point,
+                                          float(out_scale or 1.0), out_zero_point,
+                                          HAS_BIAS=bias is not None, RELU=relu,
+                                          OUT_MODE=out_mode, BLOCK_M=64, BLOCK_N=64)
+            return out
+        launch.split_k = split
+        return launch
+
+    if split_k is not None:
+        if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+            raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
+                              f"(or None to choose one)")
+        return gemm_launch(split_k)
+    sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
+        device).multi_processor_count
+    proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
+    if proposal == 1 or interpreted or config is not None:
+        return gemm_launch(proposal)
+    key = (str(device), m, co_g, k, ci, groups, proposal, tuple(sorted(common.items())))
+    if key not in _SPLIT_CHOICE:  # time the whole launch (zeroing, GEMM, epilogue) both ways
+        times = {}
+        for split in (1, proposal):
+            fn = gemm_launch(split)
+            fn()  # autotunes outside the timing
+            times[split] = _bench(fn, quantiles=None)
+        _SPLIT_CHOICE[key] = min(times, key=times.get)
+    return gemm_launch(_SPLIT_CHOICE[key])
+
+
+# Split-K (see _conv_gemm_kernel) is proposed for layers whose tiles would fill under a
+# quarter of the GPU's SMs, and only as far as every split keeps SPLIT_MIN_STEPS reduction
+# steps; on a GPU the proposal is kept only where timing the whole launch beats no split
+# (the split pays for zeroing the accumulator and a separate epilogue).
+SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
+INTERPRETER_SMS = 132  # the CPU interpreter splits as an H200 would be proposed to
+_SPLIT_CHOICE: dict[tuple, int] = {}
+
+
+def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int) -> int:
+    """Reduction splits for an implicit GEMM of m pixels x co_g channels per group, counted
+    with 64 x 64 tiles and 64-channel reduction steps (tap by tap, or flattened below
+    FLAT_K_BELOW input channels)."""
+    tiles = -(-m // 64) * -(-co_g // 64) * groups
+    if tiles * 4 > sms:
+        return 1
+    steps = -(-taps * ci // 64) if ci < FLAT_K_BELOW else taps * -(-ci // 64)
+    return max(1, min(-(-sms // tiles), steps // SPLIT_MIN_STEPS, SPLIT_MAX))
 
 
 _TUNED = None
@@ -427,10 +522,12 @@ def _tuned():
 
         # Older Triton releases take no do_bench argument; they tune with their default.
         quick = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-        # PAD_FIX is in the key: the padding correction changes the epilogue's cost.
-        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "PAD_FIX"],
+        # PAD_FIX is in the key: the padding correction changes the epilogue's cost; SPLIT_K
+        # changes the work per program. Tuning runs the kernel many times: a split-K
+        # accumulator is zeroed before each run and before the real one.
+        _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "PAD_FIX", "SPLIT_K"],
                                  prune_configs_by={"early_config_prune": _prune},
-                                 **quick)(_conv_gemm_kernel)
+                                 reset_to_zero=["out_ptr"], **quick)(_conv_gemm_kernel)
     return _TUNED
 
 
@@ -447,5 +544,7 @@ def tuned_config(case_launch) -> str | None:
             _TUNED.best_config = before
         return None
     kw = cfg.kwargs
+    split = getattr(case_launch, "split_k", 1)
     return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
-            f"warps={cfg.num_warps} stages={cfg.num_stages}")
+            f"warps={cfg.num_warps} stages={cfg.num_stages}"
+            + (f" split_k={split}" if split > 1 else ""))
