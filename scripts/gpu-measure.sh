@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: check the Triton kernels compiled for it (exact int32 results),
-# then measure the latency tables of the built-in spaces with `nas measure`, most important
-# first, within a time budget. Tables land in cost_models/; logs and tables are also bundled
+# score them against their speed goals (`nas bench kernels`), then measure the latency tables
+# of the built-in spaces with `nas measure`, most important first, within a time budget. Tables land in cost_models/; logs and tables are also bundled
 # into $OUT/results.tgz after every stage, so a run cut short still returns what it finished.
 #
 #   OUT=/tmp/gpu-out BUDGET_S=560 bash scripts/gpu-measure.sh
@@ -36,6 +36,8 @@ stage() {
 cat "$LOGS/env.log"
 
 stage kernels 130 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py
+# The kernels' speed goals in one quick run (its run folder travels in the bundle).
+TAIL=14 stage bench 110 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
 TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30
 TAIL=12 stage resnet18-b1 70 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
 stage fmnist-b64 40 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 10

@@ -44,6 +44,22 @@ def add_parser(sub, parents) -> None:
     add_data_options(dnas)
     dnas.set_defaults(run=run_dnas)
 
+    kernels = benches.add_parser("kernels", parents=parents,
+                                 help="integer kernels vs fp16 cuDNN and the roofline (CUDA GPU)",
+                                 description="On a CUDA GPU: W8A8 vs torch fp16 cuDNN on the "
+                                             "space's 3x3 convolutions and the fraction of the "
+                                             "INT8 roofline on its largest layers at the large "
+                                             "batch, W4A8 vs W8A8 at the small batch; each "
+                                             "against its goal.")
+    kernels.add_argument("--space", default="imagenet_resnet18",
+                         help="search space whose layer geometries are timed "
+                              "(default imagenet_resnet18)")
+    kernels.add_argument("--large-batch", type=int, default=64)
+    kernels.add_argument("--small-batch", type=int, default=1)
+    kernels.add_argument("--reps", type=int, default=100, help="graph replays per case")
+    kernels.add_argument("--device-spec", default="h200", help="device spec for the roofline")
+    kernels.set_defaults(run=run_kernels)
+
 
 def _finish(run_dir, bench: str, results: dict):
     """Write the bench's JSON and close its run folder."""
@@ -173,4 +189,40 @@ def run_dnas(args: argparse.Namespace) -> int:
         results.update({"space": space.name, "budget": str(budget), "device": str(device),
                         "seed": args.seed, "date": now_iso()})
         final = _finish(run_dir, "dnas", results)
+    return _report(tables(results), final)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    import time
+
+    from nas.bench.kernels import run_bench, tables
+    from nas.cost.latency import DeviceSpec
+    from nas.cost.measure import CudaGraphTimer, provenance, require_cuda
+    from nas.errors import ConfigError
+    from nas.runs import RunDir
+    from nas.spaces import load_space
+
+    for name in ("large_batch", "small_batch"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a "
+                              f"positive whole number")
+    space = load_space(args.space)
+    spec = DeviceSpec.load(args.device_spec)
+    device = require_cuda("cuda" if args.device in (None, "auto") else args.device,
+                          "nas bench kernels")
+    import torch
+
+    torch.backends.cudnn.benchmark = True  # cuDNN at its best, as in `nas measure`
+    timer = CudaGraphTimer(reps=args.reps)
+    started = time.monotonic()
+    with RunDir(args.runs_dir, space.name, "bench-kernels") as run_dir:
+        run_dir.write_config({"command": "bench kernels", "space": space.name,
+                              "large_batch": args.large_batch, "small_batch": args.small_batch,
+                              "reps": args.reps, "device_spec": spec.name, "seed": args.seed})
+        results = run_bench(space, device, timer, spec, args.large_batch, args.small_batch,
+                            args.seed, say=lambda line: (print(line, flush=True), run_dir.log(line)))
+        results["provenance"] = provenance(device, spec, args.large_batch, timer.method)
+        del results["provenance"]["batch"]  # two batches: see large_batch and small_batch
+        results["seconds"] = round(time.monotonic() - started, 1)
+        final = _finish(run_dir, "kernels", results)
     return _report(tables(results), final)

@@ -39,10 +39,10 @@ Fn = Callable[[], Any]
 ACTIVATION_ZERO_POINT = 1
 
 
-def require_cuda(device: str) -> torch.device:
+def require_cuda(device: str, command: str = "nas measure") -> torch.device:
     if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ConfigError("nas measure times kernels on a CUDA GPU and none is available here "
-                          "(torch.cuda.is_available() is False); run it on a machine with one")
+        raise ConfigError(f"{command} times kernels on a CUDA GPU and none is available here "
+                          f"(torch.cuda.is_available() is False); run it on a machine with one")
     return torch.device(device)
 
 
