@@ -11,7 +11,7 @@ from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyCost, LatencyT
                               kernel_fingerprint, roofline_us, table_key)
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
-from nas.spaces import LayerInfo, load_space
+from nas.spaces import LayerInfo, SearchSpace, load_space
 from tests.conftest import run_nas
 
 SPEC = DeviceSpec(name="toy", sms=2, int8_tops=4e-6, fp16_tflops=2e-6, tf32_tflops=1e-6,
@@ -86,6 +86,22 @@ def test_tables_measured_with_other_kernels_are_stale(tmp_path, monkeypatch):
     source.write_text("kernel v2\n")  # any change to the kernel source
     assert latency.kernel_fingerprint() != v1
     assert table.stale(["now.json"]) == ["now.json"]
+
+
+def test_latency_cost_names_the_stale_tables_a_space_uses(tmp_path, monkeypatch):
+    from tests.conftest import SYNTHETIC_SPACE
+
+    space = SearchSpace.from_dict(SYNTHETIC_SPACE)
+    first, second = space.layers()[:2]
+    for name, layer, kernel in (("old.json", first, "0123456789ab"),
+                                ("fresh.json", second, kernel_fingerprint()),
+                                ("unused.json", None, "0123456789ab")):
+        keys = [table_key(layer.info, 1, c.w_bits, c.a_bits) for c in layer.choices] if layer else []
+        (tmp_path / name).write_text(json.dumps({
+            "format": "nas-latency/1", "provenance": {"device_spec": "toy", "kernel_source": kernel},
+            "entries": [{"key": k, "us": 1.0} for k in keys]}))
+    model = LatencyCost(SPEC, 1, LatencyTable.load_dir("toy", tmp_path))
+    assert model.stale_tables(space) == ["old.json"]
 
 
 def test_cost_table_and_differentiable_expectation():

@@ -272,3 +272,49 @@ def test_split_k_is_proposed_where_tiles_cannot_fill_the_gpu():
     assert propose_split_k(1, 1000, 1, 512, 1, 132) == 2  # the classifier at batch 1
     assert propose_split_k(112 * 112, 64, 1, 3, 49, 132) == 1  # the stem (flattened walk)
     assert propose_split_k(8, 8, 2, 3, 49, 132) == 1  # flattened: 147 values = 3 steps
+
+
+def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(monkeypatch):
+    # The GPU's host path (autotuning over GPU_CONFIGS, the split-K choice by timing) run on
+    # the interpreter: a scripted clock stands in for CUDA events, 132 SMs for an H200.
+    import types
+
+    import nas.kernels.conv as conv
+
+    timed = []
+
+    def clock(fn, quantiles=None, **kwargs):
+        fn()  # autotuning runs each candidate tile; the split choice each whole launch
+        split = getattr(fn, "split_k", None)
+        if split is not None:
+            timed.append(split)
+        return 1.0 / (split or 1) if faster == "split" else float(split or 1)
+
+    monkeypatch.setattr(conv, "_INTERPRET", False)
+    monkeypatch.setattr(conv, "_bench", clock)
+    monkeypatch.setattr(conv, "_TUNED", None)
+    monkeypatch.setattr(conv, "_SPLIT_CHOICE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(multi_processor_count=132))
+    gen = torch.Generator().manual_seed(8)
+    x, w = values((1, 7, 7, 64), 8, gen), values((64, 3, 3, 64), 8, gen)
+    scale, bias = torch.rand(64, generator=gen) * 1e-2, torch.randn(64, generator=gen)
+    expected = reference(x, w, 1, 1, 1, zero_point=3)
+    real = (expected.double() - 3 * w.double().sum(dim=(1, 2, 3))) * scale.double() + bias.double()
+    args = dict(w_bits=8, a_bits=8, padding=1, x_zero_point=3)
+    faster = "split"
+    # The first call autotunes (three tiles fit), running the split kernel once per tile
+    # into the same accumulator: it must be reset before the real run.
+    assert torch.equal(conv.prepare_conv(x, w, split_k=2, **args)(), expected)
+    # 49 pixels x 64 channels: one tile for 132 SMs; 9 reduction steps: 2 splits proposed.
+    launch = conv.prepare_conv(x, w, **args)
+    assert launch.split_k == 2 and timed == [1, 2]
+    assert torch.equal(launch(), expected) and torch.equal(launch(), expected)
+    assert conv.tuned_config(launch).endswith(" split_k=2")
+    fused = conv.prepare_conv(x, w, scale=scale, bias=bias, out_dtype=torch.float32, **args)
+    assert fused.split_k == 2 and torch.allclose(fused().double(), real, rtol=1e-6, atol=1e-5)
+    conv.prepare_conv(x, w, **args)
+    assert timed == [1, 2, 1, 2]  # the fused case was timed once; the repeat not at all
+    faster = "whole"
+    monkeypatch.setattr(conv, "_SPLIT_CHOICE", {})
+    assert conv.prepare_conv(x, w, **args).split_k == 1

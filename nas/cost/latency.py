@@ -184,3 +184,9 @@ class LatencyCost(CostModel):
     def source(self, info, prec) -> str | None:
         """The table file a measured latency came from (None where it is estimated)."""
         return self.table_.origin.get(table_key(info, self.batch, prec.w_bits, prec.a_bits))
+
+    def stale_tables(self, space) -> list[str]:
+        """The table files this space's latencies come from that were timed with other
+        kernel code than this checkout's."""
+        return self.table_.stale({self.source(layer.info, c) for layer in space.layers()
+                                  for c in layer.choices})
