@@ -172,6 +172,23 @@ def test_fused_epilogue_dequantizes_with_zero_point_correction(split_k):
     assert torch.allclose(relu.double(), expected.clamp(min=0), rtol=1e-3, atol=1e-2)
 
 
+def test_split_k_epilogue_of_a_grouped_convolution():
+    # The separate epilogue kernel indexes output channels across groups (35 per group).
+    gen = torch.Generator().manual_seed(9)
+    x, w = values((2, 5, 6, 2 * 20), 8, gen), values((70, 3, 3, 20), 8, gen)
+    scale, bias = torch.rand(70, generator=gen) * 1e-2, torch.randn(70, generator=gen)
+    args = dict(w_bits=8, a_bits=8, padding=1, groups=2, scale=scale, bias=bias, relu=True,
+                x_zero_point=-3)
+    for out_dtype, extra in ((torch.float32, {}), (torch.int8, dict(out_scale=0.02))):
+        fused = conv2d_int(x, w, out_dtype=out_dtype, split_k=1, **args, **extra)
+        split = conv2d_int(x, w, out_dtype=out_dtype, split_k=5, **args, **extra)
+        assert torch.equal(fused, split)  # the same int32 sums through the same epilogue code
+    real = (reference(x, w, 1, 1, 2, zero_point=-3).double()
+            - (-3) * w.double().sum(dim=(1, 2, 3))) * scale.double() + bias.double()
+    assert torch.allclose(conv2d_int(x, w, out_dtype=torch.float32, split_k=5, **args).double(),
+                          real.clamp(min=0), rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_requantized_int8_output(split_k):
     x, w, scale, bias, zp, _ = _epilogue_case()
@@ -235,6 +252,13 @@ def test_bad_arguments(kwargs, message):
         conv2d_int(x, w, **kwargs)
 
 
+def test_depthwise_rejects_a_bad_split_k_too():
+    gen = torch.Generator().manual_seed(0)
+    x, w = values((1, 3, 3, 4), 8, gen), values((4, 3, 3, 1), 8, gen)
+    with pytest.raises(ConfigError, match=r"split_k=0 must be a positive whole number"):
+        conv2d_int(x, w, w_bits=8, a_bits=8, groups=4, split_k=0)
+
+
 def test_packed_operand_with_more_than_four_bits_is_rejected():
     gen = torch.Generator().manual_seed(0)
     x = pack_int4(values((1, 3, 3, 4), 4, gen), dim=3)
@@ -283,19 +307,23 @@ def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(m
 
     timed = []
 
-    def clock(fn, quantiles=None, **kwargs):
-        fn()  # autotuning runs each candidate tile; the split choice each whole launch
-        split = getattr(fn, "split_k", None)
-        if split is not None:
-            timed.append(split)
-        return 1.0 / (split or 1) if faster == "split" else float(split or 1)
+    def tile_clock(kernel_call, quantiles=None):
+        kernel_call()  # autotuning runs each candidate tile
+        return 1.0
+
+    def launch_clock(fn):  # the split choice times each whole launch
+        fn()
+        timed.append(fn.split_k)
+        return 1.0 / fn.split_k if faster == "split" else float(fn.split_k)
 
     monkeypatch.setattr(conv, "_INTERPRET", False)
-    monkeypatch.setattr(conv, "_bench", clock)
+    monkeypatch.setattr(conv, "_bench", tile_clock)
+    monkeypatch.setattr(conv, "_time_launch", launch_clock)
     monkeypatch.setattr(conv, "_TUNED", None)
     monkeypatch.setattr(conv, "_SPLIT_CHOICE", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     gen = torch.Generator().manual_seed(8)
     x, w = values((1, 7, 7, 64), 8, gen), values((64, 3, 3, 64), 8, gen)
     scale, bias = torch.rand(64, generator=gen) * 1e-2, torch.randn(64, generator=gen)
@@ -317,4 +345,8 @@ def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(m
     assert timed == [1, 2, 1, 2]  # the fused case was timed once; the repeat not at all
     faster = "whole"
     monkeypatch.setattr(conv, "_SPLIT_CHOICE", {})
-    assert conv.prepare_conv(x, w, **args).split_k == 1
+    # Inside a CUDA graph capture nothing is timed: no split until a call outside decides.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert conv.prepare_conv(x, w, **args).split_k == 1 and len(timed) == 4
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert conv.prepare_conv(x, w, **args).split_k == 1 and len(timed) == 6

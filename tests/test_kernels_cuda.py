@@ -70,7 +70,13 @@ def test_split_k_epilogue_matches_the_fused_one():
     for out_dtype, extra in ((torch.float32, {}), (torch.int8, dict(out_scale=0.05))):
         fused = conv2d_int(x, wt, out_dtype=out_dtype, split_k=1, **args, **extra)
         split = conv2d_int(x, wt, out_dtype=out_dtype, split_k=9, **args, **extra)
-        assert torch.equal(fused, split)  # the same int32 sums through the same epilogue code
+        # The same int32 sums through the same epilogue code, compiled into two kernels (the
+        # compiler may contract multiply-adds differently): float32 within an ulp or two,
+        # requantized codes within one step.
+        if out_dtype == torch.float32:
+            assert torch.allclose(fused, split, rtol=1e-6, atol=1e-6)
+        else:
+            assert (fused.int() - split.int()).abs().max() <= 1
 
 
 def test_fused_epilogue_on_the_gpu():

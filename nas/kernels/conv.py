@@ -31,8 +31,9 @@ FLAT_K_BELOW = 16
 
 @triton.jit
 def _load_x(x_ptr, off, in_image, valid, x_zp, X_PACKED: tl.constexpr):
-    """Activation values as int32: padding reads the zero point (a real 0), and lanes outside
-    the GEMM read 0 so they add nothing."""
+    """Activation values as int32: padding reads `x_zp` (the depthwise kernel passes the zero
+    point, a real 0; the GEMM passes 0 and corrects in its epilogue), and lanes outside the
+    GEMM read 0 so they add nothing."""
     if X_PACKED:
         byte = tl.load(x_ptr + off // 2, mask=valid & in_image, other=0).to(tl.int32)
         nib = tl.where(off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
@@ -216,17 +217,19 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
                 b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :],
                             other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-    if PAD_FIX:  # added once per tile: by the first split
-        acc += tl.where(split == 0, x_zp, 0) * _padding_correction(
-            oh, ow, m_mask, co, n_mask, pfx_ptr, H, W, K // (CI * KW), KW, stride_h, stride_w,
-            pad_h, pad_w)
+    if PAD_FIX:  # added once per tile: by the first split (the others' rows are masked off)
+        acc += x_zp * _padding_correction(oh, ow, m_mask & (split == 0), co, n_mask, pfx_ptr,
+                                          H, W, K // (CI * KW), KW, stride_h, stride_w, pad_h,
+                                          pad_w)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
                   out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+        # A split left without steps (the autotuned BLOCK_K is wider than the proposal
+        # assumed) has nothing to add.
+        tl.atomic_add(out_ptrs, acc, mask=out_mask & (first < last), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M", "x_zp", "out_zp"])
@@ -316,7 +319,9 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
     - Depthwise convolutions (groups == C == O: one channel in and out per group) use a direct kernel;
       other groupings run one implicit GEMM per group.
     - `split_k`: how many programs share each output tile's reduction (partial sums added
-      atomically, exact); None chooses (`propose_split_k`, checked by timing on a GPU).
+      atomically, exact); None chooses (`propose_split_k`, checked by timing on a GPU, once
+      per layer geometry; untimed with a pinned `config` or on the CPU interpreter; no split
+      while a CUDA graph is being captured, for a geometry not yet timed).
       `config` fixes the tile instead of autotuning it. Both are ignored by the depthwise kernel.
     """
     return prepare_conv(x, w, w_bits=w_bits, a_bits=a_bits, stride=stride, padding=padding,
@@ -399,6 +404,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
                   OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
     interpreted = _INTERPRET
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int)
+                                or split_k < 1):
+        raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
+                          f"(or None to choose one)")
     if groups == c and ci == 1 and o == c and groups > 1:
         block_m, block_c = 64, 32
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
@@ -450,22 +459,22 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         return launch
 
     if split_k is not None:
-        if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
-            raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
-                              f"(or None to choose one)")
         return gemm_launch(split_k)
     sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
         device).multi_processor_count
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
     if proposal == 1 or interpreted or config is not None:
         return gemm_launch(proposal)
-    key = (str(device), m, co_g, k, ci, groups, proposal, tuple(sorted(common.items())))
-    if key not in _SPLIT_CHOICE:  # time the whole launch (zeroing, GEMM, epilogue) both ways
+    key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
+           tuple(sorted(common.items())))
+    if key not in _SPLIT_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return gemm_launch(1)  # timing would break the capture; the next call outside decides
         times = {}
-        for split in (1, proposal):
+        for split in (1, proposal):  # the whole launch (zeroing, GEMM, epilogue) both ways
             fn = gemm_launch(split)
             fn()  # autotunes outside the timing
-            times[split] = _bench(fn, quantiles=None)
+            times[split] = _time_launch(fn)
         _SPLIT_CHOICE[key] = min(times, key=times.get)
     return gemm_launch(_SPLIT_CHOICE[key])
 
@@ -503,6 +512,12 @@ def _prune(configs, named_args, **kwargs):
                 and kw["BLOCK_K"] <= max(32, triton.next_power_of_2(named_args["CI"])))
     kept = [c for c in configs if fits(c)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _time_launch(fn) -> float:
+    """Milliseconds per call of a whole prepared launch, replayed in a CUDA graph as
+    `nas measure` times it (eager timing would charge its several launches' host overhead)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=10)
 
 
 def _bench(kernel_call, quantiles):
