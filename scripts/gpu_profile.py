@@ -33,7 +33,7 @@ def config_of(entry: dict) -> dict:
     kv = dict(part.split("=") for part in entry["kernel_config"].split())
     return {"config": KernelConfig(int(kv["BLOCK_M"]), int(kv["BLOCK_N"]), int(kv["BLOCK_K"]),
                                    int(kv["warps"]), int(kv["stages"])),
-            "split_k": int(kv.get("split_k", 1))}
+            "split_k": int(kv.get("split_k", 1)), "unpack_first": kv.get("unpack_first") == "1"}
 
 
 def main() -> None:

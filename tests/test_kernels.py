@@ -52,7 +52,8 @@ def conv_cases(draw):
                 c=c, o=o, ci=ci, k=kernel, stride=stride, padding=padding, groups=groups,
                 w_bits=w_bits, a_bits=a_bits, pack=draw(st.booleans()), seed=draw(st.integers(0, 10**6)),
                 zp=draw(st.sampled_from([0, 0, -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1, 3])),
-                split_k=draw(st.sampled_from([None, None, 1, 2, 3, 7])))
+                split_k=draw(st.sampled_from([None, None, 1, 2, 3, 7])),
+                unpack_first=draw(st.sampled_from([None, False, True])))
 
 
 @settings(max_examples=int(os.environ.get("NAS_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,7 +73,7 @@ def test_exact_int32_against_reference(case):
             win = pack_int4(w, dim=3)
     out = conv2d_int(xin, win, w_bits=case["w_bits"], a_bits=case["a_bits"], stride=case["stride"],
                      padding=case["padding"], groups=case["groups"], x_zero_point=case["zp"],
-                     split_k=case["split_k"])
+                     split_k=case["split_k"], unpack_first=case["unpack_first"])
     assert out.dtype == torch.int32 and torch.equal(out, expected)
 
 
@@ -84,15 +85,16 @@ def test_resnet_like_layer_and_batch_one():
                        reference(x, w, 2, 1, 1))
 
 
+@pytest.mark.parametrize("unpack_first", [False, True])  # in the tiles, or by a pre-pass
 @pytest.mark.parametrize("groups", [1, 2])
-def test_packed_operands_over_several_channel_blocks(groups):
+def test_packed_operands_over_several_channel_blocks(groups, unpack_first):
     # 2 x 66 channels: three 32-channel blocks per tap (the last one partial) per group,
     # packed bytes masked at the block edge; stride 2 and padding exercise the zero point.
     gen = torch.Generator().manual_seed(3)
     x = values((2, 5, 6, 66 * groups), 4, gen)
     w = values((10, 3, 3, 66), 4, gen)
     out = conv2d_int(pack_int4(x, dim=3), pack_int4(w, dim=3), w_bits=4, a_bits=4, stride=2,
-                     padding=1, groups=groups)
+                     padding=1, groups=groups, unpack_first=unpack_first)
     assert torch.equal(out, reference(x, w, 2, 1, groups))
 
 
@@ -244,6 +246,7 @@ def test_config_validator():
           out_dtype=torch.int8), "out_dtype int8 needs out_scale"),
     (dict(w_bits=8, a_bits=8, split_k=0), r"split_k=0 must be a positive whole number"),
     (dict(w_bits=8, a_bits=8, split_k=2.0), r"split_k=2.0 must be a positive whole number"),
+    (dict(w_bits=8, a_bits=8, unpack_first="yes"), r"unpack_first='yes' must be True, False"),
 ])
 def test_bad_arguments(kwargs, message):
     gen = torch.Generator().manual_seed(0)
@@ -311,16 +314,18 @@ def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(m
         kernel_call()  # autotuning runs each candidate tile
         return 1.0
 
-    def launch_clock(fn):  # the split choice times each whole launch
+    def launch_clock(fn):  # the launch choice times each whole launch
         fn()
-        timed.append(fn.split_k)
+        timed.append(fn.split_k if fn.split_k == 1 or not fn.unpack_first else "2+unpack")
+        if faster == "prepass":
+            return 1.0 if fn.unpack_first else 2.0
         return 1.0 / fn.split_k if faster == "split" else float(fn.split_k)
 
     monkeypatch.setattr(conv, "_INTERPRET", False)
     monkeypatch.setattr(conv, "_bench", tile_clock)
     monkeypatch.setattr(conv, "_time_launch", launch_clock)
     monkeypatch.setattr(conv, "_TUNED", None)
-    monkeypatch.setattr(conv, "_SPLIT_CHOICE", {})
+    monkeypatch.setattr(conv, "_LAUNCH_CHOICE", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -344,9 +349,14 @@ def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(m
     conv.prepare_conv(x, w, **args)
     assert timed == [1, 2, 1, 2]  # the fused case was timed once; the repeat not at all
     faster = "whole"
-    monkeypatch.setattr(conv, "_SPLIT_CHOICE", {})
+    monkeypatch.setattr(conv, "_LAUNCH_CHOICE", {})
     # Inside a CUDA graph capture nothing is timed: no split until a call outside decides.
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert conv.prepare_conv(x, w, **args).split_k == 1 and len(timed) == 4
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert conv.prepare_conv(x, w, **args).split_k == 1 and len(timed) == 6
+    # Packed 4-bit weights: each split is timed unpacking in the tiles and by a pre-pass.
+    faster, timed[:] = "prepass", []
+    packed = conv.prepare_conv(x, pack_int4(values((64, 3, 3, 64), 4, gen), dim=3), w_bits=4,
+                               a_bits=8, padding=1)
+    assert timed == [1, 1, 2, "2+unpack"] and packed.unpack_first and packed.split_k == 1

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, config=None,
-           split_k=None):
+           split_k=None, unpack_first=None):
     gen = torch.Generator().manual_seed(seed)
     x = values((n, h, w, c), a_bits, gen)
     wt = values((o, k, k, c // groups), w_bits, gen)
@@ -27,7 +27,8 @@ def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, conf
     if w_bits <= 4 and (c // groups) % 2 == 0:
         win = pack_int4(wt, dim=3)
     out = conv2d_int(xin.cuda(), win.cuda(), w_bits=w_bits, a_bits=a_bits, stride=stride,
-                     padding=padding, groups=groups, config=config, split_k=split_k)
+                     padding=padding, groups=groups, config=config, split_k=split_k,
+                     unpack_first=unpack_first)
     torch.cuda.synchronize()
     assert out.dtype == torch.int32 and torch.equal(out.cpu(), expected)
 
@@ -60,6 +61,16 @@ def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
 def test_split_k_is_exact_on_the_gpu(split_k, w_bits, a_bits):
     # Partial sums added atomically by autotuned tiles: exact in any order.
     _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=split_k)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (4, 4)])
+@pytest.mark.parametrize("split_k", [1, 16])
+def test_unpack_first_is_exact_on_the_gpu(split_k, w_bits, a_bits):
+    # Packed operands unpacked by a pre-pass, then the int8 GEMM (autotuned tiles).
+    _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=split_k,
+           unpack_first=True)
+    _check(4, 28, 28, 128, 128, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=1,
+           unpack_first=True)
 
 
 def test_split_k_epilogue_matches_the_fused_one():

@@ -93,6 +93,17 @@ def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, BLOCK: tl.constexpr):
+    """Packed nibbles -> int8 values, low nibble first (`unpack_int4` along the last axis of
+    a flat buffer): the pre-pass of an `unpack_first` launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N_BYTES
+    b = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int8, bitcast=True)
+    tl.store(dst_ptr + 2 * offs, ((b << 4).to(tl.int8) >> 4).to(tl.int8), mask=mask)
+    tl.store(dst_ptr + 2 * offs + 1, (b >> 4).to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _padding_correction(oh, ow, rows, co, co_mask, pfx_ptr, H, W, KH, KW, stride_h, stride_w,
                         pad_h, pad_w):
     """Sum of the weights of each output pixel's taps that fall in the padding, per output
@@ -302,7 +313,8 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
                bias: torch.Tensor | None = None, relu: bool = False,
                out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                out_scale: float | None = None, out_zero_point: int = 0,
-               config: KernelConfig | None = None, split_k: int | None = None) -> torch.Tensor:
+               config: KernelConfig | None = None, split_k: int | None = None,
+               unpack_first: bool | None = None) -> torch.Tensor:
     """Integer convolution. Layout contract:
 
     - `x`: NHWC activations, int8 holding quantized values q_x (signed; at a_bits=4 in
@@ -319,15 +331,19 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
     - Depthwise convolutions (groups == C == O: one channel in and out per group) use a direct kernel;
       other groupings run one implicit GEMM per group.
     - `split_k`: how many programs share each output tile's reduction (partial sums added
-      atomically, exact); None chooses (`propose_split_k`, checked by timing on a GPU, once
-      per layer geometry; untimed with a pinned `config` or on the CPU interpreter; no split
-      while a CUDA graph is being captured, for a geometry not yet timed).
-      `config` fixes the tile instead of autotuning it. Both are ignored by the depthwise kernel.
+      atomically, exact); `unpack_first`: packed operands are unpacked to int8 by a pre-pass
+      instead of in every tile. With both None they are chosen: `propose_split_k` and
+      unpacking in the tiles, then on a GPU the fastest of those and no split, with and
+      without the pre-pass, by timing, once per layer geometry (untimed with a pinned
+      `config`, on the CPU interpreter, or inside a CUDA graph capture). Giving either fixes
+      both (the other: the proposal, no pre-pass). `config` fixes the tile instead of
+      autotuning it. The depthwise kernel ignores all three.
     """
     return prepare_conv(x, w, w_bits=w_bits, a_bits=a_bits, stride=stride, padding=padding,
                         groups=groups, scale=scale, bias=bias, relu=relu, out_dtype=out_dtype,
                         x_zero_point=x_zero_point, out_scale=out_scale,
-                        out_zero_point=out_zero_point, config=config, split_k=split_k)()
+                        out_zero_point=out_zero_point, config=config, split_k=split_k,
+                        unpack_first=unpack_first)()
 
 
 def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
@@ -335,7 +351,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                  bias: torch.Tensor | None = None, relu: bool = False,
                  out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                  out_scale: float | None = None, out_zero_point: int = 0,
-                 config: KernelConfig | None = None, split_k: int | None = None):
+                 config: KernelConfig | None = None, split_k: int | None = None,
+                 unpack_first: bool | None = None):
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
     function that only launches the kernel into a preallocated output and returns it: what
     `nas measure` times and captures in CUDA graphs."""
@@ -408,6 +425,9 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                                 or split_k < 1):
         raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
                           f"(or None to choose one)")
+    if unpack_first not in (None, True, False):
+        raise ConfigError(f"conv2d_int: unpack_first={unpack_first!r} must be True, False or "
+                          f"None (to choose)")
     if groups == c and ci == 1 and o == c and groups > 1:
         block_m, block_c = 64, 32
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
@@ -429,14 +449,25 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     tail = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k, x_zero_point,
             float(out_scale or 1.0), out_zero_point)
 
-    def gemm_launch(split: int):
+    def gemm_launch(split: int, unpack_first: bool = False):
         # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
         acc = out if split == 1 or scale is None else torch.empty(out.shape, dtype=torch.int32,
                                                                   device=device)
-        args = (x, w, acc, scale_t, bias_t, wsum, pfx, *tail)
+        # unpack_first: packed operands are unpacked to int8 once, by a pre-pass, instead of
+        # in every tile that reads them (weights: once per row of tiles).
+        x8, w8 = (torch.empty((*t.shape[:3], t.shape[3] * 2), dtype=torch.int8, device=device)
+                  if unpack_first and packed else None
+                  for t, packed in ((x, x_packed), (w, w_packed)))
+        unpacks = [(src, dst) for src, dst in ((x, x8), (w, w8)) if dst is not None]
+        args = (x if x8 is None else x8, w if w8 is None else w8, acc, scale_t, bias_t, wsum,
+                pfx, *tail)
+        flags = {**common, "X_PACKED": x_packed and x8 is None, "W_PACKED": w_packed and w8 is None}
         ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
 
         def launch() -> torch.Tensor:
+            for src, dst in unpacks:
+                _unpack_int4_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(),
+                                                                       BLOCK=1024)
             if split > 1:
                 acc.zero_()
             if interpreted or config is not None:
@@ -444,48 +475,51 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                         groups * split)
                 _conv_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, SPLIT_K=split, **common)
+                                        num_stages=cfg.num_stages, SPLIT_K=split, **flags)
             else:
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
-                _tuned()[grid](*args, SPLIT_K=split, **common)
+                _tuned()[grid](*args, SPLIT_K=split, **flags)
             if acc is not out:
                 _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, wsum, m, o, x_zero_point,
                                           float(out_scale or 1.0), out_zero_point,
                                           HAS_BIAS=bias is not None, RELU=relu,
                                           OUT_MODE=out_mode, BLOCK_M=64, BLOCK_N=64)
             return out
-        launch.split_k = split
+        launch.split_k, launch.unpack_first = split, bool(unpacks)
         return launch
 
-    if split_k is not None:
-        return gemm_launch(split_k)
     sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
         device).multi_processor_count
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
-    if proposal == 1 or interpreted or config is not None:
+    if split_k is not None or unpack_first is not None:
+        return gemm_launch(split_k or proposal, bool(unpack_first))
+    variants = [(split, first) for split in sorted({1, proposal})
+                for first in ((False, True) if x_packed or w_packed else (False,))]
+    if len(variants) == 1 or interpreted or config is not None:
         return gemm_launch(proposal)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
-    if key not in _SPLIT_CHOICE:
+    if key not in _LAUNCH_CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return gemm_launch(1)  # timing would break the capture; the next call outside decides
         times = {}
-        for split in (1, proposal):  # the whole launch (zeroing, GEMM, epilogue) both ways
-            fn = gemm_launch(split)
+        for variant in variants:  # each whole launch (pre-pass, zeroing, GEMM, epilogue)
+            fn = gemm_launch(*variant)
             fn()  # autotunes outside the timing
-            times[split] = _time_launch(fn)
-        _SPLIT_CHOICE[key] = min(times, key=times.get)
-    return gemm_launch(_SPLIT_CHOICE[key])
+            times[variant] = _time_launch(fn)
+        _LAUNCH_CHOICE[key] = min(times, key=times.get)
+    return gemm_launch(*_LAUNCH_CHOICE[key])
 
 
 # Split-K (see _conv_gemm_kernel) is proposed for layers whose tiles would fill under a
 # quarter of the GPU's SMs, and only as far as every split keeps SPLIT_MIN_STEPS reduction
 # steps; on a GPU the proposal is kept only where timing the whole launch beats no split
-# (the split pays for zeroing the accumulator and a separate epilogue).
+# (the split pays for zeroing the accumulator and a separate epilogue). Packed operands are
+# timed both unpacked in the tiles and unpacked first, by a pre-pass.
 SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
 INTERPRETER_SMS = 132  # the CPU interpreter splits as an H200 would be proposed to
-_SPLIT_CHOICE: dict[tuple, int] = {}
+_LAUNCH_CHOICE: dict[tuple, tuple[int, bool]] = {}  # layer -> (split, unpack_first) timed fastest
 
 
 def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int) -> int:
@@ -562,4 +596,5 @@ def tuned_config(case_launch) -> str | None:
     split = getattr(case_launch, "split_k", 1)
     return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
             f"warps={cfg.num_warps} stages={cfg.num_stages}"
-            + (f" split_k={split}" if split > 1 else ""))
+            + (f" split_k={split}" if split > 1 else "")
+            + (" unpack_first=1" if getattr(case_launch, "unpack_first", False) else ""))
