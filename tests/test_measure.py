@@ -11,7 +11,7 @@ from nas.cost.measure import (WallTimer, calls_per_graph, kendall_tau, layer_cas
                               provenance, table_document, validate)
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision
-from nas.spaces import Choice, SearchSpace
+from nas.spaces import SearchSpace
 from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 TINY = {**SYNTHETIC_SPACE, "searchable": ["layer1.0.conv1"],

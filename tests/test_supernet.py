@@ -1,8 +1,5 @@
-import math
-
 import pytest
 import torch
-import yaml
 
 from nas.budget import Budget
 from nas.cost import make_cost_model
@@ -90,7 +87,6 @@ def test_weights_are_shared_not_copied(space):
 
 def test_fixed_branch_matches_quantized_model(space):
     """A supernet fixed to one plan computes that plan's fake-quantized network."""
-    from nas.plan import Plan
     from nas.quant.modules import quantize_model
 
     model = space.build_model().eval()

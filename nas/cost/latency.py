@@ -35,7 +35,7 @@ COST_MODELS_DIR = Path(__file__).resolve().parents[2] / "cost_models"
 # The code a measured latency describes: tables record its fingerprint, so that a table
 # measured before the kernels changed is reported as such.
 KERNEL_SOURCES = [Path(__file__).resolve().parents[1] / "kernels" / name
-                  for name in ("conv.py", "configs.py")]
+                  for name in ("conv_kernels.py", "conv.py", "configs.py")]
 TABLE_FORMAT = "nas-latency/1"
 OUTPUT_BYTES = 2  # fp16 output of the fused epilogue
 
@@ -72,7 +72,7 @@ class DeviceSpec:
 
 
 def kernel_fingerprint() -> str:
-    """First 12 hex digits of the SHA-256 of the kernel sources (conv.py, then configs.py)."""
+    """First 12 hex digits of the SHA-256 of the kernel sources, in KERNEL_SOURCES order."""
     digest = hashlib.sha256()
     for path in KERNEL_SOURCES:
         digest.update(path.read_bytes())

@@ -1,0 +1,294 @@
+"""The Triton code of the integer convolution: implicit GEMM for dense and grouped
+convolutions, a direct kernel for depthwise ones, a fused dequantize / bias / ReLU /
+requantize epilogue (also as a kernel of its own, after split-K), and a 4-bit unpacking
+pre-pass. `nas.kernels.conv` checks arguments, prepares and launches them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_INTERPRET = not torch.cuda.is_available()
+if _INTERPRET:
+    # Must be decided before triton.jit runs: without a GPU the kernels are interpreted.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+# Only builtins of triton.language are used (tl.full, not tl.zeros): the library's own
+# @jit helpers are compiled for a GPU if something imported triton before the interpreter
+# was switched on, and then cannot run under it.
+
+_OUT_INT32, _OUT_FP16, _OUT_FP32, _OUT_INT8 = 0, 1, 2, 3
+# Fewer input channels per group than this: the GEMM walks the flattened (kh, kw, ci) axis
+# instead of one tap at a time (a block of 32 channels would be mostly padding).
+FLAT_K_BELOW = 16
+
+
+@triton.jit
+def _load_x(x_ptr, off, in_image, valid, x_zp, X_PACKED: tl.constexpr):
+    """Activation values as int32: padding reads `x_zp` (the depthwise kernel passes the zero
+    point, a real 0; the GEMM passes 0 and corrects in its epilogue), and lanes outside the
+    GEMM read 0 so they add nothing."""
+    if X_PACKED:
+        byte = tl.load(x_ptr + off // 2, mask=valid & in_image, other=0).to(tl.int32)
+        nib = tl.where(off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+        val = tl.where(nib > 7, nib - 16, nib)
+    else:
+        val = tl.load(x_ptr + off, mask=valid & in_image, other=0).to(tl.int32)
+    val = tl.where(in_image, val, x_zp)
+    return tl.where(valid, val, 0)
+
+
+@triton.jit
+def _pixels(pid_m, M, OH, OW, BLOCK_M: tl.constexpr):
+    """Output pixel rows of this tile: flat index, validity, image, row, column."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rem = offs_m % (OH * OW)
+    return offs_m, offs_m < M, offs_m // (OH * OW), rem // OW, rem % OW
+
+
+@triton.jit
+def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+              out_scale, out_zp, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              RELU: tl.constexpr, OUT_MODE: tl.constexpr):
+    if HAS_SCALE:
+        wsum = tl.load(wsum_ptr + co, mask=co_mask, other=0)
+        scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
+        y = (acc - x_zp * wsum[None, :]).to(tl.float32) * scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + co, mask=co_mask, other=0.0)[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        if OUT_MODE == 3:
+            v = y / out_scale
+            r = tl.floor(v)
+            d = v - r
+            odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+            r = tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)  # round half to even
+            q = tl.minimum(tl.maximum(r + out_zp, -128.0), 127.0)
+            tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
+        elif OUT_MODE == 1:
+            tl.store(out_ptrs, y.to(tl.float16), mask=out_mask)
+        else:
+            tl.store(out_ptrs, y, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS // 2] bytes of packed nibbles -> [ROWS, COLS] int8 in element order (low
+    nibble first). Shifts on the signed byte sign-extend each nibble (a few integer
+    operations per byte: this runs on CUDA cores for every tile), then join + reshape
+    interleave the halves."""
+    b = byte.to(tl.int8, bitcast=True)
+    lo = ((b << 4).to(tl.int8) >> 4).to(tl.int8)
+    hi = (b >> 4).to(tl.int8)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+
+
+@triton.jit
+def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, BLOCK: tl.constexpr):
+    """Packed nibbles -> int8 values, low nibble first (`unpack_int4` along the last axis of
+    a flat buffer): the pre-pass of an `unpack_first` launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N_BYTES
+    b = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int8, bitcast=True)
+    tl.store(dst_ptr + 2 * offs, ((b << 4).to(tl.int8) >> 4).to(tl.int8), mask=mask)
+    tl.store(dst_ptr + 2 * offs + 1, (b >> 4).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _padding_correction(oh, ow, rows, co, co_mask, pfx_ptr, H, W, KH, KW, stride_h, stride_w,
+                        pad_h, pad_w):
+    """Sum of the weights of each output pixel's taps that fall in the padding, per output
+    channel: [rows, channels] int32. The taps inside the image form a rectangle
+    [kh_lo, kh_hi) x [kw_lo, kw_hi); `pfx` holds 2-D prefix sums of the per-tap weight sums,
+    P[co, a, b] = sum over kh < a, kw < b, so the rectangle costs four lookups. Interior
+    pixels (no padded tap) load nothing."""
+    kh_lo = tl.minimum(tl.maximum(pad_h - oh * stride_h, 0), KH)
+    kh_hi = tl.maximum(tl.minimum(H + pad_h - oh * stride_h, KH), kh_lo)
+    kw_lo = tl.minimum(tl.maximum(pad_w - ow * stride_w, 0), KW)
+    kw_hi = tl.maximum(tl.minimum(W + pad_w - ow * stride_w, KW), kw_lo)
+    border = rows & ((kh_lo > 0) | (kh_hi < KH) | (kw_lo > 0) | (kw_hi < KW))
+    mask = border[:, None] & co_mask[None, :]
+    base = pfx_ptr + (co * ((KH + 1) * (KW + 1)))[None, :]
+    rect = tl.load(base + (kh_hi * (KW + 1) + kw_hi)[:, None], mask=mask, other=0)
+    rect -= tl.load(base + (kh_lo * (KW + 1) + kw_hi)[:, None], mask=mask, other=0)
+    rect -= tl.load(base + (kh_hi * (KW + 1) + kw_lo)[:, None], mask=mask, other=0)
+    rect += tl.load(base + (kh_lo * (KW + 1) + kw_lo)[:, None], mask=mask, other=0)
+    total = tl.load(base + KH * (KW + 1) + KW, mask=co_mask[None, :], other=0)
+    return tl.where(mask, total - rect, 0)
+
+
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
+                               "pad_w", "M", "x_zp", "out_zp"])
+def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_ptr,
+                      H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w,
+                      CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
+                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                      OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
+                      FLAT_K: tl.constexpr, PAD_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
+    the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
+
+    Two ways to walk the reduction: by kernel tap and, within a tap, blocks of BLOCK_K input
+    channels, so every load is a contiguous run of channels (vectorised, no per-element
+    division); or, for few input channels (FLAT_K: a stem's 3), over the flattened
+    (kh, kw, ci) axis, gathering element by element, so that blocks are not mostly empty.
+    Geometry arguments are not specialised (one compilation serves every layer); channel
+    counts are, for alignment.
+
+    Padding is read as 0 whatever the activation zero point: a masked load whose default is
+    0 is cp.async's own zero fill, and the tile goes straight from shared memory to the
+    tensor cores (any other default costs a pass through registers per tile, measured on
+    the H200 at 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64). Padding should read
+    the zero point (a real 0), so with PAD_FIX the epilogue adds x_zp times the weights of
+    the padded taps (`_padding_correction`); channels past CI read 0 and meet zero weights.
+
+    SPLIT_K > 1 (problems with too few tiles to fill the GPU, e.g. batch 1): the reduction
+    steps are shared among SPLIT_K programs per tile, which add their partial int32 sums
+    into the zeroed `out_ptr` atomically (integer addition: exact in any order); the
+    epilogue then runs as its own kernel (`_epilogue_kernel`)."""
+    g = tl.program_id(2) // SPLIT_K
+    split = tl.program_id(2) - g * SPLIT_K
+    offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < CO_G
+    co = g * CO_G + offs_n
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
+    if FLAT_K:
+        steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
+    else:
+        blocks = (CI + BLOCK_K - 1) // BLOCK_K
+        steps = (K // CI) * blocks
+    if SPLIT_K == 1:
+        first, last = 0, steps
+    else:
+        per_split = (steps + SPLIT_K - 1) // SPLIT_K
+        first = split * per_split
+        last = tl.minimum(first + per_split, steps)
+    if FLAT_K:
+        for step in range(first, last):
+            offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            ci = offs_k % CI
+            tap = offs_k // CI
+            kh = tap // KW
+            ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+            iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
+            in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            valid = m_mask[:, None] & k_mask[None, :]
+            x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
+            a = _load_x(x_ptr, x_off, in_image, valid, 0, X_PACKED).to(tl.int8)
+            w_off = co[:, None] * K + offs_k[None, :]
+            w_valid = n_mask[:, None] & k_mask[None, :]
+            if W_PACKED:
+                byte = tl.load(w_ptr + w_off // 2, mask=w_valid, other=0).to(tl.int32)
+                nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+                b = tl.where(nib > 7, nib - 16, nib).to(tl.int8)
+            else:
+                b = tl.load(w_ptr + w_off, mask=w_valid, other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    else:
+        HALF_K: tl.constexpr = BLOCK_K // 2
+        offs_c = tl.arange(0, BLOCK_K)
+        offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
+        for step in range(first, last):
+            tap = step // blocks
+            c0 = (step - tap * blocks) * BLOCK_K
+            kh = tap // KW
+            ih = oh * stride_h - pad_h + kh
+            iw = ow * stride_w - pad_w + (tap - kh * KW)
+            in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = (img * H + ih) * W + iw
+            k0 = tap * CI + c0  # this block's first position in an OHWI weight row
+            if X_PACKED:  # CI even (checked), so a byte never straddles two groups
+                x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
+                x_mask = in_image[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+                a = _unpack_int4_rows(tl.load(x_ptr + x_off, mask=x_mask, other=0),
+                                      BLOCK_M, BLOCK_K)
+            else:
+                x_off = pix[:, None] * C + (g * CI + c0 + offs_c)[None, :]
+                x_mask = in_image[:, None] & (c0 + offs_c < CI)[None, :]
+                a = tl.load(x_ptr + x_off, mask=x_mask, other=0)
+            if W_PACKED:
+                w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
+                w_mask = n_mask[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+                b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0),
+                                      BLOCK_N, BLOCK_K)
+            else:
+                w_off = co[:, None] * K + (k0 + offs_c)[None, :]
+                b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :],
+                            other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    if PAD_FIX:  # added once per tile: by the first split (the others' rows are masked off)
+        acc += x_zp * _padding_correction(oh, ow, m_mask & (split == 0), co, n_mask, pfx_ptr,
+                                          H, W, K // (CI * KW), KW, stride_h, stride_w, pad_h,
+                                          pad_w)
+    out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+                  out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+    else:
+        # A split left without steps (the autotuned BLOCK_K is wider than the proposal
+        # assumed) has nothing to add.
+        tl.atomic_add(out_ptrs, acc, mask=out_mask & (first < last), sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["M", "x_zp", "out_zp"])
+def _epilogue_kernel(acc_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, M, O, x_zp, out_scale,
+                     out_zp, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                     OUT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue on its own, over a finished int32 accumulator [M, O] (split-K)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < O
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    offs = offs_m[:, None] * O + offs_n[None, :]
+    acc = tl.load(acc_ptr + offs, mask=mask, other=0)
+    _epilogue(acc, offs_n, n_mask, out_ptr + offs, mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
+              out_scale, out_zp, True, HAS_BIAS, RELU, OUT_MODE)
+
+
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h",
+                               "pad_w", "M", "x_zp", "out_zp"])
+def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
+                           H, W, C, OH, OW, KH: tl.constexpr, KW: tl.constexpr, stride_h, stride_w, pad_h, pad_w, M,
+                           x_zp, out_scale, out_zp,
+                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                           OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr,
+                           W_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise: each channel convolves alone, so a GEMM would be all padding; this walks
+    the kernel taps directly, a tile of output pixels by a tile of channels at a time. The
+    kernel size is a compile-time constant, so the taps unroll and their loads are all in
+    flight together (a run-time loop waits on each load in turn)."""
+    offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=tl.int32)
+    valid = m_mask[:, None] & c_mask[None, :]
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih = oh * stride_h - pad_h + kh
+            iw = ow * stride_w - pad_w + kw
+            in_image = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            x_off = ((img * H + ih) * W + iw)[:, None] * C + c[None, :]
+            a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
+            w_off = c * (KH * KW) + kh * KW + kw
+            if W_PACKED:
+                byte = tl.load(w_ptr + w_off // 2, mask=c_mask, other=0).to(tl.int32)
+                nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
+                b = tl.where(nib > 7, nib - 16, nib)
+            else:
+                b = tl.load(w_ptr + w_off, mask=c_mask, other=0).to(tl.int32)
+            acc += a * b[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * C + c[None, :]
+    _epilogue(acc, c, c_mask, out_ptrs, valid, scale_ptr, bias_ptr, wsum_ptr, x_zp, out_scale,
+              out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
