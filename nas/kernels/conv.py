@@ -28,6 +28,72 @@ def _check_bits(bits: int, what: str) -> None:
         raise ConfigError(f"{what}={bits}: the integer kernels take 2-8 bits")
 
 
+def _check_operands(x, w, w_bits: int, a_bits: int, x_zero_point: int) -> tuple[bool, bool]:
+    """Bits, dtypes, ranks and the zero point's range; whether x and w come packed."""
+    _check_bits(w_bits, "w_bits")
+    _check_bits(a_bits, "a_bits")
+    lo, hi = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
+    if not lo <= x_zero_point <= hi:
+        raise ConfigError(f"conv2d_int: x_zero_point={x_zero_point} is not a {a_bits}-bit code "
+                          f"(it must lie in [{lo}, {hi}], like the activations)")
+    x_packed, w_packed = x.dtype == torch.uint8, w.dtype == torch.uint8
+    for t, packed, bits, name in ((x, x_packed, a_bits, "x"), (w, w_packed, w_bits, "w")):
+        if t.dtype not in (torch.int8, torch.uint8):
+            raise ConfigError(f"conv2d_int: {name} must be int8 (values) or uint8 (packed 4-bit), "
+                              f"got {t.dtype}")
+        if packed and bits > 4:
+            raise ConfigError(f"conv2d_int: {name} is packed (uint8) but has {bits} bits; only "
+                              f"values of 4 bits or fewer are packed")
+        if t.ndim != 4:
+            raise ConfigError(f"conv2d_int: {name} must be 4-D ({'NHWC' if name == 'x' else 'OHWI'})")
+    return x_packed, w_packed
+
+
+def _check_choice(split_k, unpack_first) -> None:
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int)
+                                or split_k < 1):
+        raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
+                          f"(or None to choose one)")
+    if unpack_first not in (None, True, False):
+        raise ConfigError(f"conv2d_int: unpack_first={unpack_first!r} must be True, False or "
+                          f"None (to choose)")
+
+
+def _output_mode(scale, bias, relu: bool, out_dtype, out_scale) -> tuple[int, torch.dtype]:
+    """The epilogue's output mode and dtype: the raw int32 accumulator without a scale."""
+    if scale is None:
+        if bias is not None or relu or out_dtype not in (None, torch.int32):
+            raise ConfigError("conv2d_int: bias, relu and out_dtype need a scale (without one "
+                              "the result is the raw int32 accumulator)")
+        return _OUT_INT32, torch.int32
+    out_torch = out_dtype or torch.float16
+    out_mode = {torch.float16: _OUT_FP16, torch.float32: _OUT_FP32,
+                torch.int8: _OUT_INT8}.get(out_torch)
+    if out_mode is None:
+        raise ConfigError(f"conv2d_int: out_dtype {out_torch} is not float16, float32 or int8")
+    if out_mode == _OUT_INT8 and not out_scale:
+        raise ConfigError("conv2d_int: out_dtype int8 needs out_scale")
+    return out_mode, out_torch
+
+
+def _weight_sums(w, w_packed: bool, per_channel: bool, per_tap: bool, dummy):
+    """Weight sums the epilogue needs (`dummy` where it needs none): per output channel, for
+    the zero-point correction; 2-D prefix sums over (kh, kw) per output channel, with a zero
+    row and column in front, for the padding correction."""
+    if not (per_channel or per_tap):
+        return dummy, dummy
+    from nas.kernels.pack import unpack_int4
+
+    tap_sums = (unpack_int4(w, dim=3) if w_packed else w).to(torch.int32).sum(dim=3)
+    wsum = tap_sums.sum(dim=(1, 2)).to(torch.int32).contiguous() if per_channel else dummy
+    pfx = dummy
+    if per_tap:
+        o, kh, kw = tap_sums.shape
+        pfx = torch.zeros((o, kh + 1, kw + 1), dtype=torch.int32, device=w.device)
+        pfx[:, 1:, 1:] = tap_sums.cumsum(dim=1).cumsum(dim=2)
+    return wsum, pfx
+
+
 def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
                padding=0, groups: int = 1, scale: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, relu: bool = False,
@@ -76,22 +142,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
     function that only launches the kernel into a preallocated output and returns it: what
     `nas measure` times and captures in CUDA graphs."""
-    _check_bits(w_bits, "w_bits")
-    _check_bits(a_bits, "a_bits")
-    lo, hi = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
-    if not lo <= x_zero_point <= hi:
-        raise ConfigError(f"conv2d_int: x_zero_point={x_zero_point} is not a {a_bits}-bit code "
-                          f"(it must lie in [{lo}, {hi}], like the activations)")
-    x_packed, w_packed = x.dtype == torch.uint8, w.dtype == torch.uint8
-    for t, packed, bits, name in ((x, x_packed, a_bits, "x"), (w, w_packed, w_bits, "w")):
-        if t.dtype not in (torch.int8, torch.uint8):
-            raise ConfigError(f"conv2d_int: {name} must be int8 (values) or uint8 (packed 4-bit), "
-                              f"got {t.dtype}")
-        if packed and bits > 4:
-            raise ConfigError(f"conv2d_int: {name} is packed (uint8) but has {bits} bits; only "
-                              f"values of 4 bits or fewer are packed")
-        if t.ndim != 4:
-            raise ConfigError(f"conv2d_int: {name} must be 4-D ({'NHWC' if name == 'x' else 'OHWI'})")
+    x_packed, w_packed = _check_operands(x, w, w_bits, a_bits, x_zero_point)
+    _check_choice(split_k, unpack_first)
     n, h, wd = x.shape[:3]
     c = _unpacked_size(x, x_packed)
     o, kh, kw = w.shape[:3]
@@ -105,49 +157,21 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     if oh <= 0 or ow <= 0:
         raise ConfigError(f"conv2d_int: a {kh}x{kw} kernel does not fit a {h}x{wd} input "
                           f"with padding {padding}")
-    if scale is None and (bias is not None or relu or out_dtype not in (None, torch.int32)):
-        raise ConfigError("conv2d_int: bias, relu and out_dtype need a scale (without one the "
-                          "result is the raw int32 accumulator)")
+    out_mode, out_torch = _output_mode(scale, bias, relu, out_dtype, out_scale)
     device = x.device
     x, w = x.contiguous(), w.contiguous()
     m = n * oh * ow
-    if scale is None:
-        out_mode, out_torch = _OUT_INT32, torch.int32
-    else:
-        out_torch = out_dtype or torch.float16
-        out_mode = {torch.float16: _OUT_FP16, torch.float32: _OUT_FP32,
-                    torch.int8: _OUT_INT8}.get(out_torch)
-        if out_mode is None:
-            raise ConfigError(f"conv2d_int: out_dtype {out_torch} is not float16, float32 or int8")
-        if out_mode == _OUT_INT8 and not out_scale:
-            raise ConfigError("conv2d_int: out_dtype int8 needs out_scale")
     out = torch.empty((n, oh, ow, o), dtype=out_torch, device=device)
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
-    wsum = pfx = dummy
     # The GEMM pads with 0 and corrects in its epilogue (see _conv_gemm_kernel).
     pad_fix = x_zero_point != 0 and (ph > 0 or pw > 0)
-    if scale is not None or pad_fix:
-        from nas.kernels.pack import unpack_int4
-
-        tap_sums = (unpack_int4(w, dim=3) if w_packed else w).to(torch.int32).sum(dim=3)
-        if scale is not None:
-            wsum = tap_sums.sum(dim=(1, 2)).to(torch.int32).contiguous()
-            scale = scale.to(device=device, dtype=torch.float32).contiguous()
-        if pad_fix:  # 2-D prefix sums over (kh, kw), a zero row and column in front
-            pfx = torch.zeros((o, kh + 1, kw + 1), dtype=torch.int32, device=device)
-            pfx[:, 1:, 1:] = tap_sums.cumsum(dim=1).cumsum(dim=2)
+    wsum, pfx = _weight_sums(w, w_packed, scale is not None, pad_fix, dummy)
     bias_t = bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None else dummy
-    scale_t = scale if scale is not None else dummy
+    scale_t = (scale.to(device=device, dtype=torch.float32).contiguous() if scale is not None
+               else dummy)
     common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
                   OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
     interpreted = _INTERPRET
-    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int)
-                                or split_k < 1):
-        raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
-                          f"(or None to choose one)")
-    if unpack_first not in (None, True, False):
-        raise ConfigError(f"conv2d_int: unpack_first={unpack_first!r} must be True, False or "
-                          f"None (to choose)")
     if groups == c and ci == 1 and o == c and groups > 1:
         block_m, block_c = 64, 32
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
@@ -214,12 +238,21 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
     if split_k is not None or unpack_first is not None:
         return gemm_launch(split_k or proposal, bool(unpack_first))
-    variants = [(split, first) for split in sorted({1, proposal})
-                for first in ((False, True) if x_packed or w_packed else (False,))]
-    if len(variants) == 1 or interpreted or config is not None:
+    if interpreted or config is not None:
         return gemm_launch(proposal)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
+    return _fastest(gemm_launch, key, proposal, x_packed or w_packed)
+
+
+def _fastest(gemm_launch, key: tuple, proposal: int, packed: bool):
+    """The launch variant (split, unpack_first) that timing finds fastest for this layer, once
+    per layer: no split and the proposed one, each with and without the pre-pass when an
+    operand is packed."""
+    variants = [(split, first) for split in sorted({1, proposal})
+                for first in ((False, True) if packed else (False,))]
+    if len(variants) == 1:
+        return gemm_launch(*variants[0])
     if key not in _LAUNCH_CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return gemm_launch(1)  # timing would break the capture; the next call outside decides
