@@ -13,7 +13,7 @@ import torch
 
 from nas.cost.latency import table_key
 from nas.cost.measure import make_case
-from nas.kernels.configs import KernelConfig
+from nas.kernels.configs import KernelConfig, Launch
 from nas.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def config_of(entry: dict) -> dict:
     kv = dict(part.split("=") for part in entry["kernel_config"].split())
     return {"config": KernelConfig(int(kv["BLOCK_M"]), int(kv["BLOCK_N"]), int(kv["BLOCK_K"]),
                                    int(kv["warps"]), int(kv["stages"])),
-            "split_k": int(kv.get("split_k", 1)), "unpack_first": kv.get("unpack_first") == "1"}
+            "launch": Launch.parse(kv)}
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from nas.errors import ConfigError
 from nas.kernels import conv2d_int, pack_int4, unpack_int4
-from nas.kernels.configs import GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, validate_config
+from nas.kernels.configs import (GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, Launch,
+                                 validate_config)
 
 pytestmark = pytest.mark.triton
 
@@ -52,8 +53,9 @@ def conv_cases(draw):
                 c=c, o=o, ci=ci, k=kernel, stride=stride, padding=padding, groups=groups,
                 w_bits=w_bits, a_bits=a_bits, pack=draw(st.booleans()), seed=draw(st.integers(0, 10**6)),
                 zp=draw(st.sampled_from([0, 0, -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1, 3])),
-                split_k=draw(st.sampled_from([None, None, 1, 2, 3, 7])),
-                unpack_first=draw(st.sampled_from([None, False, True])))
+                launch=draw(st.sampled_from([None, None, Launch(), Launch(2), Launch(7),
+                                             Launch(3, unpack_first=True), Launch(im2col=True),
+                                             Launch(2, im2col=True)])))
 
 
 @settings(max_examples=int(os.environ.get("NAS_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,7 +75,7 @@ def test_exact_int32_against_reference(case):
             win = pack_int4(w, dim=3)
     out = conv2d_int(xin, win, w_bits=case["w_bits"], a_bits=case["a_bits"], stride=case["stride"],
                      padding=case["padding"], groups=case["groups"], x_zero_point=case["zp"],
-                     split_k=case["split_k"], unpack_first=case["unpack_first"])
+                     launch=case["launch"])
     assert out.dtype == torch.int32 and torch.equal(out, expected)
 
 
@@ -94,7 +96,7 @@ def test_packed_operands_over_several_channel_blocks(groups, unpack_first):
     x = values((2, 5, 6, 66 * groups), 4, gen)
     w = values((10, 3, 3, 66), 4, gen)
     out = conv2d_int(pack_int4(x, dim=3), pack_int4(w, dim=3), w_bits=4, a_bits=4, stride=2,
-                     padding=1, groups=groups, unpack_first=unpack_first)
+                     padding=1, groups=groups, launch=Launch(unpack_first=unpack_first))
     assert torch.equal(out, reference(x, w, 2, 1, groups))
 
 
@@ -134,18 +136,19 @@ def test_zero_point_pads_the_tap_path(bits, zp, pack):
 ])
 def test_zero_point_padding_correction_at_every_border(ci, groups, kernel, padding, stride,
                                                        split_k):
-    check_padding_correction(ci, groups, kernel, padding, stride, (2, 6, 7), split_k=split_k)
+    check_padding_correction(ci, groups, kernel, padding, stride, (2, 6, 7),
+                             launch=Launch(split_k))
 
 
 def check_padding_correction(ci, groups, kernel, padding, stride, nhw, device="cpu",
-                             split_k=None):
+                             launch=None):
     """The GEMM reads padding as 0 and adds zero point x the padded taps' weights per output
     pixel; the raw int32 accumulator must equal a convolution over zero-point padding."""
     gen = torch.Generator().manual_seed(5)
     x = values((*nhw, ci * groups), 8, gen)
     w = values((4 * groups, *kernel, ci), 8, gen)
     out = conv2d_int(x.to(device), w.to(device), w_bits=8, a_bits=8, stride=stride,
-                     padding=padding, groups=groups, x_zero_point=-7, split_k=split_k)
+                     padding=padding, groups=groups, x_zero_point=-7, launch=launch)
     assert torch.equal(out.cpu(), reference(x, w, stride, padding, groups, zero_point=-7))
 
 
@@ -165,11 +168,11 @@ def _epilogue_case():
 def test_fused_epilogue_dequantizes_with_zero_point_correction(split_k):
     x, w, scale, bias, zp, expected = _epilogue_case()
     y = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
-                   out_dtype=torch.float32, split_k=split_k)
+                   out_dtype=torch.float32, launch=Launch(split_k))
     # int32 -> float32 times a float32 scale: relative error of a few float32 ulps.
     assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-5)
     relu = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias,
-                      x_zero_point=zp, relu=True, split_k=split_k)
+                      x_zero_point=zp, relu=True, launch=Launch(split_k))
     assert relu.dtype == torch.float16
     assert torch.allclose(relu.double(), expected.clamp(min=0), rtol=1e-3, atol=1e-2)
 
@@ -182,12 +185,13 @@ def test_split_k_epilogue_of_a_grouped_convolution():
     args = dict(w_bits=8, a_bits=8, padding=1, groups=2, scale=scale, bias=bias, relu=True,
                 x_zero_point=-3)
     for out_dtype, extra in ((torch.float32, {}), (torch.int8, dict(out_scale=0.02))):
-        fused = conv2d_int(x, w, out_dtype=out_dtype, split_k=1, **args, **extra)
-        split = conv2d_int(x, w, out_dtype=out_dtype, split_k=5, **args, **extra)
+        fused = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(1), **args, **extra)
+        split = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(5), **args, **extra)
         assert torch.equal(fused, split)  # the same int32 sums through the same epilogue code
     real = (reference(x, w, 1, 1, 2, zero_point=-3).double()
             - (-3) * w.double().sum(dim=(1, 2, 3))) * scale.double() + bias.double()
-    assert torch.allclose(conv2d_int(x, w, out_dtype=torch.float32, split_k=5, **args).double(),
+    assert torch.allclose(conv2d_int(x, w, out_dtype=torch.float32, launch=Launch(5),
+                                     **args).double(),
                           real.clamp(min=0), rtol=1e-6, atol=1e-5)
 
 
@@ -195,9 +199,10 @@ def test_split_k_epilogue_of_a_grouped_convolution():
 def test_requantized_int8_output(split_k):
     x, w, scale, bias, zp, _ = _epilogue_case()
     y = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
-                   out_dtype=torch.float32, split_k=1)
+                   out_dtype=torch.float32, launch=Launch(1))
     q = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, x_zero_point=zp,
-                   out_dtype=torch.int8, out_scale=0.05, out_zero_point=3, split_k=split_k)
+                   out_dtype=torch.int8, out_scale=0.05, out_zero_point=3,
+                   launch=Launch(split_k))
     expected = torch.clamp(torch.round(y / 0.05) + 3, -128, 127).to(torch.int8)
     assert q.dtype == torch.int8 and torch.equal(q, expected)
 
@@ -244,9 +249,11 @@ def test_config_validator():
     (dict(w_bits=8, a_bits=8, relu=True), "bias, relu and out_dtype need a scale"),
     (dict(w_bits=8, a_bits=8, padding=0, stride=1, groups=1, scale=torch.ones(4),
           out_dtype=torch.int8), "out_dtype int8 needs out_scale"),
-    (dict(w_bits=8, a_bits=8, split_k=0), r"split_k=0 must be a positive whole number"),
-    (dict(w_bits=8, a_bits=8, split_k=2.0), r"split_k=2.0 must be a positive whole number"),
-    (dict(w_bits=8, a_bits=8, unpack_first="yes"), r"unpack_first='yes' must be True, False"),
+    (dict(w_bits=8, a_bits=8, launch=Launch(0)), r"launch split_k=0 must be a positive whole"),
+    (dict(w_bits=8, a_bits=8, launch=Launch(2.0)), r"launch split_k=2.0 must be a positive"),
+    (dict(w_bits=8, a_bits=8, launch=Launch(unpack_first="yes")),
+     r"launch unpack_first='yes' must be True or False"),
+    (dict(w_bits=8, a_bits=8, launch=2), r"launch=2 must be a nas.kernels.configs.Launch"),
 ])
 def test_bad_arguments(kwargs, message):
     gen = torch.Generator().manual_seed(0)
@@ -258,8 +265,8 @@ def test_bad_arguments(kwargs, message):
 def test_depthwise_rejects_a_bad_split_k_too():
     gen = torch.Generator().manual_seed(0)
     x, w = values((1, 3, 3, 4), 8, gen), values((4, 3, 3, 1), 8, gen)
-    with pytest.raises(ConfigError, match=r"split_k=0 must be a positive whole number"):
-        conv2d_int(x, w, w_bits=8, a_bits=8, groups=4, split_k=0)
+    with pytest.raises(ConfigError, match=r"launch split_k=0 must be a positive whole number"):
+        conv2d_int(x, w, w_bits=8, a_bits=8, groups=4, launch=Launch(0))
 
 
 def test_packed_operand_with_more_than_four_bits_is_rejected():
@@ -301,14 +308,16 @@ def test_split_k_is_proposed_where_tiles_cannot_fill_the_gpu():
     assert propose_split_k(8, 8, 2, 3, 49, 132) == 1  # flattened: 147 values = 3 steps
 
 
-def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(monkeypatch):
-    # The GPU's host path (autotuning over GPU_CONFIGS, the split-K choice by timing) run on
-    # the interpreter: a scripted clock stands in for CUDA events, 132 SMs for an H200.
+def test_gpu_launch_path_autotunes_and_keeps_the_variant_timing_finds_fastest(monkeypatch):
+    # The GPU's host path (autotuning over GPU_CONFIGS, the launch variant chosen by timing)
+    # run on the interpreter: a scripted clock stands in for CUDA graphs, 132 SMs for an H200.
     import types
 
     import nas.kernels.conv as conv
 
     timed = []
+    clocks = {"split": lambda v: 1.0 / v.split_k, "whole": lambda v: float(v.split_k),
+              "prepass": lambda v: 1.0 if v.unpack_first or v.im2col else 2.0}
 
     def tile_clock(kernel_call, quantiles=None):
         kernel_call()  # autotuning runs each candidate tile
@@ -316,10 +325,8 @@ def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(m
 
     def launch_clock(fn):  # the launch choice times each whole launch
         fn()
-        timed.append(fn.split_k if fn.split_k == 1 or not fn.unpack_first else "2+unpack")
-        if faster == "prepass":
-            return 1.0 if fn.unpack_first else 2.0
-        return 1.0 / fn.split_k if faster == "split" else float(fn.split_k)
+        timed.append(fn.variant)
+        return clocks[faster](fn.variant)
 
     monkeypatch.setattr(conv, "_INTERPRET", False)
     monkeypatch.setattr(conv, "_bench", tile_clock)
@@ -338,25 +345,36 @@ def test_gpu_launch_path_autotunes_and_keeps_a_split_only_where_timing_says_so(m
     faster = "split"
     # The first call autotunes (three tiles fit), running the split kernel once per tile
     # into the same accumulator: it must be reset before the real run.
-    assert torch.equal(conv.prepare_conv(x, w, split_k=2, **args)(), expected)
+    assert torch.equal(conv.prepare_conv(x, w, launch=Launch(2), **args)(), expected)
     # 49 pixels x 64 channels: one tile for 132 SMs; 9 reduction steps: 2 splits proposed.
     launch = conv.prepare_conv(x, w, **args)
-    assert launch.split_k == 2 and timed == [1, 2]
+    assert launch.variant == Launch(2) and timed == [Launch(1), Launch(2)]
     assert torch.equal(launch(), expected) and torch.equal(launch(), expected)
     assert conv.tuned_config(launch).endswith(" split_k=2")
     fused = conv.prepare_conv(x, w, scale=scale, bias=bias, out_dtype=torch.float32, **args)
-    assert fused.split_k == 2 and torch.allclose(fused().double(), real, rtol=1e-6, atol=1e-5)
+    assert fused.variant == Launch(2)
+    assert torch.allclose(fused().double(), real, rtol=1e-6, atol=1e-5)
     conv.prepare_conv(x, w, **args)
-    assert timed == [1, 2, 1, 2]  # the fused case was timed once; the repeat not at all
+    assert len(timed) == 4  # the fused case was timed once; the repeat not at all
     faster = "whole"
     monkeypatch.setattr(conv, "_LAUNCH_CHOICE", {})
     # Inside a CUDA graph capture nothing is timed: no split until a call outside decides.
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert conv.prepare_conv(x, w, **args).split_k == 1 and len(timed) == 4
+    assert conv.prepare_conv(x, w, **args).variant == Launch(1) and len(timed) == 4
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert conv.prepare_conv(x, w, **args).split_k == 1 and len(timed) == 6
-    # Packed 4-bit weights: each split is timed unpacking in the tiles and by a pre-pass.
+    assert conv.prepare_conv(x, w, **args).variant == Launch(1) and len(timed) == 6
+    # Packed 4-bit weights: each split is also timed with the unpacking pre-pass.
     faster, timed[:] = "prepass", []
-    packed = conv.prepare_conv(x, pack_int4(values((64, 3, 3, 64), 4, gen), dim=3), w_bits=4,
-                               a_bits=8, padding=1)
-    assert timed == [1, 1, 2, "2+unpack"] and packed.unpack_first and packed.split_k == 1
+    w4 = values((64, 3, 3, 64), 4, gen)
+    packed = conv.prepare_conv(x, pack_int4(w4, dim=3), w_bits=4, a_bits=8, padding=1)
+    assert timed == [Launch(1), Launch(2), Launch(1, unpack_first=True),
+                     Launch(2, unpack_first=True)]
+    assert packed.variant == Launch(1, unpack_first=True)
+    assert torch.equal(packed(), reference(x, w4, 1, 1, 1))
+    # Three input channels (a stem): also timed with im2col; one split (one reduction step).
+    timed[:] = []
+    x3, w3 = values((2, 9, 9, 3), 8, gen), values((64, 3, 3, 3), 8, gen)
+    stem = conv.prepare_conv(x3, w3, stride=2, **args)
+    assert timed == [Launch(1), Launch(1, im2col=True)] and stem.variant == Launch(im2col=True)
+    assert torch.equal(stem(), reference(x3, w3, 2, 1, 1, zero_point=3))
+    assert conv.tuned_config(stem).endswith(" im2col=1")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nas.kernels import conv2d_int, pack_int4
-from nas.kernels.configs import GPU_CONFIGS
+from nas.kernels.configs import GPU_CONFIGS, Launch
 from tests.test_kernels import (check_padding_correction, check_zero_point_padding,
                                 reference, values)
 
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, config=None,
-           split_k=None, unpack_first=None):
+           launch=None):
     gen = torch.Generator().manual_seed(seed)
     x = values((n, h, w, c), a_bits, gen)
     wt = values((o, k, k, c // groups), w_bits, gen)
@@ -27,8 +27,7 @@ def _check(n, h, w, c, o, k, stride, padding, groups, w_bits, a_bits, seed, conf
     if w_bits <= 4 and (c // groups) % 2 == 0:
         win = pack_int4(wt, dim=3)
     out = conv2d_int(xin.cuda(), win.cuda(), w_bits=w_bits, a_bits=a_bits, stride=stride,
-                     padding=padding, groups=groups, config=config, split_k=split_k,
-                     unpack_first=unpack_first)
+                     padding=padding, groups=groups, config=config, launch=launch)
     torch.cuda.synchronize()
     assert out.dtype == torch.int32 and torch.equal(out.cpu(), expected)
 
@@ -60,17 +59,29 @@ def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
 @pytest.mark.parametrize("split_k", [2, 16])
 def test_split_k_is_exact_on_the_gpu(split_k, w_bits, a_bits):
     # Partial sums added atomically by autotuned tiles: exact in any order.
-    _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=split_k)
+    _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, launch=Launch(split_k))
 
 
 @pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (4, 4)])
 @pytest.mark.parametrize("split_k", [1, 16])
 def test_unpack_first_is_exact_on_the_gpu(split_k, w_bits, a_bits):
     # Packed operands unpacked by a pre-pass, then the int8 GEMM (autotuned tiles).
-    _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=split_k,
-           unpack_first=True)
-    _check(4, 28, 28, 128, 128, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, split_k=1,
-           unpack_first=True)
+    _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k,
+           launch=Launch(split_k, unpack_first=True))
+    _check(4, 28, 28, 128, 128, 3, 1, 1, 1, w_bits, a_bits, seed=split_k,
+           launch=Launch(unpack_first=True))
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 4)])
+@pytest.mark.parametrize("geometry", [
+    (2, 224, 224, 3, 64, 7, 2, 3, 1),   # ImageNet stem
+    (2, 16, 16, 4, 32, 3, 1, 1, 1),     # few channels, even: packed activations
+    (2, 12, 12, 12, 16, 3, 1, 1, 2),    # grouped, 6 channels per group
+])
+def test_im2col_is_exact_on_the_gpu(geometry, w_bits, a_bits):
+    # Rows written out by the pre-pass, then a 1x1 GEMM (autotuned tiles); split-K too.
+    _check(*geometry, w_bits, a_bits, seed=sum(geometry), launch=Launch(im2col=True))
+    _check(*geometry, w_bits, a_bits, seed=sum(geometry), launch=Launch(3, im2col=True))
 
 
 def test_split_k_epilogue_matches_the_fused_one():
@@ -79,8 +90,8 @@ def test_split_k_epilogue_matches_the_fused_one():
     scale, bias = (torch.rand(128, generator=gen) * 1e-3).cuda(), torch.randn(128, generator=gen).cuda()
     args = dict(w_bits=8, a_bits=8, padding=1, scale=scale, bias=bias, relu=True, x_zero_point=5)
     for out_dtype, extra in ((torch.float32, {}), (torch.int8, dict(out_scale=0.05))):
-        fused = conv2d_int(x, wt, out_dtype=out_dtype, split_k=1, **args, **extra)
-        split = conv2d_int(x, wt, out_dtype=out_dtype, split_k=9, **args, **extra)
+        fused = conv2d_int(x, wt, out_dtype=out_dtype, launch=Launch(1), **args, **extra)
+        split = conv2d_int(x, wt, out_dtype=out_dtype, launch=Launch(9), **args, **extra)
         # The same int32 sums through the same epilogue code, compiled into two kernels (the
         # compiler may contract multiply-adds differently): float32 within an ulp or two,
         # requantized codes within one step.

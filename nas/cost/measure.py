@@ -133,12 +133,12 @@ class Case:
 
 
 def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
-              gen: torch.Generator, config=None, split_k=None, unpack_first=None) -> Case:
+              gen: torch.Generator, config=None, launch=None) -> Case:
     """Inputs for one (layer, choice): NHWC int8 activations and OHWI int8 weights, packed two
     per byte where the kernel takes 4-bit operands packed and the packed axis is even.
     Random values are drawn on `gen`'s device (on the GPU: no host work or copies).
-    `config`, `split_k` and `unpack_first` pin the GEMM kernel's tile, reduction split and
-    operand pre-pass (default: autotuned and chosen by timing on the GPU)."""
+    `config` and `launch` pin the GEMM kernel's tile and launch variant (default: autotuned
+    and chosen by timing on the GPU)."""
     from nas.kernels import pack_int4
     from nas.kernels.conv import prepare_conv
 
@@ -168,10 +168,9 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
         wt = pack_int4(wt, dim=3)
     scale = torch.rand(o, generator=gen, device=gen.device).to(device) * 1e-3
     bias = torch.randn(o, generator=gen, device=gen.device).to(device)
-    launch = prepare_conv(x, wt, w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias,
-                          relu=True, x_zero_point=ACTIVATION_ZERO_POINT, config=config,
-                          split_k=split_k, unpack_first=unpack_first, **conv)
-    return Case(key, info, w_bits, a_bits, launch, baseline)
+    run = prepare_conv(x, wt, w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias, relu=True,
+                       x_zero_point=ACTIVATION_ZERO_POINT, config=config, launch=launch, **conv)
+    return Case(key, info, w_bits, a_bits, run, baseline)
 
 
 def layer_cases(space, batch: int, device: torch.device, seed: int = 0) -> list[Case]:

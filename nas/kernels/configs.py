@@ -21,6 +21,45 @@ class KernelConfig:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How a GEMM convolution is launched, beside its tile (KernelConfig).
+
+    - split_k: programs sharing each output tile's reduction (int32 partial sums added
+      atomically, exact; the epilogue then runs as a kernel of its own);
+    - unpack_first: packed 4-bit operands unpacked to int8 once, by a pre-pass, instead of in
+      every tile that reads them;
+    - im2col: the GEMM's rows (activation patches, zero point in the padding) written out
+      first by a pre-pass, then multiplied as a 1x1 convolution (operands int8)."""
+
+    split_k: int = 1
+    unpack_first: bool = False
+    im2col: bool = False
+
+    def describe(self) -> str:
+        """The choices that differ from the default, as `key=value` words ('' for none)."""
+        return " ".join([f"split_k={self.split_k}"] * (self.split_k > 1)
+                        + ["unpack_first=1"] * self.unpack_first + ["im2col=1"] * self.im2col)
+
+    @classmethod
+    def parse(cls, words: dict[str, str]) -> "Launch":
+        """The inverse of describe(), from its words split at '='."""
+        return cls(int(words.get("split_k", 1)), words.get("unpack_first") == "1",
+                   words.get("im2col") == "1")
+
+
+def validate_launch(launch: Launch) -> Launch:
+    if not isinstance(launch, Launch):
+        raise ConfigError(f"launch={launch!r} must be a nas.kernels.configs.Launch (or None to "
+                          f"choose one)")
+    if isinstance(launch.split_k, bool) or not isinstance(launch.split_k, int) or launch.split_k < 1:
+        raise ConfigError(f"launch split_k={launch.split_k!r} must be a positive whole number")
+    for name in ("unpack_first", "im2col"):
+        if not isinstance(getattr(launch, name), bool):
+            raise ConfigError(f"launch {name}={getattr(launch, name)!r} must be True or False")
+    return launch
+
+
 def validate_config(cfg: KernelConfig) -> KernelConfig:
     problems = []
     if cfg.block_k < 32 or cfg.block_k % 32:

@@ -4,14 +4,18 @@ and the 4-bit pre-pass chosen by timing)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nas.errors import ConfigError
-from nas.kernels.configs import GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, validate_config
+from nas.kernels.configs import (GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, Launch,
+                                 validate_config, validate_launch)
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
                                       FLAT_K_BELOW, _conv_depthwise_kernel, _conv_gemm_kernel,
-                                      _epilogue_kernel, _unpack_int4_kernel)
+                                      _epilogue_kernel, _im2col_kernel, _unpack_int4_kernel)
+from nas.kernels.pack import unpack_int4
 
 import triton  # noqa: E402  (after the kernels: see above)
 
@@ -49,16 +53,6 @@ def _check_operands(x, w, w_bits: int, a_bits: int, x_zero_point: int) -> tuple[
     return x_packed, w_packed
 
 
-def _check_choice(split_k, unpack_first) -> None:
-    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int)
-                                or split_k < 1):
-        raise ConfigError(f"conv2d_int: split_k={split_k!r} must be a positive whole number "
-                          f"(or None to choose one)")
-    if unpack_first not in (None, True, False):
-        raise ConfigError(f"conv2d_int: unpack_first={unpack_first!r} must be True, False or "
-                          f"None (to choose)")
-
-
 def _output_mode(scale, bias, relu: bool, out_dtype, out_scale) -> tuple[int, torch.dtype]:
     """The epilogue's output mode and dtype: the raw int32 accumulator without a scale."""
     if scale is None:
@@ -82,8 +76,6 @@ def _weight_sums(w, w_packed: bool, per_channel: bool, per_tap: bool, dummy):
     row and column in front, for the padding correction."""
     if not (per_channel or per_tap):
         return dummy, dummy
-    from nas.kernels.pack import unpack_int4
-
     tap_sums = (unpack_int4(w, dim=3) if w_packed else w).to(torch.int32).sum(dim=3)
     wsum = tap_sums.sum(dim=(1, 2)).to(torch.int32).contiguous() if per_channel else dummy
     pfx = dummy
@@ -99,8 +91,7 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
                bias: torch.Tensor | None = None, relu: bool = False,
                out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                out_scale: float | None = None, out_zero_point: int = 0,
-               config: KernelConfig | None = None, split_k: int | None = None,
-               unpack_first: bool | None = None) -> torch.Tensor:
+               config: KernelConfig | None = None, launch: Launch | None = None) -> torch.Tensor:
     """Integer convolution. Layout contract:
 
     - `x`: NHWC activations, int8 holding quantized values q_x (signed; at a_bits=4 in
@@ -116,20 +107,18 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
       clamp(round_half_even(y / out_scale) + out_zero_point, -128, 127).
     - Depthwise convolutions (groups == C == O: one channel in and out per group) use a direct kernel;
       other groupings run one implicit GEMM per group.
-    - `split_k`: how many programs share each output tile's reduction (partial sums added
-      atomically, exact); `unpack_first`: packed operands are unpacked to int8 by a pre-pass
-      instead of in every tile. With both None they are chosen: `propose_split_k` and
-      unpacking in the tiles, then on a GPU the fastest of those and no split, with and
-      without the pre-pass, by timing, once per layer geometry (untimed with a pinned
-      `config`, on the CPU interpreter, or inside a CUDA graph capture). Giving either fixes
-      both (the other: the proposal, no pre-pass). `config` fixes the tile instead of
-      autotuning it. The depthwise kernel ignores all three.
+    - `config` (KernelConfig) fixes the GEMM's tile instead of autotuning it; `launch`
+      (Launch: split-K, 4-bit unpacking pre-pass, im2col pre-pass) fixes how it is launched.
+      With `launch=None` a GPU times the candidates once per layer geometry and keeps the
+      fastest: no split and `propose_split_k`'s, each plain, with the unpacking pre-pass
+      (packed operands) and with im2col (fewer than FLAT_K_BELOW input channels per group).
+      Untimed (the proposed split, plain) on the CPU interpreter, with a pinned `config`, or
+      inside a CUDA graph capture. The depthwise kernel ignores both.
     """
     return prepare_conv(x, w, w_bits=w_bits, a_bits=a_bits, stride=stride, padding=padding,
                         groups=groups, scale=scale, bias=bias, relu=relu, out_dtype=out_dtype,
                         x_zero_point=x_zero_point, out_scale=out_scale,
-                        out_zero_point=out_zero_point, config=config, split_k=split_k,
-                        unpack_first=unpack_first)()
+                        out_zero_point=out_zero_point, config=config, launch=launch)()
 
 
 def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
@@ -137,13 +126,13 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                  bias: torch.Tensor | None = None, relu: bool = False,
                  out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                  out_scale: float | None = None, out_zero_point: int = 0,
-                 config: KernelConfig | None = None, split_k: int | None = None,
-                 unpack_first: bool | None = None):
+                 config: KernelConfig | None = None, launch: Launch | None = None):
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
     function that only launches the kernel into a preallocated output and returns it: what
     `nas measure` times and captures in CUDA graphs."""
     x_packed, w_packed = _check_operands(x, w, w_bits, a_bits, x_zero_point)
-    _check_choice(split_k, unpack_first)
+    if launch is not None:
+        validate_launch(launch)
     n, h, wd = x.shape[:3]
     c = _unpacked_size(x, x_packed)
     o, kh, kw = w.shape[:3]
@@ -190,28 +179,50 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     cfg = validate_config(config or INTERPRETER_CONFIG)
     common.update(FLAT_K=ci < FLAT_K_BELOW, PAD_FIX=pad_fix)
     co_g = o // groups
-    tail = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k, x_zero_point,
-            float(out_scale or 1.0), out_zero_point)
+    geometry = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k)
+    zero_points = (x_zero_point, float(out_scale or 1.0), out_zero_point)
+    w_col = []  # im2col's weights [O, 1, 1, KP], made on first use
 
-    def gemm_launch(split: int, unpack_first: bool = False):
-        # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
-        acc = out if split == 1 or scale is None else torch.empty(out.shape, dtype=torch.int32,
-                                                                  device=device)
+    def operands(variant: Launch):
+        """(pre-passes, x, w, geometry, flags) the GEMM of `variant` runs on."""
+        if variant.im2col:  # rows padded to whole 32-channel blocks
+            kp = -(-k // 32) * 32
+            col = torch.empty((m, groups * kp), dtype=torch.int8, device=device)
+            if not w_col:
+                values = (unpack_int4(w, dim=3) if w_packed else w).reshape(o, k)
+                w_col.append(torch.nn.functional.pad(values, (0, kp - k)).reshape(o, 1, 1, kp)
+                             .contiguous())
+            grid = (triton.cdiv(m, 64), kp // 32, groups)
+            im2col = lambda: _im2col_kernel[grid](  # noqa: E731
+                x, col, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, m, k, kp, x_zero_point,
+                X_PACKED=x_packed, BLOCK_M=64, BLOCK_K=32)
+            flags = {**common, "X_PACKED": False, "W_PACKED": False, "FLAT_K": False,
+                     "PAD_FIX": False}  # the zero point is in the rows
+            return ([im2col], col, w_col[0],
+                    (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp), flags)
         # unpack_first: packed operands are unpacked to int8 once, by a pre-pass, instead of
         # in every tile that reads them (weights: once per row of tiles).
         x8, w8 = (torch.empty((*t.shape[:3], t.shape[3] * 2), dtype=torch.int8, device=device)
-                  if unpack_first and packed else None
+                  if variant.unpack_first and packed else None
                   for t, packed in ((x, x_packed), (w, w_packed)))
-        unpacks = [(src, dst) for src, dst in ((x, x8), (w, w8)) if dst is not None]
-        args = (x if x8 is None else x8, w if w8 is None else w8, acc, scale_t, bias_t, wsum,
-                pfx, *tail)
+        pre = [functools.partial(_unpack_int4_kernel[(triton.cdiv(src.numel(), 1024),)], src,
+                                 dst, src.numel(), BLOCK=1024)
+               for src, dst in ((x, x8), (w, w8)) if dst is not None]
         flags = {**common, "X_PACKED": x_packed and x8 is None, "W_PACKED": w_packed and w8 is None}
+        return pre, x if x8 is None else x8, w if w8 is None else w8, geometry, flags
+
+    def gemm_launch(variant: Launch):
+        split = variant.split_k
+        # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
+        acc = out if split == 1 or scale is None else torch.empty(out.shape, dtype=torch.int32,
+                                                                  device=device)
+        pre, xa, wa, geo, flags = operands(variant)
+        args = (xa, wa, acc, scale_t, bias_t, wsum, pfx, *geo, *zero_points)
         ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
 
-        def launch() -> torch.Tensor:
-            for src, dst in unpacks:
-                _unpack_int4_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(),
-                                                                       BLOCK=1024)
+        def run() -> torch.Tensor:
+            for prepass in pre:
+                prepass()
             if split > 1:
                 acc.zero_()
             if interpreted or config is not None:
@@ -225,54 +236,54 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                                      triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
                 _tuned()[grid](*args, SPLIT_K=split, **flags)
             if acc is not out:
-                _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, wsum, m, o, x_zero_point,
-                                          float(out_scale or 1.0), out_zero_point,
+                _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, wsum, m, o, *zero_points,
                                           HAS_BIAS=bias is not None, RELU=relu,
                                           OUT_MODE=out_mode, BLOCK_M=64, BLOCK_N=64)
             return out
-        launch.split_k, launch.unpack_first = split, bool(unpacks)
-        return launch
+        run.variant = variant
+        return run
 
+    if launch is not None:
+        return gemm_launch(validate_launch(launch))
     sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
         device).multi_processor_count
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
-    if split_k is not None or unpack_first is not None:
-        return gemm_launch(split_k or proposal, bool(unpack_first))
     if interpreted or config is not None:
-        return gemm_launch(proposal)
+        return gemm_launch(Launch(proposal))
+    splits = sorted({1, proposal})
+    variants = ([Launch(s) for s in splits]
+                + [Launch(s, unpack_first=True) for s in splits if x_packed or w_packed]
+                + [Launch(s, im2col=True) for s in splits if ci < FLAT_K_BELOW])
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
-    return _fastest(gemm_launch, key, proposal, x_packed or w_packed)
+    return _fastest(gemm_launch, key, variants)
 
 
-def _fastest(gemm_launch, key: tuple, proposal: int, packed: bool):
-    """The launch variant (split, unpack_first) that timing finds fastest for this layer, once
-    per layer: no split and the proposed one, each with and without the pre-pass when an
-    operand is packed."""
-    variants = [(split, first) for split in sorted({1, proposal})
-                for first in ((False, True) if packed else (False,))]
+def _fastest(gemm_launch, key: tuple, variants: list[Launch]):
+    """The launch variant that timing finds fastest for this layer, timed once per layer."""
     if len(variants) == 1:
-        return gemm_launch(*variants[0])
+        return gemm_launch(variants[0])
     if key not in _LAUNCH_CHOICE:
         if torch.cuda.is_current_stream_capturing():
-            return gemm_launch(1)  # timing would break the capture; the next call outside decides
+            # Timing would break the capture; the next call outside it decides.
+            return gemm_launch(variants[0])
         times = {}
-        for variant in variants:  # each whole launch (pre-pass, zeroing, GEMM, epilogue)
-            fn = gemm_launch(*variant)
+        for variant in variants:  # each whole launch (pre-passes, zeroing, GEMM, epilogue)
+            fn = gemm_launch(variant)
             fn()  # autotunes outside the timing
             times[variant] = _time_launch(fn)
         _LAUNCH_CHOICE[key] = min(times, key=times.get)
-    return gemm_launch(*_LAUNCH_CHOICE[key])
+    return gemm_launch(_LAUNCH_CHOICE[key])
 
 
 # Split-K (see _conv_gemm_kernel) is proposed for layers whose tiles would fill under a
 # quarter of the GPU's SMs, and only as far as every split keeps SPLIT_MIN_STEPS reduction
 # steps; on a GPU the proposal is kept only where timing the whole launch beats no split
 # (the split pays for zeroing the accumulator and a separate epilogue). Packed operands are
-# timed both unpacked in the tiles and unpacked first, by a pre-pass.
+# also timed unpacked first, by a pre-pass, and layers with few input channels with im2col.
 SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
 INTERPRETER_SMS = 132  # the CPU interpreter splits as an H200 would be proposed to
-_LAUNCH_CHOICE: dict[tuple, tuple[int, bool]] = {}  # layer -> (split, unpack_first) timed fastest
+_LAUNCH_CHOICE: dict[tuple, Launch] = {}  # layer -> the variant timed fastest
 
 
 def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int) -> int:
@@ -346,8 +357,6 @@ def tuned_config(case_launch) -> str | None:
             _TUNED.best_config = before
         return None
     kw = cfg.kwargs
-    split = getattr(case_launch, "split_k", 1)
+    variant = getattr(case_launch, "variant", Launch()).describe()
     return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
-            f"warps={cfg.num_warps} stages={cfg.num_stages}"
-            + (f" split_k={split}" if split > 1 else "")
-            + (" unpack_first=1" if getattr(case_launch, "unpack_first", False) else ""))
+            f"warps={cfg.num_warps} stages={cfg.num_stages}" + (f" {variant}" if variant else ""))

@@ -1,7 +1,7 @@
 """The Triton code of the integer convolution: implicit GEMM for dense and grouped
 convolutions, a direct kernel for depthwise ones, a fused dequantize / bias / ReLU /
-requantize epilogue (also as a kernel of its own, after split-K), and a 4-bit unpacking
-pre-pass. `nas.kernels.conv` checks arguments, prepares and launches them.
+requantize epilogue (also as a kernel of its own, after split-K), and two pre-passes: 4-bit
+unpacking and im2col. `nas.kernels.conv` checks arguments, prepares and launches them.
 """
 
 from __future__ import annotations
@@ -100,6 +100,31 @@ def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, BLOCK: tl.constexpr):
     b = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int8, bitcast=True)
     tl.store(dst_ptr + 2 * offs, ((b << 4).to(tl.int8) >> 4).to(tl.int8), mask=mask)
     tl.store(dst_ptr + 2 * offs + 1, (b >> 4).to(tl.int8), mask=mask)
+
+
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
+                               "pad_w", "M", "x_zp"])
+def _im2col_kernel(x_ptr, col_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w, CI,
+                   M, K, KP, x_zp, X_PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """The implicit GEMM's rows written out once (the pre-pass of an `im2col` launch, for
+    layers with few input channels): col[m, g * KP + k] is the activation under reduction
+    position k = (kh, kw, ci) of output pixel m in group g; the zero point in the padding (a
+    real 0), 0 from K to KP (the row is padded to whole GEMM blocks)."""
+    g = tl.program_id(2)
+    offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ci = offs_k % CI
+    tap = offs_k // CI
+    kh = tap // KW
+    ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+    iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
+    in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    valid = m_mask[:, None] & (offs_k < K)[None, :]
+    x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
+    a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
+    col = col_ptr + offs_m[:, None] * (tl.num_programs(2) * KP) + g * KP + offs_k[None, :]
+    tl.store(col, a.to(tl.int8), mask=m_mask[:, None] & (offs_k < KP)[None, :])
 
 
 @triton.jit
