@@ -107,7 +107,7 @@ def test_packed_activations_with_odd_channels_per_group_are_rejected():
         conv2d_int(x, values((4, 1, 1, 3), 4, gen), w_bits=4, a_bits=4, groups=2)
 
 
-def check_zero_point_padding(bits, zp, pack, x_shape, out_channels, device="cpu"):
+def check_zero_point_padding(bits, zp, pack, x_shape, out_channels, device="cpu", launch=None):
     """Padding must read the zero point (a real 0). With scale 1 the float32 output is the exact
     integer sum((q_x - zp) * q_w) over an input zero-padded in real terms."""
     gen = torch.Generator().manual_seed(4)
@@ -117,7 +117,7 @@ def check_zero_point_padding(bits, zp, pack, x_shape, out_channels, device="cpu"
     xin, win = (pack_int4(x, dim=3), pack_int4(w, dim=3)) if pack else (x, w)
     y = conv2d_int(xin.to(device), win.to(device), w_bits=bits, a_bits=bits, padding=1,
                    scale=torch.ones(out_channels, device=device), x_zero_point=zp,
-                   out_dtype=torch.float32)
+                   out_dtype=torch.float32, launch=launch)
     assert torch.equal(y.cpu().double(), real.permute(0, 2, 3, 1))
 
 
@@ -150,6 +150,22 @@ def check_padding_correction(ci, groups, kernel, padding, stride, nhw, device="c
     out = conv2d_int(x.to(device), w.to(device), w_bits=8, a_bits=8, stride=stride,
                      padding=padding, groups=groups, x_zero_point=-7, launch=launch)
     assert torch.equal(out.cpu(), reference(x, w, stride, padding, groups, zero_point=-7))
+
+
+@pytest.mark.parametrize("launch", [Launch(im2col=True), Launch(3, im2col=True)])
+@pytest.mark.parametrize("ci, groups, kernel, padding, stride", [
+    (5, 1, (3, 3), (4, 1), 2), (18, 2, (3, 5), (1, 3), (2, 1))])
+def test_im2col_rows_carry_the_zero_point(ci, groups, kernel, padding, stride, launch):
+    check_padding_correction(ci, groups, kernel, padding, stride, (2, 6, 7), launch=launch)
+
+
+@pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
+def test_im2col_with_packed_operands_and_the_epilogue(bits, zp, pack):
+    # Packed activations go into the rows unpacked; packed weights are unpacked into rows
+    # of whole 32-value blocks by a pre-pass on every call.
+    check_zero_point_padding(bits, zp, pack, (2, 5, 4, 6), 7, launch=Launch(im2col=True))
+    check_zero_point_padding(bits, zp, pack, (1, 4, 5, 32), 6,
+                             launch=Launch(2, im2col=True))
 
 
 def _epilogue_case():
@@ -254,6 +270,8 @@ def test_config_validator():
     (dict(w_bits=8, a_bits=8, launch=Launch(unpack_first="yes")),
      r"launch unpack_first='yes' must be True or False"),
     (dict(w_bits=8, a_bits=8, launch=2), r"launch=2 must be a nas.kernels.configs.Launch"),
+    (dict(w_bits=8, a_bits=8, launch=Launch(unpack_first=True, im2col=True)),
+     "im2col already unpacks its operands"),
 ])
 def test_bad_arguments(kwargs, message):
     gen = torch.Generator().manual_seed(0)
@@ -378,3 +396,11 @@ def test_gpu_launch_path_autotunes_and_keeps_the_variant_timing_finds_fastest(mo
     assert timed == [Launch(1), Launch(1, im2col=True)] and stem.variant == Launch(im2col=True)
     assert torch.equal(stem(), reference(x3, w3, 2, 1, 1, zero_point=3))
     assert conv.tuned_config(stem).endswith(" im2col=1")
+
+
+def test_im2col_is_refused_where_its_rows_would_pass_int32_offsets():
+    x = torch.empty((1, 8192, 8192, 1), dtype=torch.int8)  # 2**26 pixels x 32-value rows
+    w = torch.ones((1, 3, 3, 1), dtype=torch.int8)
+    with pytest.raises(ConfigError, match=r"im2col rows of 67108864 pixels x 32 values pass "
+                                          r"int32 offsets; launch this layer without im2col"):
+        conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, launch=Launch(im2col=True))

@@ -84,6 +84,12 @@ def test_im2col_is_exact_on_the_gpu(geometry, w_bits, a_bits):
     _check(*geometry, w_bits, a_bits, seed=sum(geometry), launch=Launch(3, im2col=True))
 
 
+@pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
+def test_im2col_zero_point_and_epilogue_on_the_gpu(bits, zp, pack):
+    check_zero_point_padding(bits, zp, pack, (2, 9, 9, 4), 16, device="cuda",
+                             launch=Launch(im2col=True))
+
+
 def test_split_k_epilogue_matches_the_fused_one():
     gen = torch.Generator().manual_seed(6)
     x, wt = values((1, 14, 14, 256), 8, gen).cuda(), values((128, 3, 3, 256), 8, gen).cuda()

@@ -30,7 +30,8 @@ class Launch:
     - unpack_first: packed 4-bit operands unpacked to int8 once, by a pre-pass, instead of in
       every tile that reads them;
     - im2col: the GEMM's rows (activation patches, zero point in the padding) written out
-      first by a pre-pass, then multiplied as a 1x1 convolution (operands int8)."""
+      first by a pre-pass, then multiplied as a 1x1 convolution (operands int8; packed
+      weights are unpacked by the pre-pass too)."""
 
     split_k: int = 1
     unpack_first: bool = False
@@ -57,6 +58,9 @@ def validate_launch(launch: Launch) -> Launch:
     for name in ("unpack_first", "im2col"):
         if not isinstance(getattr(launch, name), bool):
             raise ConfigError(f"launch {name}={getattr(launch, name)!r} must be True or False")
+    if launch.unpack_first and launch.im2col:
+        raise ConfigError("launch: im2col already unpacks its operands; give unpack_first=False "
+                          "with it")
     return launch
 
 

@@ -1,6 +1,6 @@
 """Integer 2-D convolution: checks a call against the layout contract, prepares it once and
-launches the Triton kernels of `nas.kernels.conv_kernels` (autotuned tiles on a GPU, split-K
-and the 4-bit pre-pass chosen by timing)."""
+launches the Triton kernels of `nas.kernels.conv_kernels` (on a GPU: autotuned tiles, and the
+launch variant - split-K, 4-bit unpacking pre-pass, im2col pre-pass - chosen by timing)."""
 
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
       With `launch=None` a GPU times the candidates once per layer geometry and keeps the
       fastest: no split and `propose_split_k`'s, each plain, with the unpacking pre-pass
       (packed operands) and with im2col (fewer than FLAT_K_BELOW input channels per group).
-      Untimed (the proposed split, plain) on the CPU interpreter, with a pinned `config`, or
-      inside a CUDA graph capture. The depthwise kernel ignores both.
+      Untimed on the CPU interpreter and with a pinned `config` (the proposed split, no
+      pre-pass), and inside a CUDA graph capture for a layer not yet timed (no split, no
+      pre-pass). The depthwise kernel ignores both.
     """
     return prepare_conv(x, w, w_bits=w_bits, a_bits=a_bits, stride=stride, padding=padding,
                         groups=groups, scale=scale, bias=bias, relu=relu, out_dtype=out_dtype,
@@ -128,8 +129,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                  out_scale: float | None = None, out_zero_point: int = 0,
                  config: KernelConfig | None = None, launch: Launch | None = None):
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
-    function that only launches the kernel into a preallocated output and returns it: what
-    `nas measure` times and captures in CUDA graphs."""
+    function that only launches the kernels (pre-passes, GEMM, epilogue) into preallocated
+    buffers and returns the output: what `nas measure` times and captures in CUDA graphs."""
     x_packed, w_packed = _check_operands(x, w, w_bits, a_bits, x_zero_point)
     if launch is not None:
         validate_launch(launch)
@@ -181,41 +182,56 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     co_g = o // groups
     geometry = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k)
     zero_points = (x_zero_point, float(out_scale or 1.0), out_zero_point)
-    w_col = []  # im2col's weights [O, 1, 1, KP], made on first use
+    kp = -(-k // 32) * 32  # im2col rows: padded to whole 32-channel blocks
+    im2col_fits = m * groups * kp < 2 ** 31  # its int32 offsets
+    buffers: dict[str, torch.Tensor] = {}  # shared by the variants (they run one at a time)
+
+    def buffer(name: str, shape, dtype=torch.int8, zeroed=False) -> torch.Tensor:
+        if name not in buffers:
+            make = torch.zeros if zeroed else torch.empty
+            buffers[name] = make(shape, dtype=dtype, device=device)
+        return buffers[name]
+
+    def unpack(src, dst, row_bytes: int, dst_row: int):
+        """A pre-pass writing packed `src` to int8 `dst`, rows of `row_bytes` bytes to rows of
+        `dst_row` values (the weights, read from memory on every call like any operand)."""
+        grid = (triton.cdiv(src.numel(), 1024),)
+        return functools.partial(_unpack_int4_kernel[grid], src, dst, src.numel(), row_bytes,
+                                 dst_row, BLOCK=1024)
 
     def operands(variant: Launch):
         """(pre-passes, x, w, geometry, flags) the GEMM of `variant` runs on."""
-        if variant.im2col:  # rows padded to whole 32-channel blocks
-            kp = -(-k // 32) * 32
-            col = torch.empty((m, groups * kp), dtype=torch.int8, device=device)
-            if not w_col:
-                values = (unpack_int4(w, dim=3) if w_packed else w).reshape(o, k)
-                w_col.append(torch.nn.functional.pad(values, (0, kp - k)).reshape(o, 1, 1, kp)
-                             .contiguous())
-            grid = (triton.cdiv(m, 64), kp // 32, groups)
-            im2col = lambda: _im2col_kernel[grid](  # noqa: E731
+        if variant.im2col:
+            col = buffer("col", (m, groups * kp))
+            w_col = buffer("w_col", (o, 1, 1, kp), zeroed=True)  # zero past K
+            pre = [lambda: _im2col_kernel[(triton.cdiv(m, 64), kp // 32, groups)](
                 x, col, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, m, k, kp, x_zero_point,
-                X_PACKED=x_packed, BLOCK_M=64, BLOCK_K=32)
+                X_PACKED=x_packed, BLOCK_M=64, BLOCK_K=32)]
+            if w_packed:
+                pre.append(unpack(w, w_col, k // 2, kp))
+            elif "w_col_set" not in buffers:  # int8 weights: laid out once
+                w_col.view(o, kp)[:, :k] = w.reshape(o, k)
+                buffers["w_col_set"] = w_col
             flags = {**common, "X_PACKED": False, "W_PACKED": False, "FLAT_K": False,
                      "PAD_FIX": False}  # the zero point is in the rows
-            return ([im2col], col, w_col[0],
-                    (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp), flags)
-        # unpack_first: packed operands are unpacked to int8 once, by a pre-pass, instead of
-        # in every tile that reads them (weights: once per row of tiles).
-        x8, w8 = (torch.empty((*t.shape[:3], t.shape[3] * 2), dtype=torch.int8, device=device)
-                  if variant.unpack_first and packed else None
-                  for t, packed in ((x, x_packed), (w, w_packed)))
-        pre = [functools.partial(_unpack_int4_kernel[(triton.cdiv(src.numel(), 1024),)], src,
-                                 dst, src.numel(), BLOCK=1024)
-               for src, dst in ((x, x8), (w, w8)) if dst is not None]
-        flags = {**common, "X_PACKED": x_packed and x8 is None, "W_PACKED": w_packed and w8 is None}
-        return pre, x if x8 is None else x8, w if w8 is None else w8, geometry, flags
+            return (pre, col, w_col, (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp),
+                    flags)
+        # unpack_first: packed operands are unpacked to int8 once per call, by a pre-pass,
+        # instead of in every tile that reads them (weights: once per row of tiles).
+        pre, xa, wa = [], x, w
+        if variant.unpack_first and x_packed:
+            xa = buffer("x8", (*x.shape[:3], c))
+            pre.append(unpack(x, xa, x.shape[3], c))
+        if variant.unpack_first and w_packed:
+            wa = buffer("w8", (o, kh, kw, ci))
+            pre.append(unpack(w, wa, w.shape[3], ci))
+        flags = {**common, "X_PACKED": x_packed and xa is x, "W_PACKED": w_packed and wa is w}
+        return pre, xa, wa, geometry, flags
 
     def gemm_launch(variant: Launch):
         split = variant.split_k
         # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
-        acc = out if split == 1 or scale is None else torch.empty(out.shape, dtype=torch.int32,
-                                                                  device=device)
+        acc = out if split == 1 or scale is None else buffer("acc", out.shape, torch.int32)
         pre, xa, wa, geo, flags = operands(variant)
         args = (xa, wa, acc, scale_t, bias_t, wsum, pfx, *geo, *zero_points)
         ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
@@ -244,7 +260,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         return run
 
     if launch is not None:
-        return gemm_launch(validate_launch(launch))
+        if launch.im2col and not im2col_fits:
+            raise ConfigError(f"conv2d_int: im2col rows of {m} pixels x {groups * kp} values "
+                              f"pass int32 offsets; launch this layer without im2col")
+        return gemm_launch(launch)
     sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
         device).multi_processor_count
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
@@ -253,7 +272,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     splits = sorted({1, proposal})
     variants = ([Launch(s) for s in splits]
                 + [Launch(s, unpack_first=True) for s in splits if x_packed or w_packed]
-                + [Launch(s, im2col=True) for s in splits if ci < FLAT_K_BELOW])
+                + [Launch(s, im2col=True) for s in splits if ci < FLAT_K_BELOW and im2col_fits])
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
     return _fastest(gemm_launch, key, variants)

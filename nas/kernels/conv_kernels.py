@@ -92,14 +92,16 @@ def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, BLOCK: tl.constexpr):
-    """Packed nibbles -> int8 values, low nibble first (`unpack_int4` along the last axis of
-    a flat buffer): the pre-pass of an `unpack_first` launch."""
+def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, ROW_BYTES, DST_ROW, BLOCK: tl.constexpr):
+    """Packed nibbles -> int8 values, low nibble first (`unpack_int4` along the last axis):
+    rows of ROW_BYTES bytes become the first 2 * ROW_BYTES values of rows DST_ROW long. The
+    pre-pass of `unpack_first` launches, and of im2col launches' packed weights."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N_BYTES
     b = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int8, bitcast=True)
-    tl.store(dst_ptr + 2 * offs, ((b << 4).to(tl.int8) >> 4).to(tl.int8), mask=mask)
-    tl.store(dst_ptr + 2 * offs + 1, (b >> 4).to(tl.int8), mask=mask)
+    dst = dst_ptr + (offs // ROW_BYTES) * DST_ROW + 2 * (offs % ROW_BYTES)
+    tl.store(dst, ((b << 4).to(tl.int8) >> 4).to(tl.int8), mask=mask)
+    tl.store(dst + 1, (b >> 4).to(tl.int8), mask=mask)
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
