@@ -332,9 +332,12 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _time_launch(fn) -> float:
-    """Milliseconds per call of a whole prepared launch, replayed in a CUDA graph as
-    `nas measure` times it (eager timing would charge its several launches' host overhead)."""
-    return triton.testing.do_bench_cudagraph(fn, rep=10)
+    """Microseconds per call of a whole prepared launch, replayed in CUDA graphs as `nas
+    measure` times it (eager timing would charge its several launches' host overhead), with
+    fewer replays: this only ranks a layer's variants."""
+    from nas.cost.measure import CudaGraphTimer  # only ever on a GPU
+
+    return CudaGraphTimer(reps=20, warmup=3)(fn)
 
 
 def _bench(kernel_call, quantiles):
