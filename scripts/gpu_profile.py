@@ -27,10 +27,12 @@ LAYERS = [
 
 
 def config_of(entry: dict) -> dict:
-    """The tile and split the table's entry was timed with, as make_case arguments."""
+    """The tile and launch variant the table's entry was timed with, as make_case arguments."""
     if "kernel_config" not in entry:
-        return {}  # the direct (depthwise) kernel has no configuration
+        return {}
     kv = dict(part.split("=") for part in entry["kernel_config"].split())
+    if "BLOCK_C" in kv:
+        return {}  # the direct (depthwise) kernel: autotuned again (its tile cannot be pinned)
     return {"config": KernelConfig(int(kv["BLOCK_M"]), int(kv["BLOCK_N"]), int(kv["BLOCK_K"]),
                                    int(kv["warps"]), int(kv["stages"])),
             "launch": Launch.parse(kv)}

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from nas.errors import ConfigError
 from nas.kernels import conv2d_int, pack_int4, unpack_int4
-from nas.kernels.configs import (GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, Launch,
-                                 validate_config)
+from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CONFIG,
+                                 INTERPRETER_DEPTHWISE, DirectConfig, KernelConfig, Launch,
+                                 validate_config, validate_direct_config)
 
 pytestmark = pytest.mark.triton
 
@@ -242,6 +243,12 @@ def test_pack_layout_and_errors():
         pack_int4(torch.zeros(2))
 
 
+def test_depthwise_config_validator():
+    assert all(validate_direct_config(d) for d in DEPTHWISE_CONFIGS + [INTERPRETER_DEPTHWISE])
+    with pytest.raises(ConfigError, match=r"BLOCK_C=48 must be a power of two.*num_warps=3"):
+        validate_direct_config(DirectConfig(64, 48, 3))
+
+
 def test_config_validator():
     assert all(validate_config(c) for c in GPU_CONFIGS + [INTERPRETER_CONFIG])
     for bad, message in [(KernelConfig(64, 32, 16), "BLOCK_K=16 must be a multiple of 32"),
@@ -396,6 +403,13 @@ def test_gpu_launch_path_autotunes_and_keeps_the_variant_timing_finds_fastest(mo
     assert timed == [Launch(1), Launch(1, im2col=True)] and stem.variant == Launch(im2col=True)
     assert torch.equal(stem(), reference(x3, w3, 2, 1, 1, zero_point=3))
     assert conv.tuned_config(stem).endswith(" im2col=1")
+    # Depthwise: its own kernel, autotuned over channel tiles no wider than the layer needs.
+    monkeypatch.setattr(conv, "_TUNED_DW", None)
+    xd, wd = values((2, 6, 6, 40), 8, gen), values((40, 3, 3, 1), 8, gen)
+    dw = conv.prepare_conv(xd, wd, w_bits=8, a_bits=8, padding=1, groups=40, x_zero_point=3)
+    assert torch.equal(dw(), reference(xd, wd, 1, 1, 40, zero_point=3))
+    assert conv.tuned_config(dw) in {f"BLOCK_M={d.block_m} BLOCK_C={d.block_c} warps={d.num_warps}"
+                                     for d in DEPTHWISE_CONFIGS if d.block_c <= 64}
 
 
 def test_im2col_is_refused_where_its_rows_would_pass_int32_offsets():

@@ -93,3 +93,33 @@ GPU_CONFIGS = [
 ]
 # The one configuration the CPU interpreter runs (valid on the GPU too).
 INTERPRETER_CONFIG = KernelConfig(64, 32, 32, 4, 1)
+
+
+@dataclass(frozen=True)
+class DirectConfig:
+    """A tile of the direct (depthwise) kernel: output pixels x channels."""
+
+    block_m: int
+    block_c: int
+    num_warps: int = 4
+
+
+def validate_direct_config(cfg: DirectConfig) -> DirectConfig:
+    problems = [f"{name}={v} must be a power of two (tl.arange)"
+                for name, v in (("BLOCK_M", cfg.block_m), ("BLOCK_C", cfg.block_c))
+                if v < 1 or v & (v - 1)]
+    if cfg.num_warps not in (1, 2, 4, 8):
+        problems.append(f"num_warps={cfg.num_warps} must be 1, 2, 4 or 8")
+    if problems:
+        raise ConfigError("invalid depthwise config: " + "; ".join(problems))
+    return cfg
+
+
+# Autotuned on the GPU: wide channel tiles read longer contiguous runs per pixel (NHWC),
+# tall ones suit few channels.
+DEPTHWISE_CONFIGS = [
+    DirectConfig(64, 32, 4), DirectConfig(32, 64, 4), DirectConfig(64, 64, 4),
+    DirectConfig(128, 32, 4), DirectConfig(32, 128, 4), DirectConfig(16, 128, 4),
+    DirectConfig(128, 64, 8), DirectConfig(64, 128, 8),
+]
+INTERPRETER_DEPTHWISE = DirectConfig(64, 32, 4)

@@ -9,8 +9,9 @@ import functools
 import torch
 
 from nas.errors import ConfigError
-from nas.kernels.configs import (GPU_CONFIGS, INTERPRETER_CONFIG, KernelConfig, Launch,
-                                 validate_config, validate_launch)
+from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CONFIG,
+                                 INTERPRETER_DEPTHWISE, KernelConfig, Launch, validate_config,
+                                 validate_direct_config, validate_launch)
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
                                       FLAT_K_BELOW, _conv_depthwise_kernel, _conv_gemm_kernel,
@@ -163,14 +164,19 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                   OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
     interpreted = _INTERPRET
     if groups == c and ci == 1 and o == c and groups > 1:
-        block_m, block_c = 64, 32
-        grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+        dw_args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw, sh, sw, ph, pw, m,
+                   x_zero_point, float(out_scale or 1.0), out_zero_point)
 
         def launch_depthwise() -> torch.Tensor:
-            _conv_depthwise_kernel[grid](x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh,
-                                         kw, sh, sw, ph, pw, m, x_zero_point,
-                                         float(out_scale or 1.0), out_zero_point,
-                                         BLOCK_M=block_m, BLOCK_C=block_c, **common)
+            if interpreted:
+                d = INTERPRETER_DEPTHWISE
+                _conv_depthwise_kernel[(triton.cdiv(m, d.block_m), triton.cdiv(c, d.block_c))](
+                    *dw_args, BLOCK_M=d.block_m, BLOCK_C=d.block_c, num_warps=d.num_warps,
+                    **common)
+            else:
+                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                                     triton.cdiv(c, meta["BLOCK_C"]))
+                _tuned_depthwise()[grid](*dw_args, **common)
             return out
         return launch_depthwise
     if x_packed and ci % 2:
@@ -316,7 +322,7 @@ def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int
     return max(1, min(-(-sms // tiles), steps // SPLIT_MIN_STEPS, SPLIT_MAX))
 
 
-_TUNED = None
+_TUNED = _TUNED_DW = None
 
 
 def _prune(configs, named_args, **kwargs):
@@ -353,32 +359,59 @@ def _tuned():
         configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
                                  num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in map(validate_config, GPU_CONFIGS)]
-        import inspect
-
-        # Older Triton releases take no do_bench argument; they tune with their default.
-        quick = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
         # PAD_FIX is in the key: the padding correction changes the epilogue's cost; SPLIT_K
         # changes the work per program. Tuning runs the kernel many times: a split-K
         # accumulator is zeroed before each run and before the real one.
         _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "PAD_FIX", "SPLIT_K"],
                                  prune_configs_by={"early_config_prune": _prune},
-                                 reset_to_zero=["out_ptr"], **quick)(_conv_gemm_kernel)
+                                 reset_to_zero=["out_ptr"], **_quick_bench())(_conv_gemm_kernel)
     return _TUNED
+
+
+def _quick_bench() -> dict:
+    import inspect
+
+    # Older Triton releases take no do_bench argument; they tune with their default.
+    return {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _tuned_depthwise():
+    """The depthwise kernel autotuned over DEPTHWISE_CONFIGS (built once, on first GPU use)."""
+    global _TUNED_DW
+    if _TUNED_DW is None:
+        configs = [triton.Config({"BLOCK_M": d.block_m, "BLOCK_C": d.block_c},
+                                 num_warps=d.num_warps)
+                   for d in map(validate_direct_config, DEPTHWISE_CONFIGS)]
+        _TUNED_DW = triton.autotune(configs, key=["M", "C", "KH", "KW", "stride_h"],
+                                    prune_configs_by={"early_config_prune": _prune_depthwise},
+                                    **_quick_bench())(_conv_depthwise_kernel)
+    return _TUNED_DW
+
+
+def _prune_depthwise(configs, named_args, **kwargs):
+    """Drop channel tiles wider than the layer (the narrowest tile always survives)."""
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_C"] <= max(32, triton.next_power_of_2(named_args["C"]))]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_C"])]
 
 
 def tuned_config(case_launch) -> str | None:
     """The autotuned configuration `case_launch` (a `prepare_conv` launch) runs with, as text;
-    None where nothing was tuned (CPU interpreter, explicit config, depthwise kernel)."""
-    before = getattr(_TUNED, "best_config", None)
-    if _TUNED is not None:
-        _TUNED.best_config = None
+    None where nothing was tuned (CPU interpreter, explicit config)."""
+    saved = {t: t.best_config for t in (_TUNED, _TUNED_DW) if t is not None}
+    for tuner in saved:
+        tuner.best_config = None
     case_launch()
-    cfg = getattr(_TUNED, "best_config", None)
-    if cfg is None:
-        if _TUNED is not None:
-            _TUNED.best_config = before
-        return None
-    kw = cfg.kwargs
-    variant = getattr(case_launch, "variant", Launch()).describe()
-    return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
-            f"warps={cfg.num_warps} stages={cfg.num_stages}" + (f" {variant}" if variant else ""))
+    for tuner in (_TUNED, _TUNED_DW):  # either may have been built by the call
+        cfg = getattr(tuner, "best_config", None)
+        if cfg is not None:
+            kw = cfg.kwargs
+            if "BLOCK_C" in kw:
+                return f"BLOCK_M={kw['BLOCK_M']} BLOCK_C={kw['BLOCK_C']} warps={cfg.num_warps}"
+            variant = getattr(case_launch, "variant", Launch()).describe()
+            return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
+                    f"warps={cfg.num_warps} stages={cfg.num_stages}"
+                    + (f" {variant}" if variant else ""))
+    for tuner, cfg in saved.items():
+        tuner.best_config = cfg
+    return None
