@@ -104,6 +104,23 @@ def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, ROW_BYTES, DST_ROW, BLOCK: tl
     tl.store(dst + 1, (b >> 4).to(tl.int8), mask=mask)
 
 
+@triton.jit
+def _gather_rows(x_ptr, offs_k, g, img, oh, ow, m_mask, H, W, C, CI, KW, K, stride_h, stride_w,
+                 pad_h, pad_w, x_zp, X_PACKED: tl.constexpr):
+    """The GEMM's rows at flattened reduction positions offs_k = (kh, kw, ci), ci fastest, for
+    the output pixels (img, oh, ow) of group g: [pixels, positions] int32, padding read as
+    `x_zp`, positions past K and pixels past M as 0. An element-by-element gather."""
+    ci = offs_k % CI
+    tap = offs_k // CI
+    kh = tap // KW
+    ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+    iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
+    in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    valid = m_mask[:, None] & (offs_k < K)[None, :]
+    x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
+    return _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
+
+
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp"])
 def _im2col_kernel(x_ptr, col_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w, CI,
@@ -116,15 +133,8 @@ def _im2col_kernel(x_ptr, col_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_
     g = tl.program_id(2)
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ci = offs_k % CI
-    tap = offs_k // CI
-    kh = tap // KW
-    ih = oh[:, None] * stride_h - pad_h + kh[None, :]
-    iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
-    in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    valid = m_mask[:, None] & (offs_k < K)[None, :]
-    x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
-    a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
+    a = _gather_rows(x_ptr, offs_k, g, img, oh, ow, m_mask, H, W, C, CI, KW, K, stride_h,
+                     stride_w, pad_h, pad_w, x_zp, X_PACKED)
     col = col_ptr + offs_m[:, None] * (tl.num_programs(2) * KP) + g * KP + offs_k[None, :]
     tl.store(col, a.to(tl.int8), mask=m_mask[:, None] & (offs_k < KP)[None, :])
 
@@ -204,15 +214,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
         for step in range(first, last):
             offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            ci = offs_k % CI
-            tap = offs_k // CI
-            kh = tap // KW
-            ih = oh[:, None] * stride_h - pad_h + kh[None, :]
-            iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
-            in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            valid = m_mask[:, None] & k_mask[None, :]
-            x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
-            a = _load_x(x_ptr, x_off, in_image, valid, 0, X_PACKED).to(tl.int8)
+            a = _gather_rows(x_ptr, offs_k, g, img, oh, ow, m_mask, H, W, C, CI, KW, K,
+                             stride_h, stride_w, pad_h, pad_w, 0, X_PACKED).to(tl.int8)
             w_off = co[:, None] * K + offs_k[None, :]
             w_valid = n_mask[:, None] & k_mask[None, :]
             if W_PACKED:
