@@ -101,7 +101,11 @@ def test_latency_cost_names_the_stale_tables_a_space_uses(tmp_path, monkeypatch)
             "format": "nas-latency/1", "provenance": {"device_spec": "toy", "kernel_source": kernel},
             "entries": [{"key": k, "us": 1.0} for k in keys]}))
     model = LatencyCost(SPEC, 1, LatencyTable.load_dir("toy", tmp_path))
-    assert model.stale_tables(space) == ["old.json"]
+    assert model.sources(space) == {"old.json", "fresh.json"}
+    assert model.table_.stale_note(model.sources(space), "nas measure --space s") == (
+        f"note: measured with other kernel code than this checkout's (kernel_source "
+        f"{kernel_fingerprint()}): old.json (kernel_source 0123456789ab); re-measure on a GPU "
+        f"with `nas measure --space s`")
 
 
 def test_cost_table_and_differentiable_expectation():

@@ -24,7 +24,6 @@ def add_parser(sub, parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from nas.cmd.ptq import resolve_plan
     from nas.cost import format_cost, make_cost_model
-    from nas.cost.latency import kernel_fingerprint
     from nas.errors import ConfigError
     from nas.spaces import load_space
 
@@ -62,12 +61,8 @@ def run(args: argparse.Namespace) -> int:
           f"latency {format_cost('latency', totals['latency'])}"
           + (" (estimated: roofline from the device spec" if estimated else " (measured")
           + f"; {source})")
-    stale = latency.table_.stale(used)
-    if stale:
-        kernels = latency.table_.kernels
-        print(f"note: measured with other kernel code than this checkout's (kernel_source "
-              f"{kernel_fingerprint()}): "
-              + ", ".join(f"{n} (kernel_source {kernels[n] or 'not recorded'})" for n in stale)
-              + f"; re-measure on a GPU with `nas measure --space {space.name} "
-                f"--batch {args.batch}`")
+    note = latency.table_.stale_note(used, f"nas measure --space {space.name} --batch "
+                                           f"{args.batch}")
+    if note:
+        print(note)
     return 0

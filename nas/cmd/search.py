@@ -132,11 +132,11 @@ def run(args: argparse.Namespace) -> int:
           f"{sum(len(m.choices) > 1 for m in supernet.mixed())} searchable; cost {cost_name}"
           + (f", target {target.text} ({format_cost(target.cost, target.value)})" if target else "")
           + f"; budget {budget}; device {device}", flush=True)
-    stale = cost_model.stale_tables(space) if cost_name == "latency" else []
-    if stale:
-        print(f"note: latencies from {', '.join(stale)}, timed with other kernel code than this "
-              f"checkout's; re-measure with `nas measure --space {space.name}` on a GPU",
-              flush=True)
+    if cost_name == "latency":
+        note = cost_model.table_.stale_note(cost_model.sources(space), f"nas measure --space "
+                                            f"{space.name} --batch {cost_model.batch}")
+        if note:
+            print(note, flush=True)
 
     with RunDir(args.runs_dir, space.name, "search") as run_dir:
         run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),

@@ -115,6 +115,18 @@ class LatencyTable:
         current = kernel_fingerprint()
         return sorted(n for n in names if n in self.kernels and self.kernels[n] != current)
 
+    def stale_note(self, names, remeasure: str) -> str | None:
+        """One line naming the stale tables among `names` and the command that re-measures
+        them (None when none is stale)."""
+        stale = self.stale(names)
+        if not stale:
+            return None
+        return (f"note: measured with other kernel code than this checkout's (kernel_source "
+                f"{kernel_fingerprint()}): "
+                + ", ".join(f"{n} (kernel_source {self.kernels[n] or 'not recorded'})"
+                            for n in stale)
+                + f"; re-measure on a GPU with `{remeasure}`")
+
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
         try:
@@ -185,8 +197,7 @@ class LatencyCost(CostModel):
         """The table file a measured latency came from (None where it is estimated)."""
         return self.table_.origin.get(table_key(info, self.batch, prec.w_bits, prec.a_bits))
 
-    def stale_tables(self, space) -> list[str]:
-        """The table files this space's latencies come from that were timed with other
-        kernel code than this checkout's."""
-        return self.table_.stale({self.source(layer.info, c) for layer in space.layers()
-                                  for c in layer.choices})
+    def sources(self, space) -> set[str]:
+        """The table files the latencies of this space's choices come from."""
+        return {self.source(layer.info, c) for layer in space.layers()
+                for c in layer.choices} - {None}

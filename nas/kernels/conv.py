@@ -209,15 +209,15 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         """(pre-passes, x, w, geometry, flags) the GEMM of `variant` runs on."""
         if variant.im2col:
             col = buffer("col", (m, groups * kp))
+            fresh = "w_col" not in buffers
             w_col = buffer("w_col", (o, 1, 1, kp), zeroed=True)  # zero past K
+            if fresh and not w_packed:  # int8 weights: laid out once
+                w_col.view(o, kp)[:, :k] = w.reshape(o, k)
             pre = [lambda: _im2col_kernel[(triton.cdiv(m, 64), kp // 32, groups)](
                 x, col, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, m, k, kp, x_zero_point,
                 X_PACKED=x_packed, BLOCK_M=64, BLOCK_K=32)]
             if w_packed:
                 pre.append(unpack(w, w_col, k // 2, kp))
-            elif "w_col_set" not in buffers:  # int8 weights: laid out once
-                w_col.view(o, kp)[:, :k] = w.reshape(o, k)
-                buffers["w_col_set"] = w_col
             flags = {**common, "X_PACKED": False, "W_PACKED": False, "FLAT_K": False,
                      "PAD_FIX": False}  # the zero point is in the rows
             return (pre, col, w_col, (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp),
