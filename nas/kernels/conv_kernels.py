@@ -80,14 +80,18 @@ def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_pt
 
 
 @triton.jit
+def _nibbles(byte):
+    """(low, high) nibbles of packed bytes as int8 values: shifts on the signed byte
+    sign-extend each (a few integer operations per byte, on CUDA cores)."""
+    b = byte.to(tl.int8, bitcast=True)
+    return ((b << 4).to(tl.int8) >> 4).to(tl.int8), (b >> 4).to(tl.int8)
+
+
+@triton.jit
 def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS // 2] bytes of packed nibbles -> [ROWS, COLS] int8 in element order (low
-    nibble first). Shifts on the signed byte sign-extend each nibble (a few integer
-    operations per byte: this runs on CUDA cores for every tile), then join + reshape
-    interleave the halves."""
-    b = byte.to(tl.int8, bitcast=True)
-    lo = ((b << 4).to(tl.int8) >> 4).to(tl.int8)
-    hi = (b >> 4).to(tl.int8)
+    nibble first; this runs for every tile): join + reshape interleave the halves."""
+    lo, hi = _nibbles(byte)
     return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
 
 
@@ -98,10 +102,10 @@ def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, ROW_BYTES, DST_ROW, BLOCK: tl
     pre-pass of `unpack_first` launches, and of im2col launches' packed weights."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N_BYTES
-    b = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int8, bitcast=True)
+    lo, hi = _nibbles(tl.load(src_ptr + offs, mask=mask, other=0))
     dst = dst_ptr + (offs // ROW_BYTES) * DST_ROW + 2 * (offs % ROW_BYTES)
-    tl.store(dst, ((b << 4).to(tl.int8) >> 4).to(tl.int8), mask=mask)
-    tl.store(dst + 1, (b >> 4).to(tl.int8), mask=mask)
+    tl.store(dst, lo, mask=mask)
+    tl.store(dst + 1, hi, mask=mask)
 
 
 @triton.jit
