@@ -418,3 +418,65 @@ def test_im2col_is_refused_where_its_rows_would_pass_int32_offsets():
     with pytest.raises(ConfigError, match=r"im2col rows of 67108864 pixels x 32 values pass "
                                           r"int32 offsets; launch this layer without im2col"):
         conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, launch=Launch(im2col=True))
+
+
+def test_padding_corrections_hold_the_padded_taps_weights_of_every_rectangle():
+    from nas.kernels.conv import padding_corrections
+
+    gen = torch.Generator().manual_seed(3)
+    tap_sums = torch.randint(-500, 500, (4, 3, 5), generator=gen, dtype=torch.int32)
+    corr = padding_corrections(tap_sums, x_zp=-7)
+    assert corr.shape == (4 * 4 * 6 * 6, 4) and corr.dtype == torch.int32
+    for h_lo in range(4):
+        for h_hi in range(h_lo, 4):
+            for w_lo in range(6):
+                for w_hi in range(w_lo, 6):
+                    inside = tap_sums[:, h_lo:h_hi, w_lo:w_hi].sum(dim=(1, 2))
+                    row = (h_lo * 4 + h_hi) * 36 + w_lo * 6 + w_hi
+                    assert torch.equal(corr[row], -7 * (tap_sums.sum(dim=(1, 2)) - inside))
+
+
+def test_depthwise_takes_its_tile_as_a_direct_config():
+    gen = torch.Generator().manual_seed(4)
+    x, w = values((2, 9, 7, 40), 8, gen), values((40, 3, 3, 1), 8, gen)
+    out = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, groups=40, x_zero_point=5,
+                     config=DirectConfig(16, 8, 2))
+    assert torch.equal(out, reference(x, w, 1, 1, 40, zero_point=5))
+    with pytest.raises(ConfigError, match=r"is a depthwise tile; this convolution \(groups=1, "
+                                          r"40 input channels per group\) runs as a GEMM"):
+        conv2d_int(x, values((8, 3, 3, 40), 8, gen), w_bits=8, a_bits=8,
+                   config=DirectConfig(16, 8, 2))
+
+
+def run_ptx(asm: str, word: int) -> int:
+    """The few PTX integer instructions the GPU's nibble unpacking uses, evaluated on one
+    32-bit register ($1 in, $0 out), so the exact strings the kernel compiles are checked."""
+    regs = {"$1": word}
+    ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+           "shr.u32": lambda a, b: a >> b, "mul.lo.u32": lambda a, b: (a * b) & 0xFFFFFFFF}
+    for statement in asm.strip("{} ").split(";"):
+        words = statement.replace(",", " ").split()
+        if not words or words[0] == ".reg":
+            continue
+        op, dst, *args = words
+        values = [regs[a] if a in regs else int(a, 0) for a in args]
+        regs[dst] = ops[op](*values)
+    return regs["$0"]
+
+
+def test_gpu_nibble_unpacking_sign_extends_all_four_bytes_of_a_word():
+    from nas.kernels import conv_kernels
+
+    low, high = conv_kernels._LOW_NIBBLES.value, conv_kernels._HIGH_NIBBLES.value
+    gen = torch.Generator().manual_seed(5)
+    for byte in range(256):
+        for position in range(4):
+            others = torch.randint(0, 256, (4,), generator=gen).tolist()
+            others[position] = byte
+            word = sum(b << (8 * i) for i, b in enumerate(others))
+            got = [run_ptx(low, word), run_ptx(high, word)]
+            for asm_out, shift in zip(got, (0, 4)):
+                out = [(asm_out >> (8 * i)) & 0xFF for i in range(4)]
+                for i, b in enumerate(others):
+                    nibble = (b >> shift) & 0xF
+                    assert out[i] == (nibble - 16 if nibble > 7 else nibble) & 0xFF

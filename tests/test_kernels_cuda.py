@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nas.kernels import conv2d_int, pack_int4
-from nas.kernels.configs import GPU_CONFIGS, Launch
+from nas.kernels.configs import DEPTHWISE_CONFIGS, GPU_CONFIGS, Launch
 from tests.test_kernels import (check_padding_correction, check_zero_point_padding,
                                 reference, values)
 
@@ -143,3 +143,15 @@ def test_depthwise_zero_point_padding_on_the_gpu():
     y = conv2d_int(x.cuda(), wt.cuda(), w_bits=8, a_bits=8, padding=1, groups=48,
                    scale=torch.ones(48).cuda(), x_zero_point=zp, out_dtype=torch.float32)
     assert torch.equal(y.cpu().double(), real.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("index", range(len(DEPTHWISE_CONFIGS)))
+def test_every_depthwise_tile_is_exact(index):
+    _check(2, 17, 15, 96, 96, 3, 1, 1, 96, 8, 8, seed=index, config=DEPTHWISE_CONFIGS[index])
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (8, 4), (4, 4)])
+def test_nibble_unpacking_in_tiles_covers_every_value(w_bits, a_bits):
+    # Packed operands are unpacked four per register on the GPU: every 4-bit value in every
+    # byte position, over channel counts whose last block is partial.
+    _check(2, 6, 6, 102, 40, 3, 1, 1, 1, w_bits, a_bits, seed=11, launch=Launch())

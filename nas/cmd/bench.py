@@ -60,6 +60,24 @@ def add_parser(sub, parents) -> None:
     kernels.add_argument("--device-spec", default="h200", help="device spec for the roofline")
     kernels.set_defaults(run=run_kernels)
 
+    compiled = benches.add_parser(
+        "compile", parents=parents, help="the kernels compiled for the H200 without a GPU",
+        description="Compiles every kernel a GPU would try for the space's layers (each "
+                    "autotuning tile and launch variant) for the H200 (sm_90), on this machine, "
+                    "and prints what the machine code says: registers, spills, shared memory, "
+                    "thread blocks per SM, tensor-core instruction, whether it runs "
+                    "asynchronously, instructions per main-loop iteration. Static facts, not "
+                    "timings; no GPU needed.")
+    compiled.add_argument("--space", default="imagenet_resnet18",
+                          help="search space whose layers are compiled (default "
+                               "imagenet_resnet18)")
+    compiled.add_argument("--batch", type=int, default=64,
+                          help="batch the autotuning tiles are chosen for (default 64)")
+    compiled.add_argument("--precision", action="append", default=[], metavar="WxAy",
+                          help="only these precisions, e.g. W8A8 (repeatable; default: all the "
+                               "space's integer choices)")
+    compiled.set_defaults(run=run_compile)
+
 
 def _finish(run_dir, bench: str, results: dict):
     """Write the bench's JSON and close its run folder."""
@@ -225,4 +243,38 @@ def run_kernels(args: argparse.Namespace) -> int:
         del results["provenance"]["batch"]  # two batches: see large_batch and small_batch
         results["seconds"] = round(time.monotonic() - started, 1)
         final = _finish(run_dir, "kernels", results)
+    return _report(tables(results), final)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    import time
+
+    import triton
+
+    from nas.bench.compile import parse_precisions, summarize, tables
+    from nas.cost.latency import kernel_fingerprint
+    from nas.errors import ConfigError
+    from nas.kernels.aot import ARCH, compile_report
+    from nas.runs import RunDir
+    from nas.spaces import load_space
+
+    if args.batch <= 0:
+        raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
+    space = load_space(args.space)
+    precisions = parse_precisions(args.precision, space)
+    started = time.monotonic()
+    with RunDir(args.runs_dir, space.name, "bench-compile") as run_dir:
+        run_dir.write_config({"command": "bench compile", "space": space.name,
+                              "batch": args.batch, "precisions": precisions})
+        kernels = compile_report(space.name, args.batch, precisions)
+        results = {"space": space.name, "batch": args.batch, "arch": ARCH,
+                   "precisions": precisions, "triton": triton.__version__,
+                   "kernel_source": kernel_fingerprint(), "date": now_iso(),
+                   "method": "compiled ahead of time with Triton for sm_90; registers and "
+                             "spills from cuobjdump --dump-resource-usage, instructions per "
+                             "iteration counted in the SASS of the innermost loop that issues "
+                             "MMAs; static facts, not timings",
+                   "summary": summarize(kernels), "kernels": kernels,
+                   "seconds": round(time.monotonic() - started, 1)}
+        final = _finish(run_dir, "compile", results)
     return _report(tables(results), final)

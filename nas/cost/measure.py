@@ -132,6 +132,13 @@ class Case:
     baseline: Fn     # the same layer in torch fp16 channels_last
 
 
+def packed_operands(info, w_bits: int, a_bits: int) -> tuple[bool, bool]:
+    """Whether a layer's activations and weights go to the kernel packed two per byte: at 4
+    bits or fewer, where the packed axis (channels per group) is even."""
+    ci = info.in_channels // info.groups
+    return (a_bits <= 4 and ci % 2 == 0 and info.groups == 1), (w_bits <= 4 and ci % 2 == 0)
+
+
 def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
               gen: torch.Generator, config=None, launch=None) -> Case:
     """Inputs for one (layer, choice): NHWC int8 activations and OHWI int8 weights, packed two
@@ -162,9 +169,10 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
         return Case(key, info, w_bits, a_bits, lambda: F.conv2d(xd, wd, None, **conv), baseline)
     x = _int_values((batch, h, w, c), a_bits, gen).to(device)
     wt = _int_values((o, kh, kw, c // g), w_bits, gen).to(device)
-    if a_bits <= 4 and c % 2 == 0 and g == 1:
+    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
+    if x_packed:
         x = pack_int4(x, dim=3)
-    if w_bits <= 4 and (c // g) % 2 == 0:
+    if w_packed:
         wt = pack_int4(wt, dim=3)
     scale = torch.rand(o, generator=gen, device=gen.device).to(device) * 1e-3
     bias = torch.randn(o, generator=gen, device=gen.device).to(device)

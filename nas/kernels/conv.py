@@ -10,11 +10,11 @@ import torch
 
 from nas.errors import ConfigError
 from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CONFIG,
-                                 INTERPRETER_DEPTHWISE, KernelConfig, Launch, validate_config,
-                                 validate_direct_config, validate_launch)
+                                 INTERPRETER_DEPTHWISE, DirectConfig, KernelConfig, Launch,
+                                 validate_config, validate_direct_config, validate_launch)
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
-                                      FLAT_K_BELOW, _conv_depthwise_kernel, _conv_gemm_kernel,
+                                      FLAT_K_BELOW, _conv_depthwise_kernel, conv_gemm,
                                       _epilogue_kernel, _im2col_kernel, _unpack_int4_kernel)
 from nas.kernels.pack import unpack_int4
 
@@ -71,20 +71,34 @@ def _output_mode(scale, bias, relu: bool, out_dtype, out_scale) -> tuple[int, to
     return out_mode, out_torch
 
 
-def _weight_sums(w, w_packed: bool, per_channel: bool, per_tap: bool, dummy):
+def _weight_sums(w, w_packed: bool, per_channel: bool, x_zp_padded: int, dummy):
     """Weight sums the epilogue needs (`dummy` where it needs none): per output channel, for
-    the zero-point correction; 2-D prefix sums over (kh, kw) per output channel, with a zero
-    row and column in front, for the padding correction."""
-    if not (per_channel or per_tap):
+    the zero-point correction; with padding to correct (`x_zp_padded`, the zero point, or 0
+    for none), `padding_corrections`."""
+    if not (per_channel or x_zp_padded):
         return dummy, dummy
     tap_sums = (unpack_int4(w, dim=3) if w_packed else w).to(torch.int32).sum(dim=3)
     wsum = tap_sums.sum(dim=(1, 2)).to(torch.int32).contiguous() if per_channel else dummy
-    pfx = dummy
-    if per_tap:
-        o, kh, kw = tap_sums.shape
-        pfx = torch.zeros((o, kh + 1, kw + 1), dtype=torch.int32, device=w.device)
-        pfx[:, 1:, 1:] = tap_sums.cumsum(dim=1).cumsum(dim=2)
-    return wsum, pfx
+    corr = padding_corrections(tap_sums, x_zp_padded) if x_zp_padded else dummy
+    return wsum, corr
+
+
+def padding_corrections(tap_sums: torch.Tensor, x_zp: int) -> torch.Tensor:
+    """What the GEMM, reading padding as 0, misses of padding that reads `x_zp`: for every
+    rectangle [kh_lo, kh_hi) x [kw_lo, kw_hi) of in-image taps, x_zp times the weights of the
+    taps outside it, per output channel. `tap_sums` [O, KH, KW] are the weights summed over
+    input channels. Returns int32 [(KH + 1)^2 * (KW + 1)^2, O], row
+    (kh_lo * (KH + 1) + kh_hi) * (KW + 1)^2 + kw_lo * (KW + 1) + kw_hi (rows with lo > hi
+    are never read)."""
+    o, kh, kw = tap_sums.shape
+    pfx = torch.zeros((o, kh + 1, kw + 1), dtype=torch.int64, device=tap_sums.device)
+    pfx[:, 1:, 1:] = tap_sums.to(torch.int64).cumsum(dim=1).cumsum(dim=2)  # P[o, a, b]
+    # rect[o, h_lo, h_hi, w_lo, w_hi] =
+    #     P[h_hi, w_hi] - P[h_lo, w_hi] - P[h_hi, w_lo] + P[h_lo, w_lo]
+    rect = (pfx[:, None, :, None, :] - pfx[:, :, None, None, :] - pfx[:, None, :, :, None]
+            + pfx[:, :, None, :, None])
+    corr = x_zp * (pfx[:, kh, kw].view(o, 1, 1, 1, 1) - rect)
+    return corr.reshape(o, -1).t().to(torch.int32).contiguous()
 
 
 def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
@@ -92,7 +106,8 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
                bias: torch.Tensor | None = None, relu: bool = False,
                out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                out_scale: float | None = None, out_zero_point: int = 0,
-               config: KernelConfig | None = None, launch: Launch | None = None) -> torch.Tensor:
+               config: KernelConfig | DirectConfig | None = None,
+               launch: Launch | None = None) -> torch.Tensor:
     """Integer convolution. Layout contract:
 
     - `x`: NHWC activations, int8 holding quantized values q_x (signed; at a_bits=4 in
@@ -115,7 +130,8 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
       (packed operands) and with im2col (fewer than FLAT_K_BELOW input channels per group).
       Untimed on the CPU interpreter and with a pinned `config` (the proposed split, no
       pre-pass), and inside a CUDA graph capture for a layer not yet timed (no split, no
-      pre-pass). The depthwise kernel ignores both.
+      pre-pass). The depthwise kernel takes its tile as a `DirectConfig` (autotuned without
+      one) and ignores a KernelConfig and `launch`.
     """
     return prepare_conv(x, w, w_bits=w_bits, a_bits=a_bits, stride=stride, padding=padding,
                         groups=groups, scale=scale, bias=bias, relu=relu, out_dtype=out_dtype,
@@ -128,7 +144,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                  bias: torch.Tensor | None = None, relu: bool = False,
                  out_dtype: torch.dtype | None = None, x_zero_point: int = 0,
                  out_scale: float | None = None, out_zero_point: int = 0,
-                 config: KernelConfig | None = None, launch: Launch | None = None):
+                 config: KernelConfig | DirectConfig | None = None,
+                 launch: Launch | None = None):
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
     function that only launches the kernels (pre-passes, GEMM, epilogue) into preallocated
     buffers and returns the output: what `nas measure` times and captures in CUDA graphs."""
@@ -156,7 +173,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
     # The GEMM pads with 0 and corrects in its epilogue (see _conv_gemm_kernel).
     pad_fix = x_zero_point != 0 and (ph > 0 or pw > 0)
-    wsum, pfx = _weight_sums(w, w_packed, scale is not None, pad_fix, dummy)
+    wsum, corr = _weight_sums(w, w_packed, scale is not None, x_zero_point * pad_fix, dummy)
     bias_t = bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None else dummy
     scale_t = (scale.to(device=device, dtype=torch.float32).contiguous() if scale is not None
                else dummy)
@@ -167,9 +184,12 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         dw_args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw, sh, sw, ph, pw, m,
                    x_zero_point, float(out_scale or 1.0), out_zero_point)
 
+        fixed = (validate_direct_config(config) if isinstance(config, DirectConfig)
+                 else INTERPRETER_DEPTHWISE if interpreted else None)
+
         def launch_depthwise() -> torch.Tensor:
-            if interpreted:
-                d = INTERPRETER_DEPTHWISE
+            if fixed is not None:
+                d = fixed
                 _conv_depthwise_kernel[(triton.cdiv(m, d.block_m), triton.cdiv(c, d.block_c))](
                     *dw_args, BLOCK_M=d.block_m, BLOCK_C=d.block_c, num_warps=d.num_warps,
                     **common)
@@ -183,6 +203,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         raise ConfigError(f"conv2d_int: packed activations need an even channel count per group "
                           f"(C // groups = {ci}); pass them unpacked (int8)")
     k = kh * kw * ci
+    if isinstance(config, DirectConfig):
+        raise ConfigError(f"conv2d_int: {config} is a depthwise tile; this convolution (groups="
+                          f"{groups}, {ci} input channels per group) runs as a GEMM and takes a "
+                          f"KernelConfig")
     cfg = validate_config(config or INTERPRETER_CONFIG)
     common.update(FLAT_K=ci < FLAT_K_BELOW, PAD_FIX=pad_fix)
     co_g = o // groups
@@ -239,7 +263,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
         acc = out if split == 1 or scale is None else buffer("acc", out.shape, torch.int32)
         pre, xa, wa, geo, flags = operands(variant)
-        args = (xa, wa, acc, scale_t, bias_t, wsum, pfx, *geo, *zero_points)
+        args = (xa, wa, acc, scale_t, bias_t, wsum, corr, *geo, *zero_points)
         ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
 
         def run() -> torch.Tensor:
@@ -250,7 +274,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
             if interpreted or config is not None:
                 grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(co_g, cfg.block_n),
                         groups * split)
-                _conv_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                conv_gemm[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages, SPLIT_K=split, **flags)
             else:
@@ -275,13 +299,20 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
     if interpreted or config is not None:
         return gemm_launch(Launch(proposal))
-    splits = sorted({1, proposal})
-    variants = ([Launch(s) for s in splits]
-                + [Launch(s, unpack_first=True) for s in splits if x_packed or w_packed]
-                + [Launch(s, im2col=True) for s in splits if ci < FLAT_K_BELOW and im2col_fits])
+    variants = launch_candidates(proposal, x_packed or w_packed,
+                                 ci < FLAT_K_BELOW and im2col_fits)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
     return _fastest(gemm_launch, key, variants)
+
+
+def launch_candidates(proposal: int, packed: bool, few_channels: bool) -> list[Launch]:
+    """The launch variants a GPU times for a layer: no split and the proposed split, each
+    plain, with the unpacking pre-pass (packed operands) and with im2col (few input channels
+    per group, where its offsets fit)."""
+    splits = sorted({1, proposal})
+    return ([Launch(s) for s in splits] + [Launch(s, unpack_first=True) for s in splits if packed]
+            + [Launch(s, im2col=True) for s in splits if few_channels])
 
 
 def _fastest(gemm_launch, key: tuple, variants: list[Launch]):
@@ -364,7 +395,7 @@ def _tuned():
         # accumulator is zeroed before each run and before the real one.
         _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "PAD_FIX", "SPLIT_K"],
                                  prune_configs_by={"early_config_prune": _prune},
-                                 reset_to_zero=["out_ptr"], **_quick_bench())(_conv_gemm_kernel)
+                                 reset_to_zero=["out_ptr"], **_quick_bench())(conv_gemm)
     return _TUNED
 
 

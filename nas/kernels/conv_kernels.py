@@ -10,9 +10,11 @@ import os
 
 import torch
 
-_INTERPRET = not torch.cuda.is_available()
+# Without a GPU the kernels are interpreted, unless they are only to be compiled for one
+# (`nas.kernels.aot`, in a process of its own). Decided before triton.jit runs.
+AOT_ENV = "NAS_KERNELS_AOT"
+_INTERPRET = not torch.cuda.is_available() and os.environ.get(AOT_ENV) != "1"
 if _INTERPRET:
-    # Must be decided before triton.jit runs: without a GPU the kernels are interpreted.
     os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402
@@ -79,12 +81,33 @@ def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_pt
         tl.store(out_ptrs, acc, mask=out_mask)
 
 
-@triton.jit
-def _nibbles(byte):
-    """(low, high) nibbles of packed bytes as int8 values: shifts on the signed byte
-    sign-extend each (a few integer operations per byte, on CUDA cores)."""
-    b = byte.to(tl.int8, bitcast=True)
-    return ((b << 4).to(tl.int8) >> 4).to(tl.int8), (b >> 4).to(tl.int8)
+# Sign-extend the low (high) nibble of each of the four bytes in a 32-bit register, all four
+# at once: keep the nibbles (0x0F0F0F0F), then OR 0xF0 into every byte whose nibble has its
+# sign bit (0x08 * 30 = 0xF0: no carry crosses a byte). Five instructions per four values.
+# (tl.constexpr: the only globals a kernel may read.)
+_LOW_NIBBLES = tl.constexpr("{ .reg .b32 t, m; and.b32 t, $1, 0x0F0F0F0F; "
+                            "and.b32 m, t, 0x08080808; mul.lo.u32 m, m, 30; or.b32 $0, t, m; }")
+_HIGH_NIBBLES = tl.constexpr("{ .reg .b32 t, m; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; "
+                             "and.b32 m, t, 0x08080808; mul.lo.u32 m, m, 30; or.b32 $0, t, m; }")
+
+if _INTERPRET:
+    @triton.jit
+    def _nibbles(byte):
+        """(low, high) nibbles of packed bytes as int8 values: shifts on the signed byte
+        sign-extend each (the interpreter runs no PTX; the GPU takes four bytes at once)."""
+        b = byte.to(tl.int8, bitcast=True)
+        return ((b << 4).to(tl.int8) >> 4).to(tl.int8), (b >> 4).to(tl.int8)
+else:
+    @triton.jit
+    def _nibbles(byte):
+        """(low, high) nibbles of packed bytes as int8 values, four bytes per instruction
+        sequence (per byte, Triton's shifts cost several instructions each: byte extracts
+        and permutes; compiled for sm_90, the W4A8 tap walk's loop took 2x more)."""
+        lo = tl.inline_asm_elementwise(_LOW_NIBBLES, "=r,r", [byte], dtype=tl.int8,
+                                       is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(_HIGH_NIBBLES, "=r,r", [byte], dtype=tl.int8,
+                                       is_pure=True, pack=4)
+        return lo, hi
 
 
 @triton.jit
@@ -144,37 +167,51 @@ def _im2col_kernel(x_ptr, col_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_
 
 
 @triton.jit
-def _padding_correction(oh, ow, rows, co, co_mask, pfx_ptr, H, W, KH, KW, stride_h, stride_w,
-                        pad_h, pad_w):
-    """Sum of the weights of each output pixel's taps that fall in the padding, per output
-    channel: [rows, channels] int32. The taps inside the image form a rectangle
-    [kh_lo, kh_hi) x [kw_lo, kw_hi); `pfx` holds 2-D prefix sums of the per-tap weight sums,
-    P[co, a, b] = sum over kh < a, kw < b, so the rectangle costs four lookups. Interior
-    pixels (no padded tap) load nothing."""
+def _block_mask(rows, chans, CI, EVEN_K: tl.constexpr):
+    """Load mask of a [rows, channels] block: with EVEN_K (CI a multiple of BLOCK_K) every
+    channel is in range and the mask is constant along the channels, which spares the
+    per-vector range checks of the loads."""
+    if EVEN_K:
+        return tl.broadcast_to(rows[:, None], (rows.shape[0], chans.shape[0]))
+    else:
+        return rows[:, None] & (chans < CI)[None, :]
+
+
+@triton.jit
+def _tap_bounds(oh, ow, rows, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w):
+    """The kernel taps of each output pixel that fall inside the image: the rectangle
+    [kh_lo, kh_hi) x [kw_lo, kw_hi) (empty for rows past M), bounds within [0, KH] and
+    [0, KW]."""
     kh_lo = tl.minimum(tl.maximum(pad_h - oh * stride_h, 0), KH)
-    kh_hi = tl.maximum(tl.minimum(H + pad_h - oh * stride_h, KH), kh_lo)
+    kh_hi = tl.where(rows, tl.maximum(tl.minimum(H + pad_h - oh * stride_h, KH), kh_lo), kh_lo)
     kw_lo = tl.minimum(tl.maximum(pad_w - ow * stride_w, 0), KW)
     kw_hi = tl.maximum(tl.minimum(W + pad_w - ow * stride_w, KW), kw_lo)
+    return kh_lo, kh_hi, kw_lo, kw_hi
+
+
+@triton.jit
+def _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, rows, co, co_mask, corr_ptr, O, KH, KW):
+    """x_zp times the weights of each output pixel's taps that fall in the padding, per
+    output channel: [rows, channels] int32. The in-image taps form a rectangle, so the
+    correction depends on the pixel only through its bounds: `corr` holds it for every
+    rectangle (`padding_corrections`), one load per element, and interior pixels (no padded
+    tap) load nothing."""
     border = rows & ((kh_lo > 0) | (kh_hi < KH) | (kw_lo > 0) | (kw_hi < KW))
-    mask = border[:, None] & co_mask[None, :]
-    base = pfx_ptr + (co * ((KH + 1) * (KW + 1)))[None, :]
-    rect = tl.load(base + (kh_hi * (KW + 1) + kw_hi)[:, None], mask=mask, other=0)
-    rect -= tl.load(base + (kh_lo * (KW + 1) + kw_hi)[:, None], mask=mask, other=0)
-    rect -= tl.load(base + (kh_hi * (KW + 1) + kw_lo)[:, None], mask=mask, other=0)
-    rect += tl.load(base + (kh_lo * (KW + 1) + kw_lo)[:, None], mask=mask, other=0)
-    total = tl.load(base + KH * (KW + 1) + KW, mask=co_mask[None, :], other=0)
-    return tl.where(mask, total - rect, 0)
+    rect = (kh_lo * (KH + 1) + kh_hi) * ((KW + 1) * (KW + 1)) + kw_lo * (KW + 1) + kw_hi
+    return tl.load(corr_ptr + rect[:, None] * O + co[None, :],
+                   mask=border[:, None] & co_mask[None, :], other=0)
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp", "out_zp"])
-def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_ptr,
+def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr_ptr,
                       H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w,
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
                       FLAT_K: tl.constexpr, PAD_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
 
@@ -190,7 +227,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
     tensor cores (any other default costs a pass through registers per tile, measured on
     the H200 at 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64). Padding should read
     the zero point (a real 0), so with PAD_FIX the epilogue adds x_zp times the weights of
-    the padded taps (`_padding_correction`); channels past CI read 0 and meet zero weights.
+    the padded taps (`_padding_correction`, one table lookup per border pixel and channel);
+    channels past CI read 0 and meet zero weights.
 
     SPLIT_K > 1 (problems with too few tiles to fill the GPU, e.g. batch 1): the reduction
     steps are shared among SPLIT_K programs per tile, which add their partial int32 sums
@@ -230,41 +268,56 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, pfx_
                 b = tl.load(w_ptr + w_off, mask=w_valid, other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     else:
+        # Loop-invariant per pixel: where its tap (0, 0) lies in x (maybe in the padding) and
+        # which taps are inside the image. The loop then only adds a tap's scalar offset and
+        # steps (kh, kw, c0) by counters: no divisions and no per-pixel index arithmetic.
         HALF_K: tl.constexpr = BLOCK_K // 2
+        XC: tl.constexpr = 2 if X_PACKED else 1  # values per byte of x
         offs_c = tl.arange(0, BLOCK_K)
         offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
+        KH = K // (CI * KW)
+        kh_lo, kh_hi, kw_lo, kw_hi = _tap_bounds(oh, ow, m_mask, H, W, KH, KW, stride_h,
+                                                 stride_w, pad_h, pad_w)
+        row0 = ((img * H + oh * stride_h - pad_h) * W + ow * stride_w - pad_w) * (C // XC)
+        tap = first // blocks
+        c0 = (first - tap * blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
         for step in range(first, last):
-            tap = step // blocks
-            c0 = (step - tap * blocks) * BLOCK_K
-            kh = tap // KW
-            ih = oh * stride_h - pad_h + kh
-            iw = ow * stride_w - pad_w + (tap - kh * KW)
-            in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = (img * H + ih) * W + iw
-            k0 = tap * CI + c0  # this block's first position in an OHWI weight row
+            in_image = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
+            x_row = row0 + (kh * W + kw) * (C // XC) + (g * CI + c0) // XC
+            k0 = (kh * KW + kw) * CI + c0  # this block's first position in an OHWI weight row
             if X_PACKED:  # CI even (checked), so a byte never straddles two groups
-                x_off = pix[:, None] * (C // 2) + ((g * CI + c0) // 2 + offs_b)[None, :]
-                x_mask = in_image[:, None] & (c0 + 2 * offs_b < CI)[None, :]
-                a = _unpack_int4_rows(tl.load(x_ptr + x_off, mask=x_mask, other=0),
-                                      BLOCK_M, BLOCK_K)
+                x_mask = _block_mask(in_image, c0 + 2 * offs_b, CI, EVEN_K)
+                a = _unpack_int4_rows(tl.load(x_ptr + x_row[:, None] + offs_b[None, :],
+                                              mask=x_mask, other=0), BLOCK_M, BLOCK_K)
             else:
-                x_off = pix[:, None] * C + (g * CI + c0 + offs_c)[None, :]
-                x_mask = in_image[:, None] & (c0 + offs_c < CI)[None, :]
-                a = tl.load(x_ptr + x_off, mask=x_mask, other=0)
+                x_mask = _block_mask(in_image, c0 + offs_c, CI, EVEN_K)
+                a = tl.load(x_ptr + x_row[:, None] + offs_c[None, :], mask=x_mask, other=0)
             if W_PACKED:
                 w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
-                w_mask = n_mask[:, None] & (c0 + 2 * offs_b < CI)[None, :]
+                w_mask = _block_mask(n_mask, c0 + 2 * offs_b, CI, EVEN_K)
                 b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0),
                                       BLOCK_N, BLOCK_K)
             else:
                 w_off = co[:, None] * K + (k0 + offs_c)[None, :]
-                b = tl.load(w_ptr + w_off, mask=n_mask[:, None] & (c0 + offs_c < CI)[None, :],
-                            other=0)
+                w_mask = _block_mask(n_mask, c0 + offs_c, CI, EVEN_K)
+                b = tl.load(w_ptr + w_off, mask=w_mask, other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+            # next block: channels, then kw, then kh
+            c0 += BLOCK_K
+            wrap_c = c0 >= CI
+            c0 = tl.where(wrap_c, 0, c0)
+            kw += wrap_c.to(tl.int32)
+            wrap_w = kw >= KW
+            kw = tl.where(wrap_w, 0, kw)
+            kh += wrap_w.to(tl.int32)
     if PAD_FIX:  # added once per tile: by the first split (the others' rows are masked off)
-        acc += x_zp * _padding_correction(oh, ow, m_mask & (split == 0), co, n_mask, pfx_ptr,
-                                          H, W, K // (CI * KW), KW, stride_h, stride_w, pad_h,
-                                          pad_w)
+        KH2 = K // (CI * KW)
+        lo_h, hi_h, lo_w, hi_w = _tap_bounds(oh, ow, m_mask, H, W, KH2, KW, stride_h,
+                                             stride_w, pad_h, pad_w)
+        acc += _padding_correction(lo_h, hi_h, lo_w, hi_w, m_mask & (split == 0), co, n_mask,
+                                   corr_ptr, O, KH2, KW)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -326,3 +379,11 @@ def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
     out_ptrs = out_ptr + offs_m[:, None] * C + c[None, :]
     _epilogue(acc, c, c_mask, out_ptrs, valid, scale_ptr, bias_ptr, wsum_ptr, x_zp, out_scale,
               out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+
+
+def _even_k(args) -> bool:
+    return args["CI"] % args["BLOCK_K"] == 0
+
+
+# The GEMM as launched: EVEN_K follows from the tile (autotuned or given) and the layer.
+conv_gemm = triton.heuristics({"EVEN_K": _even_k})(_conv_gemm_kernel)

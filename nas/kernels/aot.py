@@ -1,0 +1,262 @@
+"""The integer kernels compiled for the H200 (sm_90) ahead of time, on a machine without a
+GPU, and what the machine code says about their speed: registers and spills, shared memory,
+thread blocks resident per SM, the tensor-core instruction, whether it runs asynchronously,
+and machine instructions per main-loop iteration.
+
+These are static facts of the compiled code, not timings: they show where a kernel cannot be
+fast (spills, one block per SM, many instructions per tensor-core step) before a GPU is at
+hand. Compiling needs the kernels as Triton JIT functions, not interpreted, so it runs in a
+process of its own (`compile_report`), started with `conv_kernels.AOT_ENV` set; there every
+launch compiles for the target instead of running (`_compile_instead_of_launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+from nas.errors import ConfigError
+
+ARCH = 90  # Hopper: the H200 the latency tables are measured on
+# Per-SM limits of compute capability 9.0 (CUDA programming guide, "Technical
+# Specifications per Compute Capability").
+SM90 = {"registers": 65536, "register_unit": 256, "shared_bytes": 228 * 1024,
+        "block_shared_max": 227 * 1024, "block_reserved": 1024, "warps": 64, "blocks": 32}
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    kernel: str
+    registers: int
+    spill_bytes: int  # stack + local memory per thread: registers spilled
+    shared_bytes: int
+    num_warps: int
+    num_stages: int
+    mma: str | None  # the tensor-core instruction's shape and types, e.g. m64n128k32.s32.s8.s8
+    mma_async: bool  # consecutive MMAs overlap (wgmma wait_group > 0 in the loop)
+    loop_instructions: int | None  # SASS instructions per iteration of the MMA loop
+    loop_divisions: int | None  # integer divisions in it (each a reciprocal: MUFU.RCP)
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """Thread blocks of this kernel one SM holds at once (0: it cannot launch)."""
+        per_warp = -(-self.registers * 32 // SM90["register_unit"]) * SM90["register_unit"]
+        by_regs = (SM90["registers"] // (per_warp * self.num_warps) if self.registers
+                   else SM90["blocks"])
+        if self.shared_bytes > SM90["block_shared_max"]:
+            return 0
+        by_smem = SM90["shared_bytes"] // (self.shared_bytes + SM90["block_reserved"])
+        return min(by_regs, by_smem, SM90["warps"] // self.num_warps, SM90["blocks"])
+
+
+def _tool(name: str) -> str:
+    from triton import knobs
+
+    return getattr(knobs.nvidia, name).path
+
+
+def _machine_code_facts(cubin: bytes) -> tuple[int, int, int | None, int | None]:
+    """(registers, spill bytes, SASS instructions and integer divisions per iteration of the
+    innermost loop that issues tensor-core MMAs, or None without one) of a compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
+    regs, stack, local = map(int, found.groups())
+    code = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, ins in code:
+        jump = re.search(r"\bBRA\s+(0x[0-9a-f]+)", ins)
+        if jump and int(jump.group(1), 16) < address:
+            body = [i for a, i in code if int(jump.group(1), 16) <= a <= address]
+            if any("GMMA" in i or re.match(r"(@\S+\s+)?[IH]MMA", i) for i in body):
+                loops.append((len(body), sum("MUFU.RCP" in i for i in body)))
+    loop = min(loops) if loops else (None, None)
+    return regs, stack + local, *loop
+
+
+def kernel_facts(kernel) -> KernelFacts:
+    """The static facts of one CompiledKernel."""
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    mma = re.search(r"wgmma\.mma_async\.sync\.aligned\.(\w+\.\w+\.\w+\.\w+)", ptx) or \
+        re.search(r"\bmma\.sync\.aligned\.(\w+(?:\.\w+)*)", ptx)
+    pendings = [int(p) for p in re.findall(r"pendings = (\d+)", ttgir)]
+    regs, spills, loop, divisions = _machine_code_facts(kernel.asm["cubin"])
+    return KernelFacts(kernel=kernel.name, registers=regs, spill_bytes=spills,
+                       shared_bytes=int(kernel.metadata.shared),
+                       num_warps=int(kernel.metadata.num_warps),
+                       num_stages=int(kernel.metadata.num_stages),
+                       mma=mma.group(1) if mma else None, mma_async=any(p > 0 for p in pendings),
+                       loop_instructions=loop, loop_divisions=divisions)
+
+
+def _compile_instead_of_launch(record: Callable) -> None:
+    """From now on, in this process, `kernel[grid](...)` compiles the kernel for sm_90 with
+    exactly the specialisation a launch with these arguments would get, and hands the
+    compiled kernel to `record` instead of running it. Triton compiles without a GPU once
+    its driver names the target."""
+    from triton.backends import DriverBase
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import KernelInterface
+
+    class TargetOnly(DriverBase):
+        """A driver that only names the target (nothing is loaded or launched)."""
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def get_current_target(self):
+            return GPUTarget("cuda", ARCH, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            import torch
+
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("nothing runs while compiling ahead of time")
+
+        def map_python_to_cpp_type(self, ty):
+            raise RuntimeError("nothing runs while compiling ahead of time")
+
+    driver.set_active(TargetOnly())
+
+    def compile_only(self, grid):
+        return lambda *args, **kwargs: record(self.warmup(*args, grid=grid, **kwargs))
+
+    KernelInterface.__getitem__ = compile_only
+
+
+def _candidates(info, batch: int, w_bits: int, a_bits: int):
+    """What a GPU would try for this (layer, precision): (tile, launch variant) pairs."""
+    import triton
+
+    from nas.cost.measure import packed_operands
+    from nas.kernels import conv
+    from nas.kernels.configs import DEPTHWISE_CONFIGS, GPU_CONFIGS, Launch
+
+    c, o, g = info.in_channels, info.out_channels, info.groups
+    kh, kw = info.kernel
+    oh, ow = info.out_hw
+    m = batch * oh * ow
+    if g > 1 and g == c == o:
+        configs = [triton.Config({"BLOCK_M": d.block_m, "BLOCK_C": d.block_c},
+                                 num_warps=d.num_warps) for d in DEPTHWISE_CONFIGS]
+        kept = conv._prune_depthwise(configs, {"C": c})
+        return [(d, None) for d in DEPTHWISE_CONFIGS
+                if any(k.kwargs == {"BLOCK_M": d.block_m, "BLOCK_C": d.block_c} for k in kept)]
+    ci = c // g
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+                             num_warps=t.num_warps, num_stages=t.num_stages) for t in GPU_CONFIGS]
+    kept = conv._prune(configs, {"M": m, "CO_G": o // g, "CI": ci})
+    tiles = [t for t, k in zip(GPU_CONFIGS, configs) if k in kept]
+    packed = any(packed_operands(info, w_bits, a_bits))
+    proposal = conv.propose_split_k(m, o // g, g, ci, kh * kw, conv.INTERPRETER_SMS)
+    variants = conv.launch_candidates(proposal, packed, ci < conv.FLAT_K_BELOW)
+    return [(t, v) for t in tiles for v in variants] or [(None, Launch())]
+
+
+def _worker(request: dict) -> None:
+    """Compile every candidate kernel of the request's (space, batch) and print one JSON line
+    per compiled kernel (progress on stderr)."""
+    import torch
+
+    from nas.cost.measure import make_case
+    from nas.spaces import FLOAT_BITS, load_space
+
+    compiled: list = []
+    _compile_instead_of_launch(compiled.append)
+    space = load_space(request["space"])
+    wanted = set(request.get("precisions") or [])
+    gen = torch.Generator().manual_seed(0)
+    facts_of: dict[str, dict] = {}
+    layers = space.layers()
+    for i, layer in enumerate(layers, 1):
+        choices = {(c.w_bits, c.a_bits) for c in layer.choices
+                   if c.w_bits not in FLOAT_BITS and c.a_bits not in FLOAT_BITS}
+        for w_bits, a_bits in sorted(choices):
+            precision = f"W{w_bits}A{a_bits}"
+            if wanted and precision not in wanted:
+                continue
+            for tile, launch in _candidates(layer.info, request["batch"], w_bits, a_bits):
+                compiled.clear()
+                make_case(layer.info, request["batch"], w_bits, a_bits, torch.device("cpu"), gen,
+                          config=tile, launch=launch).run()
+                for kernel in compiled:
+                    key = kernel.hash
+                    if key not in facts_of:
+                        facts = kernel_facts(kernel)
+                        facts_of[key] = {**facts.__dict__, "blocks_per_sm": facts.blocks_per_sm,
+                                         "constants": _constants(kernel), "layers": []}
+                    use = {"layer": layer.name, "precision": precision,
+                           "tile": _describe(tile), "launch": launch.describe() if launch else ""}
+                    if use not in facts_of[key]["layers"]:
+                        facts_of[key]["layers"].append(use)
+        print(f"compiled layer {i}/{len(layers)} ({layer.name}): {len(facts_of)} kernels so far",
+              file=sys.stderr, flush=True)
+    for facts in facts_of.values():
+        print(json.dumps(facts))
+
+
+def _describe(tile) -> str:
+    if tile is None:
+        return ""
+    if hasattr(tile, "block_c"):
+        return f"{tile.block_m}x{tile.block_c} w{tile.num_warps}"
+    return f"{tile.block_m}x{tile.block_n}x{tile.block_k} w{tile.num_warps} s{tile.num_stages}"
+
+
+def _constants(kernel) -> dict:
+    """The compile-time flags of a compiled kernel (tile sizes and switches)."""
+    src = getattr(kernel, "src", None)
+    constants = getattr(src, "constants", None) or {}
+    names = getattr(getattr(src, "fn", None), "arg_names", [])
+    out = {}
+    for key, value in constants.items():
+        name = names[key[0]] if isinstance(key, tuple) and names else str(key)
+        if isinstance(value, (bool, int, float)):
+            out[name] = value
+    return out
+
+
+def compile_report(space: str, batch: int, precisions: list[str] | None = None,
+                   timeout_s: float = 3600) -> list[dict]:
+    """Compile every kernel a GPU would try for the space's layers at `batch` (every
+    autotuning tile and launch variant), for sm_90, in a process of its own; one dict per
+    distinct compiled kernel: its KernelFacts, flags, and the (layer, precision, tile,
+    launch) that use it."""
+    from nas.kernels.conv_kernels import AOT_ENV
+
+    request = {"space": space, "batch": batch, "precisions": precisions or []}
+    env = {**os.environ, AOT_ENV: "1"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "nas.kernels.aot", json.dumps(request)],
+                          env=env, stdout=subprocess.PIPE, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise ConfigError(f"compiling the kernels for sm_{ARCH} failed (exit {done.returncode}); "
+                          f"its error is printed above")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))

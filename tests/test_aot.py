@@ -1,0 +1,88 @@
+"""The kernels compiled for the H200 (sm_90) on this CPU-only machine: every kernel and launch
+variant a GPU would try compiles, and the machine code has the properties the kernels were
+written for. Static facts of the compiled code; nothing here runs on a GPU."""
+
+import json
+
+import pytest
+
+from nas.kernels.aot import KernelFacts
+from tests.conftest import run_nas
+
+pytestmark = pytest.mark.triton
+
+
+def facts(**changes) -> KernelFacts:
+    base = dict(kernel="k", registers=90, spill_bytes=0, shared_bytes=16384, num_warps=4,
+                num_stages=3, mma=None, mma_async=False, loop_instructions=None,
+                loop_divisions=None)
+    return KernelFacts(**{**base, **changes})
+
+
+def test_blocks_per_sm_follow_the_hopper_limits():
+    # 90 registers -> 96 per thread (whole 256-register units per warp): 3072 per warp, 12288
+    # per 4-warp block, 5 blocks in 65536; shared memory would allow 13.
+    assert facts().blocks_per_sm == 5
+    assert facts(registers=255, num_warps=8).blocks_per_sm == 1
+    assert facts(registers=32, shared_bytes=100 * 1024).blocks_per_sm == 2  # 228 KB per SM
+    assert facts(registers=16, shared_bytes=0, num_warps=1).blocks_per_sm == 32  # block cap
+    assert facts(shared_bytes=228 * 1024).blocks_per_sm == 0  # over 227 KB: cannot launch
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One `nas bench compile` of fmnist_resnet8 at batch 1 (split-K), W8A8 and W4A4 (packed
+    operands): stem
+    (flattened walk and im2col), 3x3 with the padding correction, strided 1x1, linear."""
+    runs = tmp_path_factory.mktemp("runs")
+    done = run_nas("bench", "compile", "--space", "fmnist_resnet8", "--batch", "1",
+                   "--precision", "W8A8", "--precision", "W4A4", "--runs-dir", str(runs))
+    assert done.returncode == 0, done.stderr
+    (path,) = runs.glob("*/bench_compile.json")
+    return done.stdout, json.loads(path.read_text())
+
+
+def test_every_candidate_kernel_compiles_for_sm90_without_spilling(compiled):
+    stdout, result = compiled
+    kernels = result["kernels"]
+    names = {k["kernel"] for k in kernels}
+    assert {"_conv_gemm_kernel", "_im2col_kernel", "_unpack_int4_kernel"} <= names
+    assert [k for k in kernels if k["spill_bytes"]] == []
+    assert all(k["blocks_per_sm"] >= 1 for k in kernels)
+    uses = {(u["layer"], u["precision"]) for k in kernels for u in k["layers"]}
+    assert ("layer1.0.conv1", "W4A4") in uses and ("conv1", "W8A8") in uses
+    assert result["summary"]["kernels"] == len(kernels)
+    assert "kernels compiled for sm_90" in stdout and "summary" in stdout
+
+
+def test_gemms_run_on_int8_wgmma_and_the_tap_walk_does_not_divide(compiled):
+    gemms = [k for k in compiled[1]["kernels"] if k["kernel"] == "_conv_gemm_kernel"]
+    assert gemms and all(k["mma"].startswith("m64n") and k["mma"].endswith("k32.s32.s8.s8")
+                         for k in gemms)
+    # The tap-by-tap walk steps (kh, kw, c0) with counters: no integer division per step
+    # (the flattened walk of the stem gathers element by element and still divides).
+    tap_walk = [k for k in gemms if not k["constants"]["FLAT_K"]]
+    assert tap_walk and all(k["loop_divisions"] == 0 for k in tap_walk)
+    flat = [k for k in gemms if k["constants"]["FLAT_K"]]
+    assert flat and all(k["loop_divisions"] > 0 for k in flat)  # the counter can tell
+
+
+def test_split_k_and_packed_operands_compile(compiled):
+    constants = [k["constants"] for k in compiled[1]["kernels"]
+                 if k["kernel"] == "_conv_gemm_kernel"]
+    assert any(c["SPLIT_K"] > 1 for c in constants)
+    assert any(c["X_PACKED"] and c["W_PACKED"] for c in constants)
+    assert any(c["PAD_FIX"] for c in constants)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "W8"], "--precision 'W8': write it as W<bits>A<bits>"),
+    (["--batch", "0"], "--batch 0: must be a positive whole number"),
+    (["--space", "no_such_space"], "no_such_space"),
+    (["--space", "fmnist_resnet8", "--precision", "W3A3"], "no integer layer choice among W3A3"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    done = run_nas("bench", "compile", *args, "--runs-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
