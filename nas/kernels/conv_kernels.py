@@ -241,6 +241,18 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     n_mask = offs_n < CO_G
     co = g * CO_G + offs_n
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)  # a builtin: see the note at the top
+    KH = K // (CI * KW)
+    kh_lo, kh_hi, kw_lo, kw_hi = _tap_bounds(oh, ow, m_mask, H, W, KH, KW, stride_h, stride_w,
+                                             pad_h, pad_w)
+    # The padding correction, added once per tile (by the first split: the others' rows are
+    # masked off). The tap walk starts the accumulator from it: loaded before the loop it
+    # lives in the accumulator's registers, after it it needs as many again (compiled for
+    # sm_90: 128x256 tiles spilled 296 bytes). The flattened walk's gathers need the
+    # registers during the loop instead, so it adds the correction at the end.
+    fix_rows = m_mask & (split == 0)
+    if PAD_FIX and not FLAT_K:
+        acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
+                                   O, KH, KW)
     if FLAT_K:
         steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
     else:
@@ -275,9 +287,6 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         XC: tl.constexpr = 2 if X_PACKED else 1  # values per byte of x
         offs_c = tl.arange(0, BLOCK_K)
         offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
-        KH = K // (CI * KW)
-        kh_lo, kh_hi, kw_lo, kw_hi = _tap_bounds(oh, ow, m_mask, H, W, KH, KW, stride_h,
-                                                 stride_w, pad_h, pad_w)
         row0 = ((img * H + oh * stride_h - pad_h) * W + ow * stride_w - pad_w) * (C // XC)
         tap = first // blocks
         c0 = (first - tap * blocks) * BLOCK_K
@@ -312,12 +321,9 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             wrap_w = kw >= KW
             kw = tl.where(wrap_w, 0, kw)
             kh += wrap_w.to(tl.int32)
-    if PAD_FIX:  # added once per tile: by the first split (the others' rows are masked off)
-        KH2 = K // (CI * KW)
-        lo_h, hi_h, lo_w, hi_w = _tap_bounds(oh, ow, m_mask, H, W, KH2, KW, stride_h,
-                                             stride_w, pad_h, pad_w)
-        acc += _padding_correction(lo_h, hi_h, lo_w, hi_w, m_mask & (split == 0), co, n_mask,
-                                   corr_ptr, O, KH2, KW)
+    if PAD_FIX and FLAT_K:
+        acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
+                                   O, KH, KW)
     out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
