@@ -49,7 +49,7 @@ def test_every_config_is_exact(index, w_bits, a_bits):
     (2, 28, 28, 96, 96, 3, 2, 1, 96),   # depthwise
     (2, 12, 12, 64, 32, 3, 1, 1, 4),    # grouped
     (8, 1, 1, 512, 1000, 1, 1, 0, 1),   # a Linear as a 1x1 conv
-    (2, 16, 16, 4, 32, 3, 1, 1, 1),     # few channels, even: the flattened walk, packed
+    (2, 16, 16, 4, 32, 3, 1, 1, 1),     # few channels: kernel rows (int8 x), flattened (packed x)
 ])
 def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
     _check(*geometry, w_bits, a_bits, seed=sum(geometry))

@@ -8,7 +8,7 @@ from typing import Any
 
 from nas.errors import ConfigError
 
-FLAGS = ("PAD_FIX", "EVEN_K", "SPLIT_K", "X_PACKED", "W_PACKED", "FLAT_K")
+FLAGS = ("PAD_FIX", "EVEN_K", "SPLIT_K", "X_PACKED", "W_PACKED", "ROW_K", "FLAT_K")
 
 
 def parse_precisions(items: list[str], space) -> list[str]:

@@ -14,7 +14,7 @@ from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CON
                                  validate_config, validate_direct_config, validate_launch)
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
-                                      FLAT_K_BELOW, _conv_depthwise_kernel, conv_gemm,
+                                      FLAT_K_BELOW, ROW_WIDTH, _conv_depthwise_kernel, conv_gemm,
                                       _epilogue_kernel, _im2col_kernel, _unpack_int4_kernel)
 from nas.kernels.pack import unpack_int4
 
@@ -99,6 +99,37 @@ def padding_corrections(tap_sums: torch.Tensor, x_zp: int) -> torch.Tensor:
             + pfx[:, :, None, :, None])
     corr = x_zp * (pfx[:, kh, kw].view(o, 1, 1, 1, 1) - rect)
     return corr.reshape(o, -1).t().to(torch.int32).contiguous()
+
+
+def kernel_rows(w: torch.Tensor, packed: bool) -> torch.Tensor:
+    """OHWI weights as the kernel-row walk (ROW_K) reads them: int8 [O, KH, ROW_WIDTH], each
+    kernel row's KW x I values first, zeros after."""
+    values = unpack_int4(w, dim=3) if packed else w
+    o, kh, kw, ci = values.shape
+    rows = torch.zeros((o, kh, ROW_WIDTH.value), dtype=torch.int8, device=w.device)
+    rows[:, :, :kw * ci] = values.reshape(o, kh, kw * ci)
+    return rows
+
+
+# Rows after K in a flattened-walk table: the widest BLOCK_K (a block may run past K by less
+# than that; those lanes are masked, the rows only keep their loads in bounds).
+FLAT_TABLE_PAD = 128
+
+
+def flat_walk_table(kh: int, kw: int, ci: int, width: int, channels: int,
+                    device) -> torch.Tensor:
+    """int32 [K + FLAT_TABLE_PAD, 2] for the flattened walk (K = kh * kw * ci positions
+    k = (tap_h, tap_w, c), c fastest): the offset of k's value in NHWC x from the value under
+    the pixel's tap (0, 0), (tap_h * width + tap_w) * channels + c, and tap_h * 256 + tap_w
+    (zeros past K). Made once per layer, so the kernels look positions up instead of
+    dividing per element."""
+    k = torch.arange(kh * kw * ci, dtype=torch.int64)
+    tap, c = k // ci, k % ci
+    tap_h, tap_w = tap // kw, tap % kw
+    table = torch.zeros((k.numel() + FLAT_TABLE_PAD, 2), dtype=torch.int64)
+    table[:k.numel(), 0] = (tap_h * width + tap_w) * channels + c
+    table[:k.numel(), 1] = tap_h * 256 + tap_w
+    return table.to(device=device, dtype=torch.int32).contiguous()
 
 
 def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
@@ -208,7 +239,14 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                           f"{groups}, {ci} input channels per group) runs as a GEMM and takes a "
                           f"KernelConfig")
     cfg = validate_config(config or INTERPRETER_CONFIG)
-    common.update(FLAT_K=ci < FLAT_K_BELOW, PAD_FIX=pad_fix)
+    # Few input channels: a kernel row per GEMM block where it fits (int8 activations), else
+    # the flattened walk.
+    row_walk = ci < FLAT_K_BELOW and kw * ci <= ROW_WIDTH.value and not x_packed
+    common.update(FLAT_K=ci < FLAT_K_BELOW and not row_walk, ROW_K=row_walk, PAD_FIX=pad_fix)
+    # The flattened walk's (and im2col's) position table; kernel sizes are checked to fit it.
+    if max(kh, kw) > 255:
+        raise ConfigError(f"conv2d_int: a {kh}x{kw} kernel is wider than 255 taps")
+    ktab = flat_walk_table(kh, kw, ci, wd, c, device) if common["FLAT_K"] else None
     co_g = o // groups
     geometry = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k)
     zero_points = (x_zero_point, float(out_scale or 1.0), out_zero_point)
@@ -216,10 +254,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     im2col_fits = m * groups * kp < 2 ** 31  # its int32 offsets
     buffers: dict[str, torch.Tensor] = {}  # shared by the variants (they run one at a time)
 
-    def buffer(name: str, shape, dtype=torch.int8, zeroed=False) -> torch.Tensor:
+    def buffer(name: str, shape, dtype=torch.int8, zeroed=False, make=None) -> torch.Tensor:
         if name not in buffers:
-            make = torch.zeros if zeroed else torch.empty
-            buffers[name] = make(shape, dtype=dtype, device=device)
+            buffers[name] = make() if make else (torch.zeros if zeroed else torch.empty)(
+                shape, dtype=dtype, device=device)
         return buffers[name]
 
     def unpack(src, dst, row_bytes: int, dst_row: int):
@@ -237,18 +275,24 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
             w_col = buffer("w_col", (o, 1, 1, kp), zeroed=True)  # zero past K
             if fresh and not w_packed:  # int8 weights: laid out once
                 w_col.view(o, kp)[:, :k] = w.reshape(o, k)
+            table = ktab if ktab is not None else buffer(
+                "ktab", None, make=lambda: flat_walk_table(kh, kw, ci, wd, c, device))
             pre = [lambda: _im2col_kernel[(triton.cdiv(m, 64), kp // 32, groups)](
-                x, col, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, m, k, kp, x_zero_point,
+                x, col, table, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, m, k, kp, x_zero_point,
                 X_PACKED=x_packed, BLOCK_M=64, BLOCK_K=32)]
             if w_packed:
                 pre.append(unpack(w, w_col, k // 2, kp))
             flags = {**common, "X_PACKED": False, "W_PACKED": False, "FLAT_K": False,
+                     "ROW_K": False,
                      "PAD_FIX": False}  # the zero point is in the rows
             return (pre, col, w_col, (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp),
                     flags)
         # unpack_first: packed operands are unpacked to int8 once per call, by a pre-pass,
         # instead of in every tile that reads them (weights: once per row of tiles).
         pre, xa, wa = [], x, w
+        if common["ROW_K"]:  # weights as rows of ROW_WIDTH, laid out once
+            wa = buffer("w_rows", None, make=lambda: kernel_rows(w, w_packed))
+            return pre, xa, wa, geometry, {**common, "W_PACKED": False}
         if variant.unpack_first and x_packed:
             xa = buffer("x8", (*x.shape[:3], c))
             pre.append(unpack(x, xa, x.shape[3], c))
@@ -263,7 +307,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
         acc = out if split == 1 or scale is None else buffer("acc", out.shape, torch.int32)
         pre, xa, wa, geo, flags = operands(variant)
-        args = (xa, wa, acc, scale_t, bias_t, wsum, corr, *geo, *zero_points)
+        args = (xa, wa, acc, scale_t, bias_t, wsum, corr, dummy if ktab is None else ktab, *geo,
+                *zero_points)
         ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
 
         def run() -> torch.Tensor:

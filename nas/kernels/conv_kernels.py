@@ -28,6 +28,9 @@ _OUT_INT32, _OUT_FP16, _OUT_FP32, _OUT_INT8 = 0, 1, 2, 3
 # Fewer input channels per group than this: the GEMM walks the flattened (kh, kw, ci) axis
 # instead of one tap at a time (a block of 32 channels would be mostly padding).
 FLAT_K_BELOW = 16
+# ... and where a kernel row's values (KW x input channels) fit this many, it walks kernel
+# rows instead (ROW_K): one GEMM block of ROW_WIDTH per row, loaded as a contiguous run.
+ROW_WIDTH = tl.constexpr(32)
 
 
 @triton.jit
@@ -132,26 +135,33 @@ def _unpack_int4_kernel(src_ptr, dst_ptr, N_BYTES, ROW_BYTES, DST_ROW, BLOCK: tl
 
 
 @triton.jit
-def _gather_rows(x_ptr, offs_k, g, img, oh, ow, m_mask, H, W, C, CI, KW, K, stride_h, stride_w,
-                 pad_h, pad_w, x_zp, X_PACKED: tl.constexpr):
-    """The GEMM's rows at flattened reduction positions offs_k = (kh, kw, ci), ci fastest, for
-    the output pixels (img, oh, ow) of group g: [pixels, positions] int32, padding read as
-    `x_zp`, positions past K and pixels past M as 0. An element-by-element gather."""
-    ci = offs_k % CI
-    tap = offs_k // CI
-    kh = tap // KW
-    ih = oh[:, None] * stride_h - pad_h + kh[None, :]
-    iw = ow[:, None] * stride_w - pad_w + (tap - kh * KW)[None, :]
-    in_image = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    valid = m_mask[:, None] & (offs_k < K)[None, :]
-    x_off = ((img[:, None] * H + ih) * W + iw) * C + g * CI + ci[None, :]
-    return _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
+def _gather_rows(x_ptr, ktab_ptr, offs_k, row0, kh_lo, kh_hi, kw_lo, kw_hi, valid, x_zp,
+                 X_PACKED: tl.constexpr):
+    """The GEMM's rows at flattened reduction positions offs_k = (kh, kw, ci), ci fastest:
+    [pixels, positions] int32, padding read as `x_zp`, lanes outside `valid` as 0. An
+    element-by-element gather; each position's offset in x from its pixel's tap (0, 0)
+    (`row0`) and its tap come from `ktab` (`flat_walk_table`, made once per layer), so
+    nothing here divides."""
+    k_off = tl.load(ktab_ptr + 2 * offs_k)
+    k_hw = tl.load(ktab_ptr + 2 * offs_k + 1)
+    kh = (k_hw >> 8)[None, :]
+    kw = (k_hw & 255)[None, :]
+    in_image = ((kh >= kh_lo[:, None]) & (kh < kh_hi[:, None]) & (kw >= kw_lo[:, None])
+                & (kw < kw_hi[:, None]))
+    return _load_x(x_ptr, row0[:, None] + k_off[None, :], in_image, valid, x_zp, X_PACKED)
+
+
+@triton.jit
+def _pixel_origin(img, oh, ow, H, W, C, stride_h, stride_w, pad_h, pad_w):
+    """Flat NHWC pixel index in x under each output pixel's tap (0, 0), maybe in the
+    padding (negative or past the row): tap (kh, kw) lies kh * W + kw pixels further."""
+    return (img * H + oh * stride_h - pad_h) * W + ow * stride_w - pad_w
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp"])
-def _im2col_kernel(x_ptr, col_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w, CI,
-                   M, K, KP, x_zp, X_PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _im2col_kernel(x_ptr, col_ptr, ktab_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_h,
+                   pad_w, CI, M, K, KP, x_zp, X_PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """The implicit GEMM's rows written out once (the pre-pass of an `im2col` launch, for
     layers with few input channels): col[m, g * KP + k] is the activation under reduction
@@ -160,8 +170,12 @@ def _im2col_kernel(x_ptr, col_ptr, H, W, C, OH, OW, KW, stride_h, stride_w, pad_
     g = tl.program_id(2)
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    a = _gather_rows(x_ptr, offs_k, g, img, oh, ow, m_mask, H, W, C, CI, KW, K, stride_h,
-                     stride_w, pad_h, pad_w, x_zp, X_PACKED)
+    kh_lo, kh_hi, kw_lo, kw_hi = _tap_bounds(oh, ow, m_mask, H, W, K // (CI * KW), KW,
+                                             stride_h, stride_w, pad_h, pad_w)
+    row0 = _pixel_origin(img, oh, ow, H, W, C, stride_h, stride_w, pad_h, pad_w) * C + g * CI
+    valid = m_mask[:, None] & (offs_k < K)[None, :]
+    a = _gather_rows(x_ptr, ktab_ptr, offs_k, row0, kh_lo, kh_hi, kw_lo, kw_hi, valid, x_zp,
+                     X_PACKED)
     col = col_ptr + offs_m[:, None] * (tl.num_programs(2) * KP) + g * KP + offs_k[None, :]
     tl.store(col, a.to(tl.int8), mask=m_mask[:, None] & (offs_k < KP)[None, :])
 
@@ -204,21 +218,23 @@ def _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, rows, co, co_mask, corr_ptr,
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp", "out_zp"])
-def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr_ptr,
+def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr_ptr, ktab_ptr,
                       H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w,
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
-                      FLAT_K: tl.constexpr, PAD_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
+                      FLAT_K: tl.constexpr, ROW_K: tl.constexpr, PAD_FIX: tl.constexpr,
+                      SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
 
-    Two ways to walk the reduction: by kernel tap and, within a tap, blocks of BLOCK_K input
-    channels, so every load is a contiguous run of channels (vectorised, no per-element
-    division); or, for few input channels (FLAT_K: a stem's 3), over the flattened
-    (kh, kw, ci) axis, gathering element by element, so that blocks are not mostly empty.
+    Three ways to walk the reduction: by kernel tap and, within a tap, blocks of BLOCK_K
+    input channels, so every load is a contiguous run of channels (vectorised, no
+    per-element division); for few input channels, by kernel row where a row's KW x CI
+    values fit one block (ROW_K: a stem's 7 x 3), or else over the flattened (kh, kw, ci)
+    axis, gathering element by element (FLAT_K), so that blocks are not mostly empty.
     Geometry arguments are not specialised (one compilation serves every layer); channel
     counts are, for alignment.
 
@@ -255,6 +271,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
                                    O, KH, KW)
     if FLAT_K:
         steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
+    elif ROW_K:
+        steps = KH
     else:
         blocks = (CI + BLOCK_K - 1) // BLOCK_K
         steps = (K // CI) * blocks
@@ -264,20 +282,42 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         per_split = (steps + SPLIT_K - 1) // SPLIT_K
         first = split * per_split
         last = tl.minimum(first + per_split, steps)
-    if FLAT_K:
+    origin = _pixel_origin(img, oh, ow, H, W, C, stride_h, stride_w, pad_h, pad_w)
+    if ROW_K:
+        # One step per kernel row: its KW x CI values (KW pixels side by side, one run in
+        # NHWC x when there is one group); the weights come laid out as rows of ROW_WIDTH,
+        # zero past KW * CI. Which columns fall in the image is the same for every row, so
+        # it is worked out once; per step only the row's own bounds change.
+        j = tl.arange(0, ROW_WIDTH)
+        col_tap = j // CI
+        col_off = col_tap * C + (j - col_tap * CI)  # from the pixel's tap (0, 0) value
+        iw = (ow * stride_w - pad_w)[:, None] + col_tap[None, :]
+        col_ok = m_mask[:, None] & (col_tap < KW)[None, :] & (iw >= 0) & (iw < W)
+        x_base = origin * C + g * CI
+        for kh in range(first, last):
+            row_ok = (kh >= kh_lo) & (kh < kh_hi)
+            a = tl.load(x_ptr + (x_base + kh * (W * C))[:, None] + col_off[None, :],
+                        mask=col_ok & row_ok[:, None], other=0)
+            b = tl.load(w_ptr + co[:, None] * (KH * ROW_WIDTH) + kh * ROW_WIDTH + j[None, :],
+                        mask=n_mask[:, None], other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    elif FLAT_K:
+        row0 = origin * C + g * CI  # in values: _load_x halves it for packed x
+        HALF_KF: tl.constexpr = BLOCK_K // 2
+        offs_bf = tl.arange(0, HALF_KF)
         for step in range(first, last):
             offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            a = _gather_rows(x_ptr, offs_k, g, img, oh, ow, m_mask, H, W, C, CI, KW, K,
-                             stride_h, stride_w, pad_h, pad_w, 0, X_PACKED).to(tl.int8)
-            w_off = co[:, None] * K + offs_k[None, :]
-            w_valid = n_mask[:, None] & k_mask[None, :]
-            if W_PACKED:
-                byte = tl.load(w_ptr + w_off // 2, mask=w_valid, other=0).to(tl.int32)
-                nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
-                b = tl.where(nib > 7, nib - 16, nib).to(tl.int8)
+            valid = m_mask[:, None] & (offs_k < K)[None, :]
+            a = _gather_rows(x_ptr, ktab_ptr, offs_k, row0, kh_lo, kh_hi, kw_lo, kw_hi, valid,
+                             0, X_PACKED).to(tl.int8)
+            if W_PACKED:  # K even (CI is): a block's bytes are contiguous in the weight row
+                w_off = co[:, None] * (K // 2) + (step * HALF_KF + offs_bf)[None, :]
+                w_mask = n_mask[:, None] & (step * BLOCK_K + 2 * offs_bf < K)[None, :]
+                b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0), BLOCK_N,
+                                      BLOCK_K)
             else:
-                b = tl.load(w_ptr + w_off, mask=w_valid, other=0)
+                b = tl.load(w_ptr + co[:, None] * K + offs_k[None, :],
+                            mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     else:
         # Loop-invariant per pixel: where its tap (0, 0) lies in x (maybe in the padding) and
@@ -287,7 +327,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         XC: tl.constexpr = 2 if X_PACKED else 1  # values per byte of x
         offs_c = tl.arange(0, BLOCK_K)
         offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
-        row0 = ((img * H + oh * stride_h - pad_h) * W + ow * stride_w - pad_w) * (C // XC)
+        row0 = origin * (C // XC)
         tap = first // blocks
         c0 = (first - tap * blocks) * BLOCK_K
         kh = tap // KW
