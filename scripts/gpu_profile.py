@@ -33,8 +33,9 @@ def config_of(entry: dict) -> dict:
     kv = dict(part.split("=") for part in entry["kernel_config"].split())
     if "BLOCK_C" in kv:
         return {}  # the direct (depthwise) kernel: autotuned again (its tile cannot be pinned)
+    cap = int(kv["maxnreg"]) if "maxnreg" in kv else None
     return {"config": KernelConfig(int(kv["BLOCK_M"]), int(kv["BLOCK_N"]), int(kv["BLOCK_K"]),
-                                   int(kv["warps"]), int(kv["stages"])),
+                                   int(kv["warps"]), int(kv["stages"]), cap),
             "launch": Launch.parse(kv)}
 
 

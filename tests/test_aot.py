@@ -14,7 +14,7 @@ pytestmark = pytest.mark.triton
 
 def facts(**changes) -> KernelFacts:
     base = dict(kernel="k", registers=90, spill_bytes=0, shared_bytes=16384, num_warps=4,
-                num_stages=3, mma=None, mma_async=False, loop_instructions=None,
+                num_stages=3, maxnreg=None, mma=None, mma_async=False, loop_instructions=None,
                 loop_divisions=None)
     return KernelFacts(**{**base, **changes})
 

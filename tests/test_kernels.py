@@ -255,7 +255,9 @@ def test_config_validator():
                          (KernelConfig(64, 32, 48), "BLOCK_K=48"),
                          (KernelConfig(32, 32, 32), "BLOCK_M=32 must be a multiple of 64"),
                          (KernelConfig(64, 24, 32), "BLOCK_N=24"),
-                         (KernelConfig(64, 32, 32, num_warps=2), "num_warps=2 must be 4 or 8")]:
+                         (KernelConfig(64, 32, 32, num_warps=2), "num_warps=2 must be 4 or 8"),
+                         (KernelConfig(64, 32, 32, maxnreg=100),
+                          "maxnreg=100 must be a multiple of 8 in 24-255")]:
         with pytest.raises(ConfigError, match=message):
             validate_config(bad)
     gen = torch.Generator().manual_seed(0)
@@ -480,3 +482,28 @@ def test_gpu_nibble_unpacking_sign_extends_all_four_bytes_of_a_word():
                 for i, b in enumerate(others):
                     nibble = (b >> shift) & 0xF
                     assert out[i] == (nibble - 16 if nibble > 7 else nibble) & 0xFF
+
+
+@pytest.mark.parametrize("ci, a_bits", [(20, 8), (3, 8), (4, 4)])  # tap, row, flattened walk
+def test_epilogue_in_column_halves_equals_the_whole_tile(ci, a_bits):
+    # Tiles of 64 or more columns finish a scaled output in two halves of columns (fewer
+    # registers live), each with its padding correction. 45 channels: the second half is
+    # partly masked. Same arithmetic per element, so equal to the last bit.
+    gen = torch.Generator().manual_seed(12)
+    x, w = values((2, 6, 5, ci), a_bits, gen), values((45, 3, 3, ci), 8, gen)
+    if a_bits == 4:
+        x = pack_int4(x, dim=3)
+    scale, bias = torch.rand(45, generator=gen) * 1e-2, torch.randn(45, generator=gen)
+    kwargs = dict(w_bits=8, a_bits=a_bits, padding=1, scale=scale, bias=bias, x_zero_point=-3,
+                  relu=True, launch=Launch())
+    for out in ({"out_dtype": torch.float32}, {"out_dtype": torch.int8, "out_scale": 0.02}):
+        whole = conv2d_int(x, w, config=KernelConfig(64, 32, 32, 4, 1), **kwargs, **out)
+        halves = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **kwargs, **out)
+        assert torch.equal(whole, halves)
+    xr = unpack_int4(x, dim=3) if a_bits == 4 else x
+    real = torch.nn.functional.conv2d((xr.double() + 3).permute(0, 3, 1, 2),
+                                      w.permute(0, 3, 1, 2).double(), padding=1)
+    expected = (real.permute(0, 2, 3, 1) * scale.double() + bias.double()).clamp(min=0)
+    got = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), out_dtype=torch.float32,
+                     **kwargs)
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-5)

@@ -63,7 +63,8 @@ def tables(results: dict[str, Any]):
     order = sorted(results["kernels"], key=lambda k: (k["kernel"], -(k["loop_instructions"] or 0)))
     for k in order:
         c = k["constants"]
-        rows.append([k["kernel"].lstrip("_"), _tile(c), k["num_warps"], k["num_stages"], _flags(c),
+        tile = _tile(c) + (f" r{k['maxnreg']}" if k.get("maxnreg") else "")
+        rows.append([k["kernel"].lstrip("_"), tile, k["num_warps"], k["num_stages"], _flags(c),
                      k["registers"], k["spill_bytes"], round(k["shared_bytes"] / 1024, 1),
                      k["blocks_per_sm"],
                      k["loop_instructions"] or "-", k["mma"] or "-",

@@ -38,6 +38,7 @@ class KernelFacts:
     shared_bytes: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None  # the register cap it was compiled with, if any
     mma: str | None  # the tensor-core instruction's shape and types, e.g. m64n128k32.s32.s8.s8
     mma_async: bool  # consecutive MMAs overlap (wgmma wait_group > 0 in the loop)
     loop_instructions: int | None  # SASS instructions per iteration of the MMA loop
@@ -98,6 +99,7 @@ def kernel_facts(kernel) -> KernelFacts:
                        shared_bytes=int(kernel.metadata.shared),
                        num_warps=int(kernel.metadata.num_warps),
                        num_stages=int(kernel.metadata.num_stages),
+                       maxnreg=getattr(kernel.metadata, "maxnreg", None),
                        mma=mma.group(1) if mma else None, mma_async=any(p > 0 for p in pendings),
                        loop_instructions=loop, loop_divisions=divisions)
 
@@ -223,7 +225,9 @@ def _describe(tile) -> str:
         return ""
     if hasattr(tile, "block_c"):
         return f"{tile.block_m}x{tile.block_c} w{tile.num_warps}"
-    return f"{tile.block_m}x{tile.block_n}x{tile.block_k} w{tile.num_warps} s{tile.num_stages}"
+    cap = f" maxnreg={tile.maxnreg}" if tile.maxnreg else ""
+    return (f"{tile.block_m}x{tile.block_n}x{tile.block_k} w{tile.num_warps} s{tile.num_stages}"
+            + cap)
 
 
 def _constants(kernel) -> dict:

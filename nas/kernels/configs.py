@@ -19,6 +19,7 @@ class KernelConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None  # a register cap per thread for ptxas (None: its own choice)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def validate_config(cfg: KernelConfig) -> KernelConfig:
         problems.append(f"num_warps={cfg.num_warps} must be 4 or 8 (wgmma)")
     if cfg.num_stages < 1:
         problems.append(f"num_stages={cfg.num_stages} must be at least 1")
+    if cfg.maxnreg is not None and not (24 <= cfg.maxnreg <= 255 and cfg.maxnreg % 8 == 0):
+        problems.append(f"maxnreg={cfg.maxnreg} must be a multiple of 8 in 24-255")
     if problems:
         raise ConfigError("invalid kernel config: " + "; ".join(problems))
     return cfg
@@ -93,6 +96,10 @@ GPU_CONFIGS = [
     # Compiled for sm_90 (`nas bench compile`): 146 registers with the padding correction,
     # so 3 blocks per SM, and 196 instructions per 64x128x128 step of the MMA loop.
     KernelConfig(64, 128, 128, 4, 3),
+    # 128x128 with 8 warps needs 128-140 registers with the zero-point corrections: capped
+    # at 128 (a few bytes spill in the epilogue) two blocks share an SM, so one's tensor-core
+    # steps can run while the other waits for its own (int8 wgmma is synchronous in Triton).
+    KernelConfig(128, 128, 64, 8, 3, maxnreg=128),
 ]
 # The one configuration the CPU interpreter runs (valid on the GPU too).
 INTERPRETER_CONFIG = KernelConfig(64, 32, 32, 4, 1)

@@ -321,13 +321,14 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                         groups * split)
                 conv_gemm[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, SPLIT_K=split, **flags)
+                                        num_stages=cfg.num_stages, SPLIT_K=split, **flags,
+                                        **_register_cap(cfg))
             else:
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
                 _tuned()[grid](*args, SPLIT_K=split, **flags)
             if acc is not out:
-                _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, wsum, m, o, *zero_points,
+                _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, m, o, *zero_points[1:],
                                           HAS_BIAS=bias is not None, RELU=relu,
                                           OUT_MODE=out_mode, BLOCK_M=64, BLOCK_N=64)
             return out
@@ -433,7 +434,8 @@ def _tuned():
     global _TUNED
     if _TUNED is None:
         configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
-                                 num_warps=c.num_warps, num_stages=c.num_stages)
+                                 num_warps=c.num_warps, num_stages=c.num_stages,
+                                 **_register_cap(c))
                    for c in map(validate_config, GPU_CONFIGS)]
         # PAD_FIX is in the key: the padding correction changes the epilogue's cost; SPLIT_K
         # changes the work per program. Tuning runs the kernel many times: a split-K
@@ -442,6 +444,11 @@ def _tuned():
                                  prune_configs_by={"early_config_prune": _prune},
                                  reset_to_zero=["out_ptr"], **_quick_bench())(conv_gemm)
     return _TUNED
+
+
+def _register_cap(cfg: KernelConfig) -> dict:
+    """The launch option of a register cap, where the tile has one."""
+    return {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
 
 
 def _quick_bench() -> dict:
@@ -487,6 +494,7 @@ def tuned_config(case_launch) -> str | None:
             variant = getattr(case_launch, "variant", Launch()).describe()
             return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} "
                     f"warps={cfg.num_warps} stages={cfg.num_stages}"
+                    + (f" maxnreg={cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else "")
                     + (f" {variant}" if variant else ""))
     for tuner, cfg in saved.items():
         tuner.best_config = cfg

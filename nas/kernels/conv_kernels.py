@@ -57,13 +57,23 @@ def _pixels(pid_m, M, OH, OW, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
-              out_scale, out_zp, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              RELU: tl.constexpr, OUT_MODE: tl.constexpr):
+def _zero_point_start(acc, co, co_mask, wsum_ptr, x_zp):
+    """acc - x_zp * sum(w) per output channel: the zero-point term of a scaled output."""
+    return acc - x_zp * tl.load(wsum_ptr + co, mask=co_mask, other=0)[None, :]
+
+
+@triton.jit
+def _epilogue(acc, co, co_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, out_scale, out_zp,
+              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+              OUT_MODE: tl.constexpr):
+    """Store the tile: the raw accumulator, or (HAS_SCALE) scale * acc + bias, ReLU and the
+    output format. With a scale, `acc` already holds acc - x_zp * sum(w) per channel: the
+    kernels start their accumulators from -x_zp * sum(w) (`_zero_point_start`), exact in
+    int32, so that no third per-channel vector is live here (compiled for sm_90, this
+    epilogue set the GEMM's register peak: 184 per thread for a 128x128 tile, 112 without)."""
     if HAS_SCALE:
-        wsum = tl.load(wsum_ptr + co, mask=co_mask, other=0)
         scale = tl.load(scale_ptr + co, mask=co_mask, other=0.0)
-        y = (acc - x_zp * wsum[None, :]).to(tl.float32) * scale[None, :]
+        y = acc.to(tl.float32) * scale[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + co, mask=co_mask, other=0.0)[None, :]
         if RELU:
@@ -260,13 +270,19 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     KH = K // (CI * KW)
     kh_lo, kh_hi, kw_lo, kw_hi = _tap_bounds(oh, ow, m_mask, H, W, KH, KW, stride_h, stride_w,
                                              pad_h, pad_w)
-    # The padding correction, added once per tile (by the first split: the others' rows are
-    # masked off). The tap walk starts the accumulator from it: loaded before the loop it
-    # lives in the accumulator's registers, after it it needs as many again (compiled for
-    # sm_90: 128x256 tiles spilled 296 bytes). The flattened walk's gathers need the
-    # registers during the loop instead, so it adds the correction at the end.
+    # Where the padding correction goes (once per tile: the first split's; the others' rows
+    # are masked off) is about registers, as compiled for sm_90. A scaled tile of 64 or more
+    # columns finishes in two halves of columns (IN_HALVES: each half's per-channel vectors
+    # and correction, not the whole tile's, are live at once; a 128x128 tile's peak fell
+    # from 184 to 130 registers) and takes each half's correction there. Otherwise the tap
+    # walks start the accumulator from it (loaded into the accumulator's registers; at the
+    # end it needed as many again: 128x256 tiles spilled 296 bytes), and the flattened walk,
+    # whose gathers need the registers during the loop, adds it at the end.
+    IN_HALVES: tl.constexpr = SPLIT_K == 1 and HAS_SCALE and BLOCK_N >= 64
     fix_rows = m_mask & (split == 0)
-    if PAD_FIX and not FLAT_K:
+    if HAS_SCALE:  # once per tile, like the padding correction
+        acc = _zero_point_start(acc, co, n_mask, wsum_ptr, tl.where(split == 0, x_zp, 0))
+    if PAD_FIX and not FLAT_K and not IN_HALVES:
         acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
                                    O, KH, KW)
     if FLAT_K:
@@ -361,33 +377,56 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             wrap_w = kw >= KW
             kw = tl.where(wrap_w, 0, kw)
             kh += wrap_w.to(tl.int32)
-    if PAD_FIX and FLAT_K:
+    if PAD_FIX and FLAT_K and not IN_HALVES:
         acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
                                    O, KH, KW)
-    out_ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        _epilogue(acc, co, n_mask, out_ptrs, out_mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
-                  out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
-    else:
+    if SPLIT_K > 1:
         # A split left without steps (the autotuned BLOCK_K is wider than the proposal
         # assumed) has nothing to add.
-        tl.atomic_add(out_ptrs, acc, mask=out_mask & (first < last), sem="relaxed")
+        tl.atomic_add(out_ptr + offs_m[:, None] * O + co[None, :], acc,
+                      mask=m_mask[:, None] & n_mask[None, :] & (first < last), sem="relaxed")
+    elif IN_HALVES:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
+        for h in tl.static_range(2):
+            cols = tl.program_id(1) * BLOCK_N + h * HALF_N + tl.arange(0, HALF_N)
+            part = halves[h]
+            if PAD_FIX:
+                part += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows,
+                                            g * CO_G + cols, cols < CO_G, corr_ptr, O, KH, KW)
+            _store_tile(part, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
+                        out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+    else:
+        _store_tile(acc, m_mask, offs_m, offs_n, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
+                    out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
 
 
-@triton.jit(do_not_specialize=["M", "x_zp", "out_zp"])
-def _epilogue_kernel(acc_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, M, O, x_zp, out_scale,
-                     out_zp, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                     OUT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The fused epilogue on its own, over a finished int32 accumulator [M, O] (split-K)."""
+@triton.jit
+def _store_tile(acc, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr, out_scale,
+                out_zp, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                OUT_MODE: tl.constexpr):
+    """The epilogue of a GEMM tile (or part of one): columns `cols` of group g."""
+    co = g * CO_G + cols
+    co_mask = cols < CO_G
+    _epilogue(acc, co, co_mask, out_ptr + offs_m[:, None] * O + co[None, :],
+              m_mask[:, None] & co_mask[None, :], scale_ptr, bias_ptr, out_scale, out_zp,
+              HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+
+
+@triton.jit(do_not_specialize=["M", "out_zp"])
+def _epilogue_kernel(acc_ptr, out_ptr, scale_ptr, bias_ptr, M, O, out_scale, out_zp,
+                     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, OUT_MODE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue on its own, over a finished int32 accumulator [M, O] (split-K; its
+    first split started from the zero-point term)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < O
     mask = (offs_m < M)[:, None] & n_mask[None, :]
     offs = offs_m[:, None] * O + offs_n[None, :]
     acc = tl.load(acc_ptr + offs, mask=mask, other=0)
-    _epilogue(acc, offs_n, n_mask, out_ptr + offs, mask, scale_ptr, bias_ptr, wsum_ptr, x_zp,
-              out_scale, out_zp, True, HAS_BIAS, RELU, OUT_MODE)
+    _epilogue(acc, offs_n, n_mask, out_ptr + offs, mask, scale_ptr, bias_ptr, out_scale, out_zp,
+              True, HAS_BIAS, RELU, OUT_MODE)
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h",
@@ -406,6 +445,8 @@ def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=tl.int32)
+    if HAS_SCALE:
+        acc = _zero_point_start(acc, c, c_mask, wsum_ptr, x_zp)
     valid = m_mask[:, None] & c_mask[None, :]
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -423,8 +464,8 @@ def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
                 b = tl.load(w_ptr + w_off, mask=c_mask, other=0).to(tl.int32)
             acc += a * b[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * C + c[None, :]
-    _epilogue(acc, c, c_mask, out_ptrs, valid, scale_ptr, bias_ptr, wsum_ptr, x_zp, out_scale,
-              out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+    _epilogue(acc, c, c_mask, out_ptrs, valid, scale_ptr, bias_ptr, out_scale, out_zp,
+              HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
 
 
 def _even_k(args) -> bool:
