@@ -500,7 +500,15 @@ def test_epilogue_in_column_halves_equals_the_whole_tile(ci, a_bits):
         whole = conv2d_int(x, w, config=KernelConfig(64, 32, 32, 4, 1), **kwargs, **out)
         halves = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **kwargs, **out)
         assert torch.equal(whole, halves)
+    # Raw int32 accumulators and split-K partial sums finish in halves too.
     xr = unpack_int4(x, dim=3) if a_bits == 4 else x
+    for launch in (Launch(), Launch(3)):
+        raw = conv2d_int(x, w, w_bits=8, a_bits=a_bits, padding=1, x_zero_point=-3,
+                         launch=launch, config=KernelConfig(64, 64, 32, 4, 1))
+        assert torch.equal(raw, reference(xr, w, 1, 1, 1, zero_point=-3))
+        split = dict(kwargs, launch=launch, out_dtype=torch.float32)
+        assert torch.equal(conv2d_int(x, w, config=KernelConfig(64, 32, 32, 4, 1), **split),
+                           conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **split))
     real = torch.nn.functional.conv2d((xr.double() + 3).permute(0, 3, 1, 2),
                                       w.permute(0, 3, 1, 2).double(), padding=1)
     expected = (real.permute(0, 2, 3, 1) * scale.double() + bias.double()).clamp(min=0)

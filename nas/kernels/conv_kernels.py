@@ -271,14 +271,15 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     kh_lo, kh_hi, kw_lo, kw_hi = _tap_bounds(oh, ow, m_mask, H, W, KH, KW, stride_h, stride_w,
                                              pad_h, pad_w)
     # Where the padding correction goes (once per tile: the first split's; the others' rows
-    # are masked off) is about registers, as compiled for sm_90. A scaled tile of 64 or more
-    # columns finishes in two halves of columns (IN_HALVES: each half's per-channel vectors
-    # and correction, not the whole tile's, are live at once; a 128x128 tile's peak fell
-    # from 184 to 130 registers) and takes each half's correction there. Otherwise the tap
-    # walks start the accumulator from it (loaded into the accumulator's registers; at the
-    # end it needed as many again: 128x256 tiles spilled 296 bytes), and the flattened walk,
-    # whose gathers need the registers during the loop, adds it at the end.
-    IN_HALVES: tl.constexpr = SPLIT_K == 1 and HAS_SCALE and BLOCK_N >= 64
+    # are masked off) is about registers, as compiled for sm_90. A tile of 64 or more
+    # columns finishes in two halves of columns (IN_HALVES: each half's per-channel vectors,
+    # correction and pointers, not the whole tile's, are live at once; a scaled 128x128
+    # tile's peak fell from 184 to 128-138 registers) and takes each half's correction
+    # there. Otherwise the tap walks start the accumulator from it (loaded into the
+    # accumulator's registers; at the end it needed as many again: 128x256 tiles spilled 296
+    # bytes), and the flattened walk, whose gathers need the registers during the loop, adds
+    # it at the end.
+    IN_HALVES: tl.constexpr = BLOCK_N >= 64
     fix_rows = m_mask & (split == 0)
     if HAS_SCALE:  # once per tile, like the padding correction
         acc = _zero_point_start(acc, co, n_mask, wsum_ptr, tl.where(split == 0, x_zp, 0))
@@ -380,12 +381,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     if PAD_FIX and FLAT_K and not IN_HALVES:
         acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
                                    O, KH, KW)
-    if SPLIT_K > 1:
-        # A split left without steps (the autotuned BLOCK_K is wider than the proposal
-        # assumed) has nothing to add.
-        tl.atomic_add(out_ptr + offs_m[:, None] * O + co[None, :], acc,
-                      mask=m_mask[:, None] & n_mask[None, :] & (first < last), sem="relaxed")
-    elif IN_HALVES:
+    if IN_HALVES:
         HALF_N: tl.constexpr = BLOCK_N // 2
         halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
         for h in tl.static_range(2):
@@ -394,23 +390,31 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             if PAD_FIX:
                 part += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows,
                                             g * CO_G + cols, cols < CO_G, corr_ptr, O, KH, KW)
-            _store_tile(part, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
-                        out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+            _finish_tile(part, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
+                         out_scale, out_zp, first < last, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
+                         SPLIT_K)
     else:
-        _store_tile(acc, m_mask, offs_m, offs_n, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
-                    out_scale, out_zp, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+        _finish_tile(acc, m_mask, offs_m, offs_n, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
+                     out_scale, out_zp, first < last, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
+                     SPLIT_K)
 
 
 @triton.jit
-def _store_tile(acc, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr, out_scale,
-                out_zp, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                OUT_MODE: tl.constexpr):
-    """The epilogue of a GEMM tile (or part of one): columns `cols` of group g."""
+def _finish_tile(acc, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
+                 out_scale, out_zp, has_steps, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 RELU: tl.constexpr, OUT_MODE: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A GEMM tile's (or part's) columns `cols` of group g: the epilogue, or, split, the
+    partial sums added into the int32 accumulator (a split left without steps - the
+    autotuned BLOCK_K is wider than the proposal assumed - has nothing to add)."""
     co = g * CO_G + cols
     co_mask = cols < CO_G
-    _epilogue(acc, co, co_mask, out_ptr + offs_m[:, None] * O + co[None, :],
-              m_mask[:, None] & co_mask[None, :], scale_ptr, bias_ptr, out_scale, out_zp,
-              HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
+    ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
+    mask = m_mask[:, None] & co_mask[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, acc, mask=mask & has_steps, sem="relaxed")
+    else:
+        _epilogue(acc, co, co_mask, ptrs, mask, scale_ptr, bias_ptr, out_scale, out_zp,
+                  HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
 
 
 @triton.jit(do_not_specialize=["M", "out_zp"])
