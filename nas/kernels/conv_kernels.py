@@ -252,7 +252,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     0 is cp.async's own zero fill, and the tile goes straight from shared memory to the
     tensor cores (any other default costs a pass through registers per tile, measured on
     the H200 at 1.5-1.9x slower on ResNet-18's 3x3 layers at batch 64). Padding should read
-    the zero point (a real 0), so with PAD_FIX the epilogue adds x_zp times the weights of
+    the zero point (a real 0), so with PAD_FIX the kernel adds x_zp times the weights of
     the padded taps (`_padding_correction`, one table lookup per border pixel and channel);
     channels past CI read 0 and meet zero weights.
 
