@@ -202,8 +202,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     m = n * oh * ow
     out = torch.empty((n, oh, ow, o), dtype=out_torch, device=device)
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
-    # The GEMM pads with 0 and corrects in its epilogue (see _conv_gemm_kernel).
-    pad_fix = x_zero_point != 0 and (ph > 0 or pw > 0)
+    depthwise = groups == c and ci == 1 and o == c and groups > 1
+    # The GEMM pads with 0 and corrects in the kernel (see _conv_gemm_kernel); the depthwise
+    # kernel reads the zero point itself.
+    pad_fix = x_zero_point != 0 and (ph > 0 or pw > 0) and not depthwise
     wsum, corr = _weight_sums(w, w_packed, scale is not None, x_zero_point * pad_fix, dummy)
     bias_t = bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None else dummy
     scale_t = (scale.to(device=device, dtype=torch.float32).contiguous() if scale is not None
@@ -211,7 +213,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
                   OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
     interpreted = _INTERPRET
-    if groups == c and ci == 1 and o == c and groups > 1:
+    if depthwise:
         dw_args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw, sh, sw, ph, pw, m,
                    x_zero_point, float(out_scale or 1.0), out_zero_point)
 
@@ -320,9 +322,9 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                 grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(co_g, cfg.block_n),
                         groups * split)
                 conv_gemm[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages, SPLIT_K=split, **flags,
-                                        **_register_cap(cfg))
+                                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages, SPLIT_K=split, **flags,
+                                **_register_cap(cfg))
             else:
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
