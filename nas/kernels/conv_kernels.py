@@ -280,10 +280,11 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     # bytes), and the flattened walk, whose gathers need the registers during the loop, adds
     # it at the end.
     IN_HALVES: tl.constexpr = BLOCK_N >= 64
+    FIX_AT_END: tl.constexpr = PAD_FIX and (IN_HALVES or FLAT_K)
     fix_rows = m_mask & (split == 0)
     if HAS_SCALE:  # once per tile, like the padding correction
         acc = _zero_point_start(acc, co, n_mask, wsum_ptr, tl.where(split == 0, x_zp, 0))
-    if PAD_FIX and not FLAT_K and not IN_HALVES:
+    if PAD_FIX and not FIX_AT_END:
         acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
                                    O, KH, KW)
     if FLAT_K:
@@ -378,36 +379,38 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             wrap_w = kw >= KW
             kw = tl.where(wrap_w, 0, kw)
             kh += wrap_w.to(tl.int32)
-    if PAD_FIX and FLAT_K and not IN_HALVES:
-        acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
-                                   O, KH, KW)
+    has_steps = first < last
     if IN_HALVES:
         HALF_N: tl.constexpr = BLOCK_N // 2
-        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
-        for h in tl.static_range(2):
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
+        for h in tl.static_range(2):  # one half, then the other
             cols = tl.program_id(1) * BLOCK_N + h * HALF_N + tl.arange(0, HALF_N)
-            part = halves[h]
-            if PAD_FIX:
-                part += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows,
-                                            g * CO_G + cols, cols < CO_G, corr_ptr, O, KH, KW)
-            _finish_tile(part, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
-                         out_scale, out_zp, first < last, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
-                         SPLIT_K)
+            _finish_tile(left if h == 0 else right, cols, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows,
+                         corr_ptr, KH, KW, m_mask, offs_m, CO_G, g, O, out_ptr, scale_ptr,
+                         bias_ptr, out_scale, out_zp, has_steps, FIX_AT_END, HAS_SCALE,
+                         HAS_BIAS, RELU, OUT_MODE, SPLIT_K)
     else:
-        _finish_tile(acc, m_mask, offs_m, offs_n, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
-                     out_scale, out_zp, first < last, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
+        _finish_tile(acc, offs_n, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, corr_ptr, KH, KW,
+                     m_mask, offs_m, CO_G, g, O, out_ptr, scale_ptr, bias_ptr, out_scale,
+                     out_zp, has_steps, FIX_AT_END, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
                      SPLIT_K)
 
 
 @triton.jit
-def _finish_tile(acc, m_mask, offs_m, cols, CO_G, g, O, out_ptr, scale_ptr, bias_ptr,
-                 out_scale, out_zp, has_steps, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 RELU: tl.constexpr, OUT_MODE: tl.constexpr, SPLIT_K: tl.constexpr):
-    """A GEMM tile's (or part's) columns `cols` of group g: the epilogue, or, split, the
-    partial sums added into the int32 accumulator (a split left without steps - the
-    autotuned BLOCK_K is wider than the proposal assumed - has nothing to add)."""
+def _finish_tile(acc, cols, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, corr_ptr, KH, KW, m_mask,
+                 offs_m, CO_G, g, O, out_ptr, scale_ptr, bias_ptr, out_scale, out_zp,
+                 has_steps, ADD_FIX: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, OUT_MODE: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    """A GEMM tile's (or part's) columns `cols` of its group: the padding correction where
+    it is added at the end (ADD_FIX), then the epilogue or, split, the partial sums added
+    into the int32 accumulator (a split left without steps - the autotuned BLOCK_K is wider
+    than the proposal assumed - has nothing to add)."""
     co = g * CO_G + cols
     co_mask = cols < CO_G
+    if ADD_FIX:
+        acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, co_mask, corr_ptr,
+                                   O, KH, KW)
     ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     mask = m_mask[:, None] & co_mask[None, :]
     if SPLIT_K > 1:
