@@ -93,8 +93,8 @@ GPU_CONFIGS = [
     KernelConfig(128, 64, 32, 4, 4), KernelConfig(64, 64, 32, 4, 3),
     KernelConfig(256, 128, 64, 8, 3), KernelConfig(256, 64, 64, 8, 3),
     KernelConfig(128, 128, 64, 4, 4),
-    # Compiled for sm_90 (`nas bench compile`): 146 registers with the padding correction,
-    # so 3 blocks per SM, and 196 instructions per 64x128x128 step of the MMA loop.
+    # Compiled for sm_90 (`nas bench compile`): 128-168 registers, so 3 blocks per SM, and
+    # about 200 instructions per 64x128x128 step of the W8A8 MMA loop.
     KernelConfig(64, 128, 128, 4, 3),
     # 128x128 with 8 warps needs 128-140 registers with the zero-point corrections: capped
     # at 128 (a few bytes spill in the epilogue) two blocks share an SM, so one's tensor-core
