@@ -151,8 +151,6 @@ def _compile_instead_of_launch(record: Callable) -> None:
 
 def _candidates(info, batch: int, w_bits: int, a_bits: int):
     """What a GPU would try for this (layer, precision): (tile, launch variant) pairs."""
-    import triton
-
     from nas.cost.measure import packed_operands
     from nas.kernels import conv
     from nas.kernels.configs import DEPTHWISE_CONFIGS, GPU_CONFIGS, Launch
@@ -162,14 +160,11 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int):
     oh, ow = info.out_hw
     m = batch * oh * ow
     if g > 1 and g == c == o:
-        configs = [triton.Config({"BLOCK_M": d.block_m, "BLOCK_C": d.block_c},
-                                 num_warps=d.num_warps) for d in DEPTHWISE_CONFIGS]
+        configs = conv.depthwise_autotune_configs()
         kept = conv._prune_depthwise(configs, {"C": c})
-        return [(d, None) for d in DEPTHWISE_CONFIGS
-                if any(k.kwargs == {"BLOCK_M": d.block_m, "BLOCK_C": d.block_c} for k in kept)]
+        return [(d, None) for d, k in zip(DEPTHWISE_CONFIGS, configs) if k in kept]
     ci = c // g
-    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
-                             num_warps=t.num_warps, num_stages=t.num_stages) for t in GPU_CONFIGS]
+    configs = conv.gemm_autotune_configs()
     kept = conv._prune(configs, {"M": m, "CO_G": o // g, "CI": ci})
     tiles = [t for t, k in zip(GPU_CONFIGS, configs) if k in kept]
     packed = any(packed_operands(info, w_bits, a_bits))

@@ -431,14 +431,24 @@ def _bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=3, rep=15, quantiles=quantiles)
 
 
+def gemm_autotune_configs() -> list:
+    """GPU_CONFIGS as Triton autotuning configs, in the same order."""
+    return [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
+                          num_warps=c.num_warps, num_stages=c.num_stages, **_register_cap(c))
+            for c in map(validate_config, GPU_CONFIGS)]
+
+
+def depthwise_autotune_configs() -> list:
+    """DEPTHWISE_CONFIGS as Triton autotuning configs, in the same order."""
+    return [triton.Config({"BLOCK_M": d.block_m, "BLOCK_C": d.block_c}, num_warps=d.num_warps)
+            for d in map(validate_direct_config, DEPTHWISE_CONFIGS)]
+
+
 def _tuned():
     """The GEMM kernel autotuned over GPU_CONFIGS (built once, on first GPU use)."""
     global _TUNED
     if _TUNED is None:
-        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k},
-                                 num_warps=c.num_warps, num_stages=c.num_stages,
-                                 **_register_cap(c))
-                   for c in map(validate_config, GPU_CONFIGS)]
+        configs = gemm_autotune_configs()
         # PAD_FIX is in the key: the padding correction changes the epilogue's cost; SPLIT_K
         # changes the work per program. Tuning runs the kernel many times: a split-K
         # accumulator is zeroed before each run and before the real one.
@@ -464,9 +474,7 @@ def _tuned_depthwise():
     """The depthwise kernel autotuned over DEPTHWISE_CONFIGS (built once, on first GPU use)."""
     global _TUNED_DW
     if _TUNED_DW is None:
-        configs = [triton.Config({"BLOCK_M": d.block_m, "BLOCK_C": d.block_c},
-                                 num_warps=d.num_warps)
-                   for d in map(validate_direct_config, DEPTHWISE_CONFIGS)]
+        configs = depthwise_autotune_configs()
         _TUNED_DW = triton.autotune(configs, key=["M", "C", "KH", "KW", "stride_h"],
                                     prune_configs_by={"early_config_prune": _prune_depthwise},
                                     **_quick_bench())(_conv_depthwise_kernel)

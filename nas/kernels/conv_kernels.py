@@ -301,6 +301,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         first = split * per_split
         last = tl.minimum(first + per_split, steps)
     origin = _pixel_origin(img, oh, ow, H, W, C, stride_h, stride_w, pad_h, pad_w)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
     if ROW_K:
         # One step per kernel row: its KW x CI values (KW pixels side by side, one run in
         # NHWC x when there is one group); the weights come laid out as rows of ROW_WIDTH,
@@ -321,16 +323,14 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     elif FLAT_K:
         row0 = origin * C + g * CI  # in values: _load_x halves it for packed x
-        HALF_KF: tl.constexpr = BLOCK_K // 2
-        offs_bf = tl.arange(0, HALF_KF)
         for step in range(first, last):
             offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
             valid = m_mask[:, None] & (offs_k < K)[None, :]
             a = _gather_rows(x_ptr, ktab_ptr, offs_k, row0, kh_lo, kh_hi, kw_lo, kw_hi, valid,
                              0, X_PACKED).to(tl.int8)
             if W_PACKED:  # K even (CI is): a block's bytes are contiguous in the weight row
-                w_off = co[:, None] * (K // 2) + (step * HALF_KF + offs_bf)[None, :]
-                w_mask = n_mask[:, None] & (step * BLOCK_K + 2 * offs_bf < K)[None, :]
+                w_off = co[:, None] * (K // 2) + (step * HALF_K + offs_b)[None, :]
+                w_mask = n_mask[:, None] & (step * BLOCK_K + 2 * offs_b < K)[None, :]
                 b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0), BLOCK_N,
                                       BLOCK_K)
             else:
@@ -341,10 +341,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         # Loop-invariant per pixel: where its tap (0, 0) lies in x (maybe in the padding) and
         # which taps are inside the image. The loop then only adds a tap's scalar offset and
         # steps (kh, kw, c0) by counters: no divisions and no per-pixel index arithmetic.
-        HALF_K: tl.constexpr = BLOCK_K // 2
         XC: tl.constexpr = 2 if X_PACKED else 1  # values per byte of x
         offs_c = tl.arange(0, BLOCK_K)
-        offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
         row0 = origin * (C // XC)
         tap = first // blocks
         c0 = (first - tap * blocks) * BLOCK_K
