@@ -38,7 +38,8 @@ stage() {
 } >"$LOGS/env.log" 2>&1
 cat "$LOGS/env.log"
 
-stage kernels 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py
+# Every failure listed (no -x): a short device session learns all that is wrong at once.
+TAIL=30 stage kernels 200 python3 -m pytest -q -rf -p no:cacheprovider tests/test_kernels_cuda.py
 # The kernels' speed goals in one quick run (its run folder travels in the bundle).
 TAIL=14 stage bench 110 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
 TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30

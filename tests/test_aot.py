@@ -72,6 +72,19 @@ def test_split_k_and_packed_operands_compile(compiled):
     assert any(c["SPLIT_K"] > 1 for c in constants)
     assert any(c["X_PACKED"] and c["W_PACKED"] for c in constants)
     assert any(c["PAD_FIX"] for c in constants)
+    # split-K's partial sums are added up by the epilogue kernel, its splits unrolled
+    assert any(k["kernel"] == "_epilogue_kernel" and k["constants"]["SPLITS"] > 1
+               for k in compiled[1]["kernels"])
+
+
+def test_candidates_offer_im2col_only_where_its_offsets_fit():
+    from nas.kernels.aot import _candidates
+    from nas.spaces import load_space
+
+    stem = load_space("imagenet_resnet18").layers()[0].info  # 7x7 over 3 channels: rows of 160
+    assert any(launch.im2col for _, launch in _candidates(stem, 64, 8, 8))
+    # 2000 x 112 x 112 pixels x 160 values pass 2**31
+    assert not any(launch.im2col for _, launch in _candidates(stem, 2000, 8, 8))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -53,6 +53,29 @@ def test_roofline_memory_bound_counts_bytes():
     assert roofline_us(info, 4, 4, 1, fast) == pytest.approx(32 + 144 + 256 + 1.0)
 
 
+def test_roofline_splits_the_reduction_of_a_small_layer_as_the_kernels_do():
+    # 8 SMs at 1 int8 op/us each, 64x64 tiles; a 3x3 64->64 layer on 7x7 at batch 1 is one
+    # tile, which the kernels' rule splits in 2 (9 reduction steps, 4 per split at least).
+    spec = DeviceSpec(**{**SPEC.__dict__, "sms": 8, "int8_tops": 8e-6, "fp16_tflops": 8e-6,
+                         "tile_m": 64, "tile_n": 64})
+    info = conv(cin=64, cout=64, hw=7)
+    tile_ops = 2 * 64 * 64 * 576
+    # no split: one wave of the whole tile; split: half of it, plus a second launch
+    assert roofline_us(info, 8, 8, 1, spec) == pytest.approx(tile_ops / 2 + 2 * 1.0)
+    # a float layer runs cuDNN: no split
+    assert roofline_us(info, 16, 16, 1, spec) == pytest.approx(tile_ops + 1.0)
+    # bytes at 1 per us: input, weights, fp16 output; the split also writes and reads back
+    # both splits' int32 partial sums (2 * 2 * 49 * 64 * 4 bytes)
+    hbm, partials = 7 * 7 * 64 + 64 * 576 + 7 * 7 * 64 * 2, 2 * 2 * 49 * 64 * 4
+    # 32 ops/us per SM: the split's half tile (73728 us) now waits on memory, and still wins
+    # against the whole tile (147456 us)
+    faster = DeviceSpec(**{**spec.__dict__, "int8_tops": 32 * 8e-6})
+    assert roofline_us(info, 8, 8, 1, faster) == pytest.approx(hbm + partials + 2.0)
+    # memory-bound (fast tensor cores): the split's bytes and second launch lose
+    fast = DeviceSpec(**{**spec.__dict__, "int8_tops": 1e6})
+    assert roofline_us(info, 8, 8, 1, fast) == pytest.approx(hbm + 1.0)
+
+
 def test_measured_entries_override_the_estimate(tmp_path):
     info = conv()
     key = table_key(info, 1, 4, 8)

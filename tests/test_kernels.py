@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from nas.errors import ConfigError
 from nas.kernels import conv2d_int, pack_int4, unpack_int4
-from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CONFIG,
-                                 INTERPRETER_DEPTHWISE, DirectConfig, KernelConfig, Launch,
-                                 validate_config, validate_direct_config)
+from nas.kernels.configs import (DEPTHWISE_CONFIGS, EPILOGUE_TILES, GPU_CONFIGS,
+                                 INTERPRETER_CONFIG, INTERPRETER_DEPTHWISE, DirectConfig,
+                                 KernelConfig, Launch, epilogue_tile, validate_config,
+                                 validate_direct_config)
 
 pytestmark = pytest.mark.triton
 
@@ -194,8 +195,14 @@ def test_fused_epilogue_dequantizes_with_zero_point_correction(split_k):
     assert torch.allclose(relu.double(), expected.clamp(min=0), rtol=1e-3, atol=1e-2)
 
 
-def test_split_k_epilogue_of_a_grouped_convolution():
-    # The separate epilogue kernel indexes output channels across groups (35 per group).
+@pytest.mark.parametrize("tile", EPILOGUE_TILES)
+def test_split_k_epilogue_of_a_grouped_convolution(tile, monkeypatch):
+    # The separate epilogue kernel adds up the splits' partial sums and indexes output
+    # channels across groups (35 per group), in every tile it may run with (60 x 70 outputs:
+    # every tile has partial rows or columns).
+    import nas.kernels.conv as conv
+
+    monkeypatch.setattr(conv, "epilogue_tile", lambda m, o: tile)
     gen = torch.Generator().manual_seed(9)
     x, w = values((2, 5, 6, 2 * 20), 8, gen), values((70, 3, 3, 20), 8, gen)
     scale, bias = torch.rand(70, generator=gen) * 1e-2, torch.randn(70, generator=gen)
@@ -205,11 +212,22 @@ def test_split_k_epilogue_of_a_grouped_convolution():
         fused = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(1), **args, **extra)
         split = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(5), **args, **extra)
         assert torch.equal(fused, split)  # the same int32 sums through the same epilogue code
-    real = (reference(x, w, 1, 1, 2, zero_point=-3).double()
-            - (-3) * w.double().sum(dim=(1, 2, 3))) * scale.double() + bias.double()
+    raw = reference(x, w, 1, 1, 2, zero_point=-3)
+    real = (raw.double() - (-3) * w.double().sum(dim=(1, 2, 3))) * scale.double() + bias.double()
     assert torch.allclose(conv2d_int(x, w, out_dtype=torch.float32, launch=Launch(5),
                                      **args).double(),
                           real.clamp(min=0), rtol=1e-6, atol=1e-5)
+    # without a scale: the raw int32 sums, added up exactly
+    assert torch.equal(conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, groups=2,
+                                  x_zero_point=-3, launch=Launch(5)), raw)
+
+
+def test_split_k_epilogue_tiles_spread_small_layers_over_the_sms():
+    assert epilogue_tile(49, 512) == (16, 16)  # ResNet-18 layer4 at batch 1: 4 x 32 programs
+    assert epilogue_tile(784, 128) == (16, 32)  # layer2 at batch 1: 49 x 4
+    assert epilogue_tile(3136, 64) == (32, 32)  # layer1 at batch 1: 98 x 2
+    assert epilogue_tile(12544, 256) == (64, 64)  # layer3 at batch 64 (split on request)
+    assert epilogue_tile(1, 1000) == (16, 16)  # the classifier: 63 programs at most
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -420,6 +438,15 @@ def test_im2col_is_refused_where_its_rows_would_pass_int32_offsets():
     with pytest.raises(ConfigError, match=r"im2col rows of 67108864 pixels x 32 values pass "
                                           r"int32 offsets; launch this layer without im2col"):
         conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, launch=Launch(im2col=True))
+
+
+def test_split_k_is_refused_where_its_partial_sums_would_pass_int32_offsets():
+    x = torch.ones((1, 8, 8, 1), dtype=torch.int8)
+    w = torch.ones((64, 1, 1, 1), dtype=torch.int8)
+    with pytest.raises(ConfigError, match=r"524288 splits' partial sums of 64 pixels x 64 "
+                                          r"channels pass int32 offsets; launch this layer "
+                                          r"with fewer splits"):
+        conv2d_int(x, w, w_bits=8, a_bits=8, launch=Launch(2 ** 19))
 
 
 def test_padding_corrections_hold_the_padded_taps_weights_of_every_rectangle():

@@ -2,10 +2,18 @@
 
 `conv2d_int` imports Triton on first use (never at `import nas`). Without CUDA the kernels
 run under Triton's CPU interpreter (TRITON_INTERPRET=1, set automatically when no GPU is
-present): exact but slow, for tests on tiny shapes.
+present): exact but slow, for tests on tiny shapes. Importing the package imports neither
+torch nor Triton, so torch-free modules such as `nas.kernels.configs` (the launch rules
+that the latency estimate shares) stay cheap to import.
 """
 
-from nas.kernels.pack import pack_int4, unpack_int4
+
+def __getattr__(name):
+    if name in ("pack_int4", "unpack_int4"):
+        from nas.kernels import pack
+
+        return getattr(pack, name)
+    raise AttributeError(f"module 'nas.kernels' has no attribute {name!r}")
 
 
 def conv2d_int(*args, **kwargs):

@@ -169,7 +169,8 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int):
     tiles = [t for t, k in zip(GPU_CONFIGS, configs) if k in kept]
     packed = any(packed_operands(info, w_bits, a_bits))
     proposal = conv.propose_split_k(m, o // g, g, ci, kh * kw, conv.INTERPRETER_SMS)
-    variants = conv.launch_candidates(proposal, packed, ci < conv.FLAT_K_BELOW)
+    variants = conv.launch_candidates(proposal, packed, ci < conv.FLAT_K_BELOW
+                                      and conv.im2col_fits(m, g, ci * kh * kw))
     return [(t, v) for t in tiles for v in variants] or [(None, Launch())]
 
 

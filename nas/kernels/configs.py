@@ -11,6 +11,45 @@ from dataclasses import dataclass
 
 from nas.errors import ConfigError
 
+# Fewer input channels per group than this: the GEMM walks the flattened (kh, kw, ci) axis
+# (or kernel rows) instead of one tap at a time (a block of 32 channels would be mostly
+# padding).
+FLAT_K_BELOW = 16
+
+# Split-K (see _conv_gemm_kernel) is proposed for layers whose tiles would fill under a
+# quarter of the GPU's SMs, and only as far as every split keeps SPLIT_MIN_STEPS reduction
+# steps; on a GPU the proposal is kept only where timing the whole launch beats no split
+# (the split pays for storing its partial sums and adding them up in a separate epilogue).
+# The latency estimate (nas.cost.latency) splits as proposed here, so this module stays
+# free of torch.
+SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
+
+
+def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int) -> int:
+    """Reduction splits for an implicit GEMM of m pixels x co_g channels per group, counted
+    with 64 x 64 tiles and 64-channel reduction steps (tap by tap, or flattened below
+    FLAT_K_BELOW input channels)."""
+    tiles = -(-m // 64) * -(-co_g // 64) * groups
+    if tiles * 4 > sms:
+        return 1
+    steps = -(-taps * ci // 64) if ci < FLAT_K_BELOW else taps * -(-ci // 64)
+    return max(1, min(-(-sms // tiles), steps // SPLIT_MIN_STEPS, SPLIT_MAX))
+
+
+# Split-K's epilogue kernel reads every split's partial sums: tiles small enough that a
+# layer small enough to be split (batch 1) still spreads over about as many programs as an
+# H200 has SMs; the smallest keeps 2 values per thread and split.
+EPILOGUE_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
+
+
+def epilogue_tile(m: int, o: int, programs: int = 128) -> tuple[int, int]:
+    """The largest of EPILOGUE_TILES that gives at least `programs` programs over an [m, o]
+    output (else the smallest)."""
+    for bm, bn in EPILOGUE_TILES:
+        if -(-m // bm) * -(-o // bn) >= programs:
+            return bm, bn
+    return EPILOGUE_TILES[-1]
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -26,8 +65,9 @@ class KernelConfig:
 class Launch:
     """How a GEMM convolution is launched, beside its tile (KernelConfig).
 
-    - split_k: programs sharing each output tile's reduction (int32 partial sums added
-      atomically, exact; the epilogue then runs as a kernel of its own);
+    - split_k: programs sharing each output tile's reduction (each stores its int32 partial
+      sums in a slice of its own; the epilogue then runs as a kernel of its own, which adds
+      them up: exact);
     - unpack_first: packed 4-bit operands unpacked to int8 once, by a pre-pass, instead of in
       every tile that reads them;
     - im2col: the GEMM's rows (activation patches, zero point in the padding) written out

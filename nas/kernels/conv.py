@@ -10,11 +10,12 @@ import torch
 
 from nas.errors import ConfigError
 from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CONFIG,
-                                 INTERPRETER_DEPTHWISE, DirectConfig, KernelConfig, Launch,
-                                 validate_config, validate_direct_config, validate_launch)
+                                 FLAT_K_BELOW, INTERPRETER_DEPTHWISE, DirectConfig, KernelConfig,
+                                 Launch, epilogue_tile, propose_split_k, validate_config,
+                                 validate_direct_config, validate_launch)
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
-                                      FLAT_K_BELOW, ROW_WIDTH, _conv_depthwise_kernel, conv_gemm,
+                                      ROW_WIDTH, _conv_depthwise_kernel, conv_gemm,
                                       _epilogue_kernel, _im2col_kernel, _unpack_int4_kernel)
 from nas.kernels.pack import unpack_int4
 
@@ -252,8 +253,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     co_g = o // groups
     geometry = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k)
     zero_points = (x_zero_point, float(out_scale or 1.0), out_zero_point)
-    kp = -(-k // 32) * 32  # im2col rows: padded to whole 32-channel blocks
-    im2col_fits = m * groups * kp < 2 ** 31  # its int32 offsets
+    kp = im2col_row(k)
+    im2col_ok = im2col_fits(m, groups, k)  # its int32 offsets
     buffers: dict[str, torch.Tensor] = {}  # shared by the variants (they run one at a time)
 
     def buffer(name: str, shape, dtype=torch.int8, zeroed=False, make=None) -> torch.Tensor:
@@ -306,18 +307,18 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
 
     def gemm_launch(variant: Launch):
         split = variant.split_k
-        # Split-K sums into an int32 buffer: the output itself when that is the accumulator.
-        acc = out if split == 1 or scale is None else buffer("acc", out.shape, torch.int32)
+        # Split-K: each split stores its partial int32 sums in a slice of its own, which the
+        # epilogue kernel adds up (nothing to zero first).
+        acc = out if split == 1 else buffer(f"partials{split}", (split, m, o), torch.int32)
         pre, xa, wa, geo, flags = operands(variant)
         args = (xa, wa, acc, scale_t, bias_t, wsum, corr, dummy if ktab is None else ktab, *geo,
                 *zero_points)
-        ep_grid = (triton.cdiv(m, 64), triton.cdiv(o, 64))
+        ep_block = epilogue_tile(m, o)
+        ep_grid = (triton.cdiv(m, ep_block[0]), triton.cdiv(o, ep_block[1]))
 
         def run() -> torch.Tensor:
             for prepass in pre:
                 prepass()
-            if split > 1:
-                acc.zero_()
             if interpreted or config is not None:
                 grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(co_g, cfg.block_n),
                         groups * split)
@@ -329,18 +330,24 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
                 _tuned()[grid](*args, SPLIT_K=split, **flags)
-            if acc is not out:
+            if split > 1:
                 _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, m, o, *zero_points[1:],
+                                          SPLITS=split, HAS_SCALE=scale is not None,
                                           HAS_BIAS=bias is not None, RELU=relu,
-                                          OUT_MODE=out_mode, BLOCK_M=64, BLOCK_N=64)
+                                          OUT_MODE=out_mode, BLOCK_M=ep_block[0],
+                                          BLOCK_N=ep_block[1])
             return out
         run.variant = variant
         return run
 
     if launch is not None:
-        if launch.im2col and not im2col_fits:
+        if launch.im2col and not im2col_ok:
             raise ConfigError(f"conv2d_int: im2col rows of {m} pixels x {groups * kp} values "
                               f"pass int32 offsets; launch this layer without im2col")
+        if launch.split_k * m * o >= 2 ** 31:
+            raise ConfigError(f"conv2d_int: {launch.split_k} splits' partial sums of {m} pixels "
+                              f"x {o} channels pass int32 offsets; launch this layer with fewer "
+                              f"splits")
         return gemm_launch(launch)
     sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
         device).multi_processor_count
@@ -348,10 +355,20 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     if interpreted or config is not None:
         return gemm_launch(Launch(proposal))
     variants = launch_candidates(proposal, x_packed or w_packed,
-                                 ci < FLAT_K_BELOW and im2col_fits)
+                                 ci < FLAT_K_BELOW and im2col_ok)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
     return _fastest(gemm_launch, key, variants)
+
+
+def im2col_row(k: int) -> int:
+    """Values in one group's im2col row: the reduction padded to whole 32-value blocks."""
+    return -(-k // 32) * 32
+
+
+def im2col_fits(m: int, groups: int, k: int) -> bool:
+    """Whether im2col's rows for m pixels keep within its int32 offsets."""
+    return m * groups * im2col_row(k) < 2 ** 31
 
 
 def launch_candidates(proposal: int, packed: bool, few_channels: bool) -> list[Launch]:
@@ -372,7 +389,7 @@ def _fastest(gemm_launch, key: tuple, variants: list[Launch]):
             # Timing would break the capture; the next call outside it decides.
             return gemm_launch(variants[0])
         times = {}
-        for variant in variants:  # each whole launch (pre-passes, zeroing, GEMM, epilogue)
+        for variant in variants:  # each whole launch (pre-passes, GEMM, split-K's epilogue)
             fn = gemm_launch(variant)
             fn()  # autotunes outside the timing
             times[variant] = _time_launch(fn)
@@ -380,25 +397,10 @@ def _fastest(gemm_launch, key: tuple, variants: list[Launch]):
     return gemm_launch(_LAUNCH_CHOICE[key])
 
 
-# Split-K (see _conv_gemm_kernel) is proposed for layers whose tiles would fill under a
-# quarter of the GPU's SMs, and only as far as every split keeps SPLIT_MIN_STEPS reduction
-# steps; on a GPU the proposal is kept only where timing the whole launch beats no split
-# (the split pays for zeroing the accumulator and a separate epilogue). Packed operands are
-# also timed unpacked first, by a pre-pass, and layers with few input channels with im2col.
-SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
+# Packed operands are also timed unpacked first, by a pre-pass, and layers with few input
+# channels with im2col; split-K as `propose_split_k` proposes (see nas.kernels.configs).
 INTERPRETER_SMS = 132  # the CPU interpreter splits as an H200 would be proposed to
 _LAUNCH_CHOICE: dict[tuple, Launch] = {}  # layer -> the variant timed fastest
-
-
-def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int) -> int:
-    """Reduction splits for an implicit GEMM of m pixels x co_g channels per group, counted
-    with 64 x 64 tiles and 64-channel reduction steps (tap by tap, or flattened below
-    FLAT_K_BELOW input channels)."""
-    tiles = -(-m // 64) * -(-co_g // 64) * groups
-    if tiles * 4 > sms:
-        return 1
-    steps = -(-taps * ci // 64) if ci < FLAT_K_BELOW else taps * -(-ci // 64)
-    return max(1, min(-(-sms // tiles), steps // SPLIT_MIN_STEPS, SPLIT_MAX))
 
 
 _TUNED = _TUNED_DW = None
@@ -450,11 +452,11 @@ def _tuned():
     if _TUNED is None:
         configs = gemm_autotune_configs()
         # PAD_FIX is in the key: the padding correction changes the epilogue's cost; SPLIT_K
-        # changes the work per program. Tuning runs the kernel many times: a split-K
-        # accumulator is zeroed before each run and before the real one.
+        # changes the work per program (its partial sums overwrite their slices, so tuning
+        # runs need nothing reset).
         _TUNED = triton.autotune(configs, key=["M", "CO_G", "K", "CI", "PAD_FIX", "SPLIT_K"],
                                  prune_configs_by={"early_config_prune": _prune},
-                                 reset_to_zero=["out_ptr"], **_quick_bench())(conv_gemm)
+                                 **_quick_bench())(conv_gemm)
     return _TUNED
 
 

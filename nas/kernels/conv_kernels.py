@@ -25,11 +25,9 @@ import triton.language as tl  # noqa: E402
 # was switched on, and then cannot run under it.
 
 _OUT_INT32, _OUT_FP16, _OUT_FP32, _OUT_INT8 = 0, 1, 2, 3
-# Fewer input channels per group than this: the GEMM walks the flattened (kh, kw, ci) axis
-# instead of one tap at a time (a block of 32 channels would be mostly padding).
-FLAT_K_BELOW = 16
-# ... and where a kernel row's values (KW x input channels) fit this many, it walks kernel
-# rows instead (ROW_K): one GEMM block of ROW_WIDTH per row, loaded as a contiguous run.
+# Where a kernel row's values (KW x input channels, below FLAT_K_BELOW channels) fit this
+# many, the GEMM walks kernel rows (ROW_K): one GEMM block of ROW_WIDTH per row, loaded as a
+# contiguous run.
 ROW_WIDTH = tl.constexpr(32)
 
 
@@ -257,9 +255,10 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     channels past CI read 0 and meet zero weights.
 
     SPLIT_K > 1 (problems with too few tiles to fill the GPU, e.g. batch 1): the reduction
-    steps are shared among SPLIT_K programs per tile, which add their partial int32 sums
-    into the zeroed `out_ptr` atomically (integer addition: exact in any order); the
-    epilogue then runs as its own kernel (`_epilogue_kernel`)."""
+    steps are shared among SPLIT_K programs per tile, each of which stores its partial
+    int32 sums in a slice of its own of `out_ptr` ([SPLIT_K, M, O]: plain vectorised
+    stores, nothing to zero first, no atomics); the epilogue then runs as its own kernel
+    (`_epilogue_kernel`), which adds the slices up (integer addition: exact)."""
     g = tl.program_id(2) // SPLIT_K
     split = tl.program_id(2) - g * SPLIT_K
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
@@ -377,7 +376,6 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             wrap_w = kw >= KW
             kw = tl.where(wrap_w, 0, kw)
             kh += wrap_w.to(tl.int32)
-    has_steps = first < last
     if IN_HALVES:
         HALF_N: tl.constexpr = BLOCK_N // 2
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
@@ -385,25 +383,26 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
             cols = tl.program_id(1) * BLOCK_N + h * HALF_N + tl.arange(0, HALF_N)
             _finish_tile(left if h == 0 else right, cols, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows,
                          corr_ptr, KH, KW, m_mask, offs_m, CO_G, g, O, out_ptr, scale_ptr,
-                         bias_ptr, out_scale, out_zp, has_steps, FIX_AT_END, HAS_SCALE,
+                         bias_ptr, out_scale, out_zp, split * (M * O), FIX_AT_END, HAS_SCALE,
                          HAS_BIAS, RELU, OUT_MODE, SPLIT_K)
     else:
         _finish_tile(acc, offs_n, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, corr_ptr, KH, KW,
                      m_mask, offs_m, CO_G, g, O, out_ptr, scale_ptr, bias_ptr, out_scale,
-                     out_zp, has_steps, FIX_AT_END, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
+                     out_zp, split * (M * O), FIX_AT_END, HAS_SCALE, HAS_BIAS, RELU, OUT_MODE,
                      SPLIT_K)
 
 
 @triton.jit
 def _finish_tile(acc, cols, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, corr_ptr, KH, KW, m_mask,
                  offs_m, CO_G, g, O, out_ptr, scale_ptr, bias_ptr, out_scale, out_zp,
-                 has_steps, ADD_FIX: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 split_offset, ADD_FIX: tl.constexpr, HAS_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, OUT_MODE: tl.constexpr,
                  SPLIT_K: tl.constexpr):
     """A GEMM tile's (or part's) columns `cols` of its group: the padding correction where
-    it is added at the end (ADD_FIX), then the epilogue or, split, the partial sums added
-    into the int32 accumulator (a split left without steps - the autotuned BLOCK_K is wider
-    than the proposal assumed - has nothing to add)."""
+    it is added at the end (ADD_FIX), then the epilogue or, split, the partial sums stored in
+    the split's slice, `split_offset` values in (a split left without steps - the autotuned
+    BLOCK_K is wider than the proposal assumed - stores what it started from: zeros, or the
+    first split's zero-point term and correction)."""
     co = g * CO_G + cols
     co_mask = cols < CO_G
     if ADD_FIX:
@@ -412,7 +411,7 @@ def _finish_tile(acc, cols, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, corr_ptr, KH, 
     ptrs = out_ptr + offs_m[:, None] * O + co[None, :]
     mask = m_mask[:, None] & co_mask[None, :]
     if SPLIT_K > 1:
-        tl.atomic_add(ptrs, acc, mask=mask & has_steps, sem="relaxed")
+        tl.store(ptrs + split_offset, acc, mask=mask)
     else:
         _epilogue(acc, co, co_mask, ptrs, mask, scale_ptr, bias_ptr, out_scale, out_zp,
                   HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
@@ -420,18 +419,23 @@ def _finish_tile(acc, cols, kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, corr_ptr, KH, 
 
 @triton.jit(do_not_specialize=["M", "out_zp"])
 def _epilogue_kernel(acc_ptr, out_ptr, scale_ptr, bias_ptr, M, O, out_scale, out_zp,
-                     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, OUT_MODE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The fused epilogue on its own, over a finished int32 accumulator [M, O] (split-K; its
-    first split started from the zero-point term)."""
+                     SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     RELU: tl.constexpr, OUT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """The fused epilogue on its own, after split-K: the sum of the splits' int32 partial
+    sums [SPLITS, M, O] (the first split's started from the zero-point term), then the
+    epilogue, or the raw sum without a scale. The splits unroll, so that all their loads
+    are in flight at once (a run-time loop would wait on each in turn)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < O
     mask = (offs_m < M)[:, None] & n_mask[None, :]
     offs = offs_m[:, None] * O + offs_n[None, :]
     acc = tl.load(acc_ptr + offs, mask=mask, other=0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(acc_ptr + s * (M * O) + offs, mask=mask, other=0)
     _epilogue(acc, offs_n, n_mask, out_ptr + offs, mask, scale_ptr, bias_ptr, out_scale, out_zp,
-              True, HAS_BIAS, RELU, OUT_MODE)
+              HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
 
 
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h",
