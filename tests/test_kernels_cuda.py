@@ -62,6 +62,26 @@ def test_split_k_is_exact_on_the_gpu(split_k, w_bits, a_bits):
     _check(1, 7, 7, 512, 512, 3, 1, 1, 1, w_bits, a_bits, seed=split_k, launch=Launch(split_k))
 
 
+def test_split_k_replayed_in_a_cuda_graph_stays_exact():
+    # Every replay overwrites the splits' partial sums (nothing is zeroed between calls), as
+    # `nas measure` replays graphs of back-to-back calls.
+    from nas.kernels.conv import prepare_conv
+
+    gen = torch.Generator().manual_seed(5)
+    x, wt = values((1, 7, 7, 512), 8, gen), values((512, 3, 3, 512), 8, gen)
+    launch = prepare_conv(x.cuda(), wt.cuda(), w_bits=8, a_bits=8, padding=1,
+                          launch=Launch(16))
+    launch()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch()
+        out = launch()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), reference(x, wt, 1, 1, 1))
+
+
 @pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (4, 4)])
 @pytest.mark.parametrize("split_k", [1, 16])
 def test_unpack_first_is_exact_on_the_gpu(split_k, w_bits, a_bits):
