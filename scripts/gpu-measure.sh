@@ -44,8 +44,8 @@ TAIL=30 stage kernels 200 python3 -m pytest -q -rf -p no:cacheprovider tests/tes
 TAIL=14 stage bench 110 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
 TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30
 TAIL=12 stage resnet18-b1 110 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
-stage fmnist-b64 40 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 10
-stage fmnist-b1 30 python3 -m nas measure --space fmnist_resnet8 --batch 1 --validate 10
+stage fmnist-b64 60 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 30
+stage fmnist-b1 50 python3 -m nas measure --space fmnist_resnet8 --batch 1 --validate 30
 stage mobilenetv2-b64 120 python3 -m nas measure --space imagenet_mobilenetv2 --batch 64 --validate 10
 stage mobilenetv2-b1 90 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 --validate 10
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu --format=csv >>"$LOGS/env.log" 2>&1

@@ -477,12 +477,24 @@ def test_depthwise_takes_its_tile_as_a_direct_config():
                    config=DirectConfig(16, 8, 2))
 
 
-def run_ptx(asm: str, word: int) -> int:
-    """The few PTX integer instructions the GPU's nibble unpacking uses, evaluated on one
-    32-bit register ($1 in, $0 out), so the exact strings the kernel compiles are checked."""
-    regs = {"$1": word}
+def _signed_byte(word: int, i: int) -> int:
+    b = (word >> (8 * i)) & 0xFF
+    return b - 256 if b > 127 else b
+
+
+def _dp4a(a: int, b: int, c: int) -> int:
+    """PTX dp4a.s32.s32: c + the four signed byte products of a and b (32-bit wrap)."""
+    return (c + sum(_signed_byte(a, i) * _signed_byte(b, i) for i in range(4))) & 0xFFFFFFFF
+
+
+def run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """The few PTX integer instructions the GPU's inline assembly uses (nibble unpacking,
+    byte products), evaluated on 32-bit registers named as in the string ($0, $1, ...), so
+    the exact strings the kernels compile are checked."""
+    regs = dict(regs)
     ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
-           "shr.u32": lambda a, b: a >> b, "mul.lo.u32": lambda a, b: (a * b) & 0xFFFFFFFF}
+           "shr.u32": lambda a, b: a >> b, "mul.lo.u32": lambda a, b: (a * b) & 0xFFFFFFFF,
+           "dp4a.s32.s32": _dp4a}
     for statement in asm.strip("{} ").split(";"):
         words = statement.replace(",", " ").split()
         if not words or words[0] == ".reg":
@@ -490,7 +502,7 @@ def run_ptx(asm: str, word: int) -> int:
         op, dst, *args = words
         values = [regs[a] if a in regs else int(a, 0) for a in args]
         regs[dst] = ops[op](*values)
-    return regs["$0"]
+    return regs
 
 
 def test_gpu_nibble_unpacking_sign_extends_all_four_bytes_of_a_word():
@@ -503,12 +515,35 @@ def test_gpu_nibble_unpacking_sign_extends_all_four_bytes_of_a_word():
             others = torch.randint(0, 256, (4,), generator=gen).tolist()
             others[position] = byte
             word = sum(b << (8 * i) for i, b in enumerate(others))
-            got = [run_ptx(low, word), run_ptx(high, word)]
+            got = [run_ptx(low, {"$1": word})["$0"], run_ptx(high, {"$1": word})["$0"]]
             for asm_out, shift in zip(got, (0, 4)):
                 out = [(asm_out >> (8 * i)) & 0xFF for i in range(4)]
                 for i, b in enumerate(others):
                     nibble = (b >> shift) & 0xF
                     assert out[i] == (nibble - 16 if nibble > 7 else nibble) & 0xFF
+
+
+def test_gpu_byte_products_add_each_value_to_its_own_accumulator():
+    # _DP4A_MAC as Triton runs it with pack=4: four int8 values of x in $4 and of w in $5
+    # (value j in byte j), four int32 accumulators in $6-$9, the four results in $0-$3.
+    from nas.kernels import conv_kernels
+
+    asm = conv_kernels._DP4A_MAC.value
+    gen = torch.Generator().manual_seed(8)
+    edges = [-128, -127, -1, 0, 1, 127]
+    for trial in range(300):
+        x = torch.randint(-128, 128, (4,), generator=gen).tolist()
+        w = torch.randint(-128, 128, (4,), generator=gen).tolist()
+        acc = torch.randint(-2 ** 31, 2 ** 31 - 1, (4,), generator=gen).tolist()
+        if trial < len(edges) ** 2:  # every pair of extreme bytes, in every position
+            x = [edges[trial // len(edges)]] * 4
+            w = [edges[trial % len(edges)]] * 4
+        regs = {"$4": sum((v & 0xFF) << (8 * j) for j, v in enumerate(x)),
+                "$5": sum((v & 0xFF) << (8 * j) for j, v in enumerate(w))}
+        regs.update({f"${6 + j}": a & 0xFFFFFFFF for j, a in enumerate(acc)})
+        out = run_ptx(asm, regs)
+        for j in range(4):
+            assert out[f"${j}"] == (acc[j] + x[j] * w[j]) & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("ci, a_bits", [(20, 8), (3, 8), (4, 4)])  # tap, row, flattened walk

@@ -214,9 +214,10 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
                   OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
     interpreted = _INTERPRET
-    if depthwise:
-        dw_args = (x, w, out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw, sh, sw, ph, pw, m,
-                   x_zero_point, float(out_scale or 1.0), out_zero_point)
+    if depthwise:  # (its weights, [C, KH, KW, 1], are never packed: one value per channel)
+        dw_args = (x, depthwise_taps(w), out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw,
+                   sh, sw, ph, pw, m, x_zero_point, float(out_scale or 1.0), out_zero_point)
+        dw_flags = {name: v for name, v in common.items() if name != "W_PACKED"}
 
         fixed = (validate_direct_config(config) if isinstance(config, DirectConfig)
                  else INTERPRETER_DEPTHWISE if interpreted else None)
@@ -226,11 +227,11 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                 d = fixed
                 _conv_depthwise_kernel[(triton.cdiv(m, d.block_m), triton.cdiv(c, d.block_c))](
                     *dw_args, BLOCK_M=d.block_m, BLOCK_C=d.block_c, num_warps=d.num_warps,
-                    **common)
+                    **dw_flags)
             else:
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(c, meta["BLOCK_C"]))
-                _tuned_depthwise()[grid](*dw_args, **common)
+                _tuned_depthwise()[grid](*dw_args, **dw_flags)
             return out
         return launch_depthwise
     if x_packed and ci % 2:
@@ -359,6 +360,13 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
     return _fastest(gemm_launch, key, variants)
+
+
+def depthwise_taps(w: torch.Tensor) -> torch.Tensor:
+    """Depthwise weights [C, KH, KW, 1] tap-major, [KH * KW, C] int8: each tap's weights for
+    consecutive channels side by side (see _conv_depthwise_kernel)."""
+    c, kh, kw = w.shape[:3]
+    return w.reshape(c, kh * kw).t().contiguous()
 
 
 def im2col_row(k: int) -> int:

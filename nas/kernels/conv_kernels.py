@@ -121,6 +121,31 @@ else:
         return lo, hi
 
 
+# acc + x * w for four values at once, x and w signed bytes packed four to a 32-bit register
+# ($4, $5; value j in byte j), acc and the results one register each ($6-$9, $0-$3): each
+# value's weight masked to its own byte, then one dp4a adds that byte's product. The bytes
+# are multiplied as they are (Triton's int8 -> int32 conversion took two byte permutes per
+# value, compiled for sm_90; a depthwise tap cost two permutes and two multiply-adds per
+# output value).
+_DP4A_MAC = tl.constexpr("{ .reg .b32 m; "
+                         "and.b32 m, $5, 0x000000FF; dp4a.s32.s32 $0, $4, m, $6; "
+                         "and.b32 m, $5, 0x0000FF00; dp4a.s32.s32 $1, $4, m, $7; "
+                         "and.b32 m, $5, 0x00FF0000; dp4a.s32.s32 $2, $4, m, $8; "
+                         "and.b32 m, $5, 0xFF000000; dp4a.s32.s32 $3, $4, m, $9; }")
+
+if _INTERPRET:
+    @triton.jit
+    def _mac_bytes(acc, x, w):
+        """acc + x * w, x and w int8 of acc's shape (the interpreter runs no PTX)."""
+        return acc + x.to(tl.int32) * w.to(tl.int32)
+else:
+    @triton.jit
+    def _mac_bytes(acc, x, w):
+        """acc + x * w, x and w int8 of acc's shape: one dp4a per value (_DP4A_MAC)."""
+        return tl.inline_asm_elementwise(_DP4A_MAC, "=r,=r,=r,=r,r,r,r,r,r,r", [x, w, acc],
+                                         dtype=tl.int32, is_pure=True, pack=4)
+
+
 @triton.jit
 def _unpack_int4_rows(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS // 2] bytes of packed nibbles -> [ROWS, COLS] int8 in element order (low
@@ -441,15 +466,23 @@ def _epilogue_kernel(acc_ptr, out_ptr, scale_ptr, bias_ptr, M, O, out_scale, out
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp", "out_zp"])
 def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
-                           H, W, C, OH, OW, KH: tl.constexpr, KW: tl.constexpr, stride_h, stride_w, pad_h, pad_w, M,
-                           x_zp, out_scale, out_zp,
+                           H, W, C, OH, OW, KH: tl.constexpr, KW: tl.constexpr, stride_h,
+                           stride_w, pad_h, pad_w, M, x_zp, out_scale, out_zp,
                            HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                            OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr,
-                           W_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise: each channel convolves alone, so a GEMM would be all padding; this walks
     the kernel taps directly, a tile of output pixels by a tile of channels at a time. The
     kernel size is a compile-time constant, so the taps unroll and their loads are all in
-    flight together (a run-time loop waits on each load in turn)."""
+    flight together (a run-time loop waits on each load in turn).
+
+    The weights come tap-major, [KH * KW, C] int8 (`depthwise_taps`, laid out once per
+    layer), so a tap's weights for the tile's channels are one contiguous run: vector loads
+    (OHWI's stride of KH * KW between channels made one byte load per channel and tap,
+    compiled for sm_90: 144 of them per thread for a 64 x 32 tile). Int8 padding reads the
+    zero point as the load's own default (registers set before a predicated load), not a
+    select per value; lanes past M or C are never stored, and meet zero weights past C.
+    Products are taken of the bytes as loaded, one dp4a each on the GPU (`_mac_bytes`)."""
     offs_m, m_mask, img, oh, ow = _pixels(tl.program_id(0), M, OH, OW, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -463,15 +496,12 @@ def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr,
             iw = ow * stride_w - pad_w + kw
             in_image = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
             x_off = ((img * H + ih) * W + iw)[:, None] * C + c[None, :]
-            a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED)
-            w_off = c * (KH * KW) + kh * KW + kw
-            if W_PACKED:
-                byte = tl.load(w_ptr + w_off // 2, mask=c_mask, other=0).to(tl.int32)
-                nib = tl.where(w_off % 2 == 0, byte & 0xF, (byte >> 4) & 0xF)
-                b = tl.where(nib > 7, nib - 16, nib)
+            if X_PACKED:
+                a = _load_x(x_ptr, x_off, in_image, valid, x_zp, X_PACKED).to(tl.int8)
             else:
-                b = tl.load(w_ptr + w_off, mask=c_mask, other=0).to(tl.int32)
-            acc += a * b[None, :]
+                a = tl.load(x_ptr + x_off, mask=in_image & valid, other=x_zp)
+            b = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_mask, other=0)
+            acc = _mac_bytes(acc, a, tl.broadcast_to(b[None, :], (BLOCK_M, BLOCK_C)))
     out_ptrs = out_ptr + offs_m[:, None] * C + c[None, :]
     _epilogue(acc, c, c_mask, out_ptrs, valid, scale_ptr, bias_ptr, out_scale, out_zp,
               HAS_SCALE, HAS_BIAS, RELU, OUT_MODE)
