@@ -441,12 +441,15 @@ def test_im2col_is_refused_where_its_rows_would_pass_int32_offsets():
 
 
 def test_split_k_is_refused_where_its_partial_sums_would_pass_int32_offsets():
-    x = torch.ones((1, 8, 8, 1), dtype=torch.int8)
+    x = torch.empty((1, 1024, 512, 1), dtype=torch.int8)  # 2**19 pixels
     w = torch.ones((64, 1, 1, 1), dtype=torch.int8)
-    with pytest.raises(ConfigError, match=r"524288 splits' partial sums of 64 pixels x 64 "
+    with pytest.raises(ConfigError, match=r"64 splits' partial sums of 524288 pixels x 64 "
                                           r"channels pass int32 offsets; launch this layer "
                                           r"with fewer splits"):
-        conv2d_int(x, w, w_bits=8, a_bits=8, launch=Launch(2 ** 19))
+        conv2d_int(x, w, w_bits=8, a_bits=8, launch=Launch(64))
+    with pytest.raises(ConfigError, match=r"launch split_k=65: at most 64 splits \(the "
+                                          r"epilogue kernel reads every split's partial sums\)"):
+        conv2d_int(x[:, :8, :8], w, w_bits=8, a_bits=8, launch=Launch(65))
 
 
 def test_padding_corrections_hold_the_padded_taps_weights_of_every_rectangle():

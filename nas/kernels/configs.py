@@ -23,6 +23,8 @@ FLAT_K_BELOW = 16
 # The latency estimate (nas.cost.latency) splits as proposed here, so this module stays
 # free of torch.
 SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
+# At most this many splits on request: the epilogue kernel unrolls one load per split.
+SPLIT_LIMIT = 64
 
 
 def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int) -> int:
@@ -96,6 +98,9 @@ def validate_launch(launch: Launch) -> Launch:
                           f"choose one)")
     if isinstance(launch.split_k, bool) or not isinstance(launch.split_k, int) or launch.split_k < 1:
         raise ConfigError(f"launch split_k={launch.split_k!r} must be a positive whole number")
+    if launch.split_k > SPLIT_LIMIT:
+        raise ConfigError(f"launch split_k={launch.split_k}: at most {SPLIT_LIMIT} splits (the "
+                          f"epilogue kernel reads every split's partial sums)")
     for name in ("unpack_first", "im2col"):
         if not isinstance(getattr(launch, name), bool):
             raise ConfigError(f"launch {name}={getattr(launch, name)!r} must be True or False")
