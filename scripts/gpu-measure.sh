@@ -39,11 +39,14 @@ stage() {
 cat "$LOGS/env.log"
 
 # Every failure listed (no -x): a short device session learns all that is wrong at once.
-TAIL=30 stage kernels 200 python3 -m pytest -q -rf -p no:cacheprovider tests/test_kernels_cuda.py
-# The kernels' speed goals in one quick run (its run folder travels in the bundle).
-TAIL=14 stage bench 110 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
+# The tests only check results, so they run in parallel (pytest-xdist, where installed).
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_JOBS:-8}")
+TAIL=30 stage kernels 150 python3 -m pytest -q -rf -p no:cacheprovider $XDIST tests/test_kernels_cuda.py
+# The kernels' speed goals in one quick run (its run folder travels in the bundle). It and
+# each `nas measure` first compile their candidate kernels in parallel (--compile-jobs).
+TAIL=14 stage bench 120 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
 TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30
-TAIL=12 stage resnet18-b1 110 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
+TAIL=12 stage resnet18-b1 120 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
 stage fmnist-b64 60 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 30
 stage fmnist-b1 50 python3 -m nas measure --space fmnist_resnet8 --batch 1 --validate 30
 stage mobilenetv2-b64 120 python3 -m nas measure --space imagenet_mobilenetv2 --batch 64 --validate 10

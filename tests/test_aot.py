@@ -98,3 +98,62 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# In a process compiling for sm_90 (no GPU): the autotuned launch of fmnist_resnet8's
+# layer3.0.conv2 at W8A8, batch 1, split in two -- the path `nas measure` takes -- compiling
+# every tile the autotuner keeps and the epilogue kernel; prints the kernels' hashes.
+AUTOTUNED_COMPILE = """
+import json, sys
+import torch
+from nas.cost.measure import make_case
+from nas.kernels.aot import _compile_instead_of_launch
+from nas.kernels.configs import Launch
+from nas.spaces import load_space
+
+compiled = []
+_compile_instead_of_launch(lambda k: compiled.extend(k if isinstance(k, list) else [k]))
+layer = {l.name: l for l in load_space("fmnist_resnet8").layers()}["layer3.0.conv2"]
+make_case(layer.info, 1, 8, 8, torch.device("cpu"), torch.Generator().manual_seed(0),
+          launch=Launch(2)).run()
+print(json.dumps(sorted({k.hash for k in compiled})))
+"""
+
+
+def test_compiling_ahead_fills_the_cache_autotuning_reads(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from nas.kernels.aot import compile_report, warm_cache
+    from nas.kernels.conv_kernels import AOT_ENV
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    kernels = warm_cache("fmnist_resnet8", 1, 2, device="cpu", precisions=["W8A8"])
+    cubins = sorted(p.parent.name for p in cache.rglob("*.cubin"))
+    report = compile_report("fmnist_resnet8", 1, ["W8A8"])
+    # Two processes, each its share: together every kernel the one-process report compiles,
+    # each once (the report then compiled nothing new).
+    assert kernels == len(report) == len(cubins) > 10
+    assert sorted(p.parent.name for p in cache.rglob("*.cubin")) == cubins
+    env = {**os.environ, AOT_ENV: "1"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", AUTOTUNED_COMPILE], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    tuned = json.loads(done.stdout)
+    # The autotuner compiles the same kernels as the pinned launches warm_cache made (its
+    # three tiles that fit the layer, and the split's epilogue): every one is already in the
+    # cache, nothing new was written.
+    assert len(tuned) == 4
+    assert sorted(p.parent.name for p in cache.rglob("*.cubin")) == cubins
+
+
+@pytest.mark.parametrize("command", [["measure", "--space", "fmnist_resnet8"],
+                                     ["bench", "kernels"]])
+def test_compile_jobs_must_not_be_negative(command):
+    done = run_nas(*command, "--compile-jobs", "-1")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("nas: error: --compile-jobs -1: give a number of processes, "
+                                   "or 0 to compile as timing goes")

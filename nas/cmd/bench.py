@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from nas.cmd.common import add_data_options, now_iso
+from nas.cmd.common import (add_compile_jobs_option, add_data_options, check_compile_jobs,
+                             compile_ahead, now_iso)
 from nas.table import format_table
 
 
@@ -58,6 +59,7 @@ def add_parser(sub, parents) -> None:
     kernels.add_argument("--small-batch", type=int, default=1)
     kernels.add_argument("--reps", type=int, default=100, help="graph replays per case")
     kernels.add_argument("--device-spec", default="h200", help="device spec for the roofline")
+    add_compile_jobs_option(kernels)
     kernels.set_defaults(run=run_kernels)
 
     compiled = benches.add_parser(
@@ -224,10 +226,13 @@ def run_kernels(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a "
                               f"positive whole number")
+    check_compile_jobs(args.compile_jobs)
     space = load_space(args.space)
     spec = DeviceSpec.load(args.device_spec)
     device = require_cuda("cuda" if args.device in (None, "auto") else args.device,
                           "nas bench kernels")
+    compile_ahead(args.space, [args.large_batch, args.small_batch], args.compile_jobs, device,
+                  precisions=["W8A8", "W4A8"])
     import torch
 
     torch.backends.cudnn.benchmark = True  # cuDNN at its best, as in `nas measure`

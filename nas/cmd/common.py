@@ -29,3 +29,45 @@ def load_space_data(space, args: argparse.Namespace):
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def add_compile_jobs_option(p: argparse.ArgumentParser) -> None:
+    import os
+
+    default = min(os.cpu_count() or 1, 16)
+    p.add_argument("--compile-jobs", type=int, default=default, metavar="N",
+                   help=f"compile every candidate kernel in N processes before timing "
+                        f"(autotuning then loads them from Triton's cache instead of compiling "
+                        f"one after another); 0: compile as timing goes (default {default}, the "
+                        f"CPU cores, at most 16)")
+
+
+def check_compile_jobs(jobs: int) -> None:
+    from nas.errors import ConfigError
+
+    if jobs < 0:
+        raise ConfigError(f"--compile-jobs {jobs}: give a number of processes, or 0 to compile "
+                          f"as timing goes")
+
+
+def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None) -> None:
+    """Compile the kernels a GPU would try for `space` at each batch, `jobs` processes at once,
+    into Triton's on-disk cache; says how long it took. Nothing with `jobs` 0."""
+    import sys
+    import time
+
+    from nas.errors import ConfigError
+    from nas.kernels.aot import warm_cache
+
+    check_compile_jobs(jobs)
+    if jobs == 0:
+        return
+    started = time.monotonic()
+    try:
+        count = sum(warm_cache(space, batch, jobs, device=device.type, precisions=precisions)
+                    for batch in batches)
+    except ConfigError as e:  # only a head start was lost: timing compiles what it needs
+        print(f"warning: {e}; kernels compile as timing goes", file=sys.stderr, flush=True)
+        return
+    print(f"compiled {count} candidate kernels in {time.monotonic() - started:.1f} s with "
+          f"{jobs} processes (Triton's cache; autotuning loads them)", flush=True)

@@ -6,6 +6,8 @@ import argparse
 import json
 import random
 
+from nas.cmd.common import add_compile_jobs_option, check_compile_jobs, compile_ahead
+
 
 def add_parser(sub, parents) -> None:
     p = sub.add_parser("measure", parents=parents, help="measure a latency table on a CUDA GPU",
@@ -22,6 +24,7 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--output", help="table path (default cost_models/<spec>-<space>-b<batch>.json)")
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="also time N random plans end to end against the table")
+    add_compile_jobs_option(p)
     p.set_defaults(run=run)
 
 
@@ -39,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
     device_name = "cuda" if args.device in (None, "auto") else args.device
     if args.batch <= 0:
         raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
+    check_compile_jobs(args.compile_jobs)
     if args.validate < 0:
         raise ConfigError(f"--validate {args.validate}: give a number of plans, 0 or more")
     space = load_space(args.space)
     spec = DeviceSpec.load(args.device_spec)
     device = require_cuda(device_name)
+    compile_ahead(args.space, [args.batch], args.compile_jobs, device)
     import torch
 
     # The baseline is cuDNN at its best: let it pick the fastest algorithm per shape (its

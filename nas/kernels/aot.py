@@ -174,20 +174,18 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int):
     return [(t, v) for t in tiles for v in variants] or [(None, Launch())]
 
 
-def _worker(request: dict) -> None:
-    """Compile every candidate kernel of the request's (space, batch) and print one JSON line
-    per compiled kernel (progress on stderr)."""
+def _candidate_runs(request: dict):
+    """(layer, precision, tile, launch, run) for every kernel launch a GPU would try for the
+    request's (space, batch): `run()` launches it, which here compiles instead."""
     import torch
 
     from nas.cost.measure import make_case
     from nas.spaces import FLOAT_BITS, load_space
 
-    compiled: list = []
-    _compile_instead_of_launch(compiled.append)
     space = load_space(request["space"])
     wanted = set(request.get("precisions") or [])
-    gen = torch.Generator().manual_seed(0)
-    facts_of: dict[str, dict] = {}
+    device = torch.device(request.get("device", "cpu"))
+    gen = torch.Generator(device=device).manual_seed(0)
     layers = space.layers()
     for i, layer in enumerate(layers, 1):
         choices = {(c.w_bits, c.a_bits) for c in layer.choices
@@ -197,23 +195,92 @@ def _worker(request: dict) -> None:
             if wanted and precision not in wanted:
                 continue
             for tile, launch in _candidates(layer.info, request["batch"], w_bits, a_bits):
-                compiled.clear()
-                make_case(layer.info, request["batch"], w_bits, a_bits, torch.device("cpu"), gen,
-                          config=tile, launch=launch).run()
-                for kernel in compiled:
-                    key = kernel.hash
-                    if key not in facts_of:
-                        facts = kernel_facts(kernel)
-                        facts_of[key] = {**facts.__dict__, "blocks_per_sm": facts.blocks_per_sm,
-                                         "constants": _constants(kernel), "layers": []}
-                    use = {"layer": layer.name, "precision": precision,
-                           "tile": _describe(tile), "launch": launch.describe() if launch else ""}
-                    if use not in facts_of[key]["layers"]:
-                        facts_of[key]["layers"].append(use)
-        print(f"compiled layer {i}/{len(layers)} ({layer.name}): {len(facts_of)} kernels so far",
-              file=sys.stderr, flush=True)
+                yield layer, precision, tile, launch, lambda: make_case(
+                    layer.info, request["batch"], w_bits, a_bits, device, gen, config=tile,
+                    launch=launch).run()
+        if request.get("progress", True):
+            print(f"compiled layer {i}/{len(layers)} ({layer.name})", file=sys.stderr, flush=True)
+
+
+def _worker(request: dict) -> None:
+    """Compile every candidate kernel of the request's (space, batch) and print one JSON line
+    per compiled kernel (progress on stderr)."""
+    compiled: list = []
+    _compile_instead_of_launch(compiled.append)
+    facts_of: dict[str, dict] = {}
+    for layer, precision, tile, launch, run in _candidate_runs(request):
+        compiled.clear()
+        run()
+        for kernel in compiled:
+            key = kernel.hash
+            if key not in facts_of:
+                facts = kernel_facts(kernel)
+                facts_of[key] = {**facts.__dict__, "blocks_per_sm": facts.blocks_per_sm,
+                                 "constants": _constants(kernel), "layers": []}
+            use = {"layer": layer.name, "precision": precision,
+                   "tile": _describe(tile), "launch": launch.describe() if launch else ""}
+            if use not in facts_of[key]["layers"]:
+                facts_of[key]["layers"].append(use)
     for facts in facts_of.values():
         print(json.dumps(facts))
+
+
+def _warm_worker(request: dict) -> None:
+    """Compile this shard's share of the candidate launches into Triton's on-disk cache, for
+    the GPU this process sees (or for sm_90 without one), and print how many kernels."""
+    from triton.runtime.jit import KernelInterface
+
+    compiled: set[str] = set()
+
+    def record(kernels) -> None:  # an autotuner's warmup compiles a list
+        compiled.update(k.hash for k in (kernels if isinstance(kernels, list) else [kernels]))
+
+    if request.get("device", "cpu") == "cpu":
+        _compile_instead_of_launch(record)
+    else:  # the real driver: compile for this GPU, launch nothing
+        def compile_only(self, grid):
+            return lambda *args, **kwargs: record(self.warmup(*args, grid=grid, **kwargs))
+
+        KernelInterface.__getitem__ = compile_only
+    shard, shards = request["shard"], request["shards"]
+    for i, (*_, run) in enumerate(_candidate_runs({**request, "progress": False})):
+        if i % shards == shard:
+            run()
+    print(json.dumps({"shard": shard, "kernels": sorted(compiled)}))
+
+
+def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
+               precisions: list[str] | None = None, timeout_s: float = 1800) -> int:
+    """Compile every kernel a GPU would try for the space's layers at `batch` into Triton's
+    on-disk cache, in `jobs` processes at once, so that autotuning afterwards loads them
+    instead of compiling one after another. `device` "cuda" compiles for the GPU present;
+    "cpu" compiles for sm_90 without one. Returns the number of distinct kernels."""
+    from nas.kernels.conv_kernels import AOT_ENV
+
+    if jobs < 1:
+        raise ConfigError(f"--compile-jobs {jobs}: give 1 or more processes")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if device == "cpu":
+        env[AOT_ENV] = "1"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "nas.kernels.aot", json.dumps(
+            {"mode": "warm", "space": space, "batch": batch, "precisions": precisions or [],
+             "device": device, "shard": k, "shards": jobs})],
+        env=env, stdout=subprocess.PIPE, text=True) for k in range(jobs)]
+    kernels: set[str] = set()
+    failed = []
+    for k, proc in enumerate(procs):
+        out, _ = proc.communicate(timeout=timeout_s)
+        if proc.returncode != 0:
+            failed.append(f"process {k} exited {proc.returncode}")
+        for line in out.splitlines():
+            if line.startswith("{"):
+                kernels.update(json.loads(line)["kernels"])
+    if failed:
+        raise ConfigError(f"compiling the kernels of {space} ahead of timing failed "
+                          f"({'; '.join(failed)}); its error is printed above")
+    return len(kernels)
 
 
 def _describe(tile) -> str:
@@ -259,4 +326,5 @@ def compile_report(space: str, batch: int, precisions: list[str] | None = None,
 
 
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    _request = json.loads(sys.argv[1])
+    (_warm_worker if _request.get("mode") == "warm" else _worker)(_request)
