@@ -88,6 +88,17 @@ def test_validate_compares_table_sums_with_end_to_end_times(tiny_cases):
     n = len(layers)
     assert [r["predicted_us"] for r in result["plans"]] == [10.0 * n] * 2
     assert result["mape_percent"] == pytest.approx(abs(10.0 * n - 40) / 40 * 100)
+    # Two passes, the second in reverse order: a clock reading 40, 44 (first pass), then 46
+    # (plan 2), 42 (plan 1) times plan 1 at 40 and 42, plan 2 at 44 and 46.
+    readings = iter([40.0, 44.0, 46.0, 42.0])
+    result = validate(space, plans, table, 1, torch.device("cpu"),
+                      lambda fn: (fn(), next(readings))[1], say=lambda s: None)
+    assert [r["passes_us"] for r in result["plans"]] == [[40.0, 42.0], [44.0, 46.0]]
+    assert [r["measured_us"] for r in result["plans"]] == [41.0, 45.0]
+    assert result["passes_kendall_tau"] == 1.0
+    assert result["passes_difference_percent"] == pytest.approx((2 / 41 + 2 / 45) / 2 * 100,
+                                                                abs=0.005)
+    assert result["plans_range_percent"] == pytest.approx(4 / 41 * 100, abs=0.005)
     first = plans[0][layers[0].name]
     key = table_key(layers[0].info, 1, first.w_bits, first.a_bits)
     with pytest.raises(ConfigError, match=f"the latency table has no entry for {key}; measure "

@@ -81,4 +81,8 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(output, json.dumps(doc, indent=1) + "\n")
         print(f"{args.validate} random plans: MAPE {result['mape_percent']:.2f} %, "
               f"Kendall tau {result['kendall_tau']:.3f} (table sum vs end to end)")
+        print(f"end to end against itself (two passes): Kendall tau "
+              f"{result['passes_kendall_tau']:.3f}, mean difference "
+              f"{result['passes_difference_percent']:.2f} %; the plans span "
+              f"{result['plans_range_percent']:.2f} %")
     return 0

@@ -290,11 +290,16 @@ def validate(space, plans: Sequence[dict], table: dict[str, float], batch: int,
              device: torch.device, timer, seed: int = 0,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """End-to-end time of each plan's layers (one graph) against the sum of the table's
-    entries. A plan maps each layer name to its Choice (w_bits, a_bits)."""
+    entries. A plan maps each layer name to its Choice (w_bits, a_bits).
+
+    Each plan is timed twice, in two passes over the plans (the second in reverse order, with
+    fresh inputs), and its end-to-end time is the mean of the two. How far the passes agree
+    with each other (their Kendall tau, their mean difference) is the measurement's own noise:
+    where random plans differ in total by little more than that, no table can rank them."""
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     infos = {layer.name: layer.info for layer in space.layers()}
-    rows = []
-    for i, plan in enumerate(plans, 1):
+
+    def network(plan: dict):
         cases = [make_case(infos[name], batch, p.w_bits, p.a_bits, device, gen)
                  for name, p in plan.items()]
         missing = [c.key for c in cases if c.key not in table]
@@ -302,15 +307,36 @@ def validate(space, plans: Sequence[dict], table: dict[str, float], batch: int,
             raise ConfigError(f"the latency table has no entry for {missing[0]}; measure the "
                               f"space at batch {batch} first")
 
-        def network():
+        def run():
             for case in cases:
                 case.run()
+        return run, sum(table[c.key] for c in cases)
 
-        measured = timer(network)
-        predicted = sum(table[c.key] for c in cases)
-        rows.append({"plan": i, "predicted_us": round(predicted, 3), "measured_us": round(measured, 3),
-                     "error": round((predicted - measured) / measured, 4)})
-        say(f"plan {i}/{len(plans)}: table {predicted:.1f} us, end to end {measured:.1f} us")
+    first, second, predicted = {}, {}, {}
+    for i, plan in enumerate(plans, 1):
+        run, predicted[i] = network(plan)
+        first[i] = timer(run)
+        say(f"plan {i}/{len(plans)}: table {predicted[i]:.1f} us, end to end {first[i]:.1f} us")
+    for i in reversed(range(1, len(plans) + 1)):
+        run, _ = network(plans[i - 1])
+        second[i] = timer(run)
+    say(f"second pass (plans in reverse order): end to end {min(second.values()):.1f}-"
+        f"{max(second.values()):.1f} us")
+    rows = []
+    for i in first:
+        measured = (first[i] + second[i]) / 2
+        rows.append({"plan": i, "predicted_us": round(predicted[i], 3),
+                     "measured_us": round(measured, 3),
+                     "passes_us": [round(first[i], 3), round(second[i], 3)],
+                     "error": round((predicted[i] - measured) / measured, 4)})
     mape = statistics.fmean(abs(r["error"]) for r in rows) * 100
     tau = kendall_tau([r["predicted_us"] for r in rows], [r["measured_us"] for r in rows])
-    return {"plans": rows, "mape_percent": round(mape, 2), "kendall_tau": round(tau, 4)}
+    spread = statistics.fmean(abs(first[i] - second[i]) / ((first[i] + second[i]) / 2)
+                              for i in first) * 100
+    measured = [r["measured_us"] for r in rows]
+    return {"plans": rows, "mape_percent": round(mape, 2), "kendall_tau": round(tau, 4),
+            # the noise floor: the two passes against each other, and the plans' own range
+            "passes_kendall_tau": round(kendall_tau([first[i] for i in first],
+                                                    [second[i] for i in first]), 4),
+            "passes_difference_percent": round(spread, 2),
+            "plans_range_percent": round((max(measured) - min(measured)) / min(measured) * 100, 2)}
