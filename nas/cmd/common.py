@@ -52,14 +52,14 @@ def check_compile_jobs(jobs: int) -> None:
 
 def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None) -> None:
     """Compile the kernels a GPU would try for `space` at each batch, `jobs` processes at once,
-    into Triton's on-disk cache; says how long it took. Nothing with `jobs` 0."""
+    into Triton's on-disk cache; says how long it took. Nothing with `jobs` 0 (the command
+    has checked `jobs` with check_compile_jobs before needing a GPU)."""
     import sys
     import time
 
     from nas.errors import ConfigError
     from nas.kernels.aot import warm_cache
 
-    check_compile_jobs(jobs)
     if jobs == 0:
         return
     started = time.monotonic()
