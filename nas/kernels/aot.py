@@ -104,15 +104,23 @@ def kernel_facts(kernel) -> KernelFacts:
                        loop_instructions=loop, loop_divisions=divisions)
 
 
-def _compile_instead_of_launch(record: Callable) -> None:
-    """From now on, in this process, `kernel[grid](...)` compiles the kernel for sm_90 with
-    exactly the specialisation a launch with these arguments would get, and hands the
-    compiled kernel to `record` instead of running it. Triton compiles without a GPU once
-    its driver names the target."""
+def _compile_instead_of_launch(record: Callable, for_gpu_present: bool = False) -> None:
+    """From now on, in this process, `kernel[grid](...)` compiles the kernel with exactly the
+    specialisation a launch with these arguments would get, and hands the compiled kernel
+    (an autotuner's: a list of them) to `record` instead of running it. For sm_90 without a
+    GPU (Triton compiles once its driver names the target), or with `for_gpu_present` for
+    the GPU this process sees."""
     from triton.backends import DriverBase
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import KernelInterface
+
+    def compile_only(self, grid):
+        return lambda *args, **kwargs: record(self.warmup(*args, grid=grid, **kwargs))
+
+    KernelInterface.__getitem__ = compile_only
+    if for_gpu_present:
+        return
 
     class TargetOnly(DriverBase):
         """A driver that only names the target (nothing is loaded or launched)."""
@@ -142,11 +150,6 @@ def _compile_instead_of_launch(record: Callable) -> None:
             raise RuntimeError("nothing runs while compiling ahead of time")
 
     driver.set_active(TargetOnly())
-
-    def compile_only(self, grid):
-        return lambda *args, **kwargs: record(self.warmup(*args, grid=grid, **kwargs))
-
-    KernelInterface.__getitem__ = compile_only
 
 
 def _candidates(info, batch: int, w_bits: int, a_bits: int):
@@ -228,25 +231,28 @@ def _worker(request: dict) -> None:
 def _warm_worker(request: dict) -> None:
     """Compile this shard's share of the candidate launches into Triton's on-disk cache, for
     the GPU this process sees (or for sm_90 without one), and print how many kernels."""
-    from triton.runtime.jit import KernelInterface
-
     compiled: set[str] = set()
 
     def record(kernels) -> None:  # an autotuner's warmup compiles a list
         compiled.update(k.hash for k in (kernels if isinstance(kernels, list) else [kernels]))
 
-    if request.get("device", "cpu") == "cpu":
-        _compile_instead_of_launch(record)
-    else:  # the real driver: compile for this GPU, launch nothing
-        def compile_only(self, grid):
-            return lambda *args, **kwargs: record(self.warmup(*args, grid=grid, **kwargs))
-
-        KernelInterface.__getitem__ = compile_only
+    _compile_instead_of_launch(record, for_gpu_present=request.get("device", "cpu") != "cpu")
     shard, shards = request["shard"], request["shards"]
     for i, (*_, run) in enumerate(_candidate_runs({**request, "progress": False})):
         if i % shards == shard:
             run()
     print(json.dumps({"shard": shard, "kernels": sorted(compiled)}))
+
+
+def _compiling_env(for_gpu_present: bool = False) -> dict:
+    """The environment of a process that compiles the kernels: never interpreted; without a
+    GPU (NAS_KERNELS_AOT), compiled for sm_90 all the same."""
+    from nas.kernels.conv_kernels import AOT_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not for_gpu_present:
+        env[AOT_ENV] = "1"
+    return env
 
 
 def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
@@ -255,14 +261,9 @@ def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
     on-disk cache, in `jobs` processes at once, so that autotuning afterwards loads them
     instead of compiling one after another. `device` "cuda" compiles for the GPU present;
     "cpu" compiles for sm_90 without one. Returns the number of distinct kernels."""
-    from nas.kernels.conv_kernels import AOT_ENV
-
     if jobs < 1:
         raise ConfigError(f"--compile-jobs {jobs}: give 1 or more processes")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    if device == "cpu":
-        env[AOT_ENV] = "1"
+    env = _compiling_env(for_gpu_present=device != "cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "nas.kernels.aot", json.dumps(
             {"mode": "warm", "space": space, "batch": batch, "precisions": precisions or [],
@@ -312,13 +313,9 @@ def compile_report(space: str, batch: int, precisions: list[str] | None = None,
     autotuning tile and launch variant), for sm_90, in a process of its own; one dict per
     distinct compiled kernel: its KernelFacts, flags, and the (layer, precision, tile,
     launch) that use it."""
-    from nas.kernels.conv_kernels import AOT_ENV
-
     request = {"space": space, "batch": batch, "precisions": precisions or []}
-    env = {**os.environ, AOT_ENV: "1"}
-    env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-m", "nas.kernels.aot", json.dumps(request)],
-                          env=env, stdout=subprocess.PIPE, text=True, timeout=timeout_s)
+                          env=_compiling_env(), stdout=subprocess.PIPE, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise ConfigError(f"compiling the kernels for sm_{ARCH} failed (exit {done.returncode}); "
                           f"its error is printed above")
