@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from nas.bench.kernels import goal_layers, run_bench, summarize
+from nas.bench.kernels import goal_layers, run_bench, summarize, warm_targets
 from nas.cost.latency import DeviceSpec, roofline_us, table_key
 from nas.spaces import SearchSpace, load_space
 from tests.conftest import SYNTHETIC_SPACE, run_nas
@@ -27,6 +27,15 @@ def test_goal_layers_of_resnet18():
     assert [geometry(i) for i in largest] == [
         (3, 64, (7, 7), (2, 2)), (64, 64, (3, 3), (1, 1)), (128, 128, (3, 3), (1, 1)),
         (256, 256, (3, 3), (1, 1)), (512, 512, (3, 3), (1, 1))]
+
+
+def test_bench_compiles_ahead_only_what_it_times():
+    # One layer per geometry: the seven 3x3 and the stem at W8A8 at the large batch, the
+    # seven 3x3 at W8A8 and W4A8 at the small one (not all 21 layers at both precisions).
+    threes = ["layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1",
+              "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2"]
+    assert warm_targets(load_space("imagenet_resnet18"), 64, 1) == [
+        (64, ["W8A8"], threes + ["conv1"]), (1, ["W8A8", "W4A8"], threes)]
 
 
 def test_summary_is_met_only_when_the_worst_layer_meets_the_goal():

@@ -170,6 +170,77 @@ def test_im2col_with_packed_operands_and_the_epilogue(bits, zp, pack):
                              launch=Launch(2, im2col=True))
 
 
+@st.composite
+def padded_image_cases(draw):
+    """Layers a pad_image launch takes (a stem): one group, int8 activations, fewer than 16
+    channels, KW x channels rounded up to 4 at most 32; any kernel height, stride, padding."""
+    c = draw(st.integers(1, 8))
+    kw = draw(st.sampled_from([k for k in (1, 2, 3, 5, 7) if k * (-(-c // 4) * 4) <= 32]))
+    kh = draw(st.sampled_from([1, 3, 7]))
+    ph, pw = draw(st.integers(0, kh // 2 + 1)), draw(st.integers(0, kw // 2 + 1))
+    w_bits = draw(st.sampled_from([8, 4]))
+    return dict(n=draw(st.integers(1, 2)), h=draw(st.integers(max(1, kh - 2 * ph), kh - 2 * ph + 4)),
+                w=draw(st.integers(max(1, kw - 2 * pw), kw - 2 * pw + 6)), c=c,
+                o=draw(st.integers(1, 40)), kernel=(kh, kw), padding=(ph, pw),
+                stride=(draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 3, 4]))),
+                w_bits=w_bits, pack=w_bits == 4 and c % 2 == 0 and draw(st.booleans()),
+                zp=draw(st.sampled_from([0, -128, 127, 5])), split=draw(st.sampled_from([1, 2, 3])),
+                seed=draw(st.integers(0, 10**6)))
+
+
+@settings(max_examples=int(os.environ.get("NAS_HYPOTHESIS_EXAMPLES", 60)) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(padded_image_cases())
+def test_pad_image_launch_is_exact(case):
+    # x is copied into an image with the zero point in its border and each pixel padded to
+    # whole words; the row walk then reads aligned rows, lanes past the kernel row included
+    # (zero weights), and corrects nothing.
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = values((case["n"], case["h"], case["w"], case["c"]), 8, gen)
+    w = values((case["o"], *case["kernel"], case["c"]), case["w_bits"], gen)
+    out = conv2d_int(x, pack_int4(w, dim=3) if case["pack"] else w, w_bits=case["w_bits"],
+                     a_bits=8, stride=case["stride"], padding=case["padding"],
+                     x_zero_point=case["zp"], launch=Launch(case["split"], pad_image=True))
+    assert torch.equal(out, reference(x, w, case["stride"], case["padding"], 1, case["zp"]))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.int8])
+def test_pad_image_epilogue_matches_the_masked_row_walk(out_dtype):
+    # The same integer accumulator reaches the same epilogue: identical outputs.
+    gen = torch.Generator().manual_seed(6)
+    x, w = values((2, 9, 10, 3), 8, gen), values((24, 7, 7, 3), 8, gen)
+    args = dict(w_bits=8, a_bits=8, stride=2, padding=3, x_zero_point=-9,
+                scale=torch.rand(24, generator=gen) * 1e-2, bias=torch.randn(24, generator=gen),
+                relu=True, out_dtype=out_dtype, out_scale=0.05, out_zero_point=-3)
+    padded = conv2d_int(x, w, launch=Launch(pad_image=True), **args)
+    assert torch.equal(padded, conv2d_int(x, w, launch=Launch(), **args))
+    assert (padded != padded.flatten()[0]).any()  # not a constant (ReLU, clamping)
+
+
+def test_padded_image_geometry():
+    from nas.kernels.conv import padded_image
+
+    # ResNet-18's stem: 224 + 2 x 3 padded to 232 columns of 4-byte pixels; rows of a stride-2
+    # walk start at multiples of 4 * gcd(232, 2) = 8 bytes.
+    assert padded_image(64, 224, 224, 3, 7, 3, 3, 2, 1, False) == (230, 232, 4, 8)
+    assert padded_image(1, 28, 28, 1, 3, 1, 1, 1, 1, False) == (30, 32, 4, 4)
+    assert padded_image(1, 28, 28, 1, 3, 1, 1, 4, 1, False) == (30, 32, 4, 16)
+    assert padded_image(1, 9, 9, 5, 3, 0, 1, 2, 1, False) == (9, 12, 8, 16)
+    assert padded_image(1, 9, 9, 5, 5, 0, 1, 2, 1, False) is None  # 5 x 8 bytes > 32
+    assert padded_image(1, 9, 9, 16, 1, 0, 0, 1, 1, False) is None  # the tap walk's
+    assert padded_image(1, 9, 9, 6, 3, 1, 1, 1, 2, False) is None  # grouped
+    assert padded_image(1, 9, 9, 4, 3, 1, 1, 1, 1, True) is None  # packed activations
+    assert padded_image(2048, 512, 512, 3, 3, 1, 1, 1, 1, False) is None  # past int32
+
+
+def test_pad_image_is_refused_where_the_layer_takes_none():
+    gen = torch.Generator().manual_seed(0)
+    x, w = values((1, 5, 5, 16), 8, gen), values((4, 3, 3, 16), 8, gen)
+    with pytest.raises(ConfigError, match=r"pad_image is for a kernel-row walk .*launch this 3x3 "
+                                          r"layer of 16 channels in 1 group\(s\) without it"):
+        conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, launch=Launch(pad_image=True))
+
+
 def _epilogue_case():
     gen = torch.Generator().manual_seed(1)
     x = values((2, 5, 5, 6), 8, gen)
@@ -299,6 +370,10 @@ def test_config_validator():
     (dict(w_bits=8, a_bits=8, launch=2), r"launch=2 must be a nas.kernels.configs.Launch"),
     (dict(w_bits=8, a_bits=8, launch=Launch(unpack_first=True, im2col=True)),
      "im2col already unpacks its operands"),
+    (dict(w_bits=8, a_bits=8, launch=Launch(im2col=True, pad_image=True)),
+     "pad_image is a layout of its own for the kernel-row walk; give it without unpack_first"),
+    (dict(w_bits=8, a_bits=8, launch=Launch(pad_image=1)),
+     r"launch pad_image=1 must be True or False"),
 ])
 def test_bad_arguments(kwargs, message):
     gen = torch.Generator().manual_seed(0)
@@ -362,7 +437,8 @@ def test_gpu_launch_path_autotunes_and_keeps_the_variant_timing_finds_fastest(mo
 
     timed = []
     clocks = {"split": lambda v: 1.0 / v.split_k, "whole": lambda v: float(v.split_k),
-              "prepass": lambda v: 1.0 if v.unpack_first or v.im2col else 2.0}
+              "prepass": lambda v: 0.5 if v.pad_image else 1.0 if v.unpack_first or v.im2col
+              else 2.0}
 
     def tile_clock(kernel_call, quantiles=None):
         kernel_call()  # autotuning runs each candidate tile
@@ -416,13 +492,15 @@ def test_gpu_launch_path_autotunes_and_keeps_the_variant_timing_finds_fastest(mo
                      Launch(2, unpack_first=True)]
     assert packed.variant == Launch(1, unpack_first=True)
     assert torch.equal(packed(), reference(x, w4, 1, 1, 1))
-    # Three input channels (a stem): also timed with im2col; one split (one reduction step).
+    # Three input channels (a stem): also timed with im2col and the padded image; one split
+    # (one reduction step).
     timed[:] = []
     x3, w3 = values((2, 9, 9, 3), 8, gen), values((64, 3, 3, 3), 8, gen)
     stem = conv.prepare_conv(x3, w3, stride=2, **args)
-    assert timed == [Launch(1), Launch(1, im2col=True)] and stem.variant == Launch(im2col=True)
+    assert timed == [Launch(1), Launch(1, im2col=True), Launch(1, pad_image=True)]
+    assert stem.variant == Launch(pad_image=True)
     assert torch.equal(stem(), reference(x3, w3, 2, 1, 1, zero_point=3))
-    assert conv.tuned_config(stem).endswith(" im2col=1")
+    assert conv.tuned_config(stem).endswith(" pad_image=1")
     # Depthwise: its own kernel, autotuned over channel tiles no wider than the layer needs.
     monkeypatch.setattr(conv, "_TUNED_DW", None)
     xd, wd = values((2, 6, 6, 40), 8, gen), values((40, 3, 3, 1), 8, gen)
@@ -430,6 +508,19 @@ def test_gpu_launch_path_autotunes_and_keeps_the_variant_timing_finds_fastest(mo
     assert torch.equal(dw(), reference(xd, wd, 1, 1, 40, zero_point=3))
     assert conv.tuned_config(dw) in {f"BLOCK_M={d.block_m} BLOCK_C={d.block_c} warps={d.num_warps}"
                                      for d in DEPTHWISE_CONFIGS if d.block_c <= 64}
+
+
+def test_autotuner_times_tiles_with_the_tables_graph_timer(monkeypatch):
+    # Triton's autotuner asks for milliseconds at three quantiles; each tile is timed as the
+    # table times a layer (CUDA graphs, here a scripted clock in microseconds).
+    import nas.kernels.conv as conv
+
+    calls = []
+    monkeypatch.setattr(conv, "_time_launch", lambda fn: calls.append(fn) or 250.0)
+    tile = object()
+    assert conv._bench(tile, quantiles=(0.5, 0.2, 0.8)) == [0.25, 0.25, 0.25]
+    assert conv._bench(tile, quantiles=None) == 0.25 and calls == [tile, tile]
+    assert conv._quick_bench() == {"do_bench": conv._bench}
 
 
 def test_im2col_is_refused_where_its_rows_would_pass_int32_offsets():

@@ -104,6 +104,27 @@ def test_im2col_is_exact_on_the_gpu(geometry, w_bits, a_bits):
     _check(*geometry, w_bits, a_bits, seed=sum(geometry), launch=Launch(3, im2col=True))
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("geometry", [
+    (2, 224, 224, 3, 64, 7, 2, 3, 1),   # ImageNet stem: rows at multiples of 8 bytes
+    (2, 224, 224, 3, 32, 3, 2, 1, 1),   # MobileNetV2's stem
+    (2, 28, 28, 1, 16, 3, 1, 1, 1),     # Fashion-MNIST's stem: 4 bytes
+    (1, 33, 35, 2, 8, 7, 4, 3, 1),      # stride 4: 16 bytes
+    (2, 15, 17, 6, 24, 3, 3, 2, 1),     # 8-byte pixels, stride 3
+])
+def test_pad_image_is_exact_on_the_gpu(geometry, w_bits):
+    # x copied into the padded image by its pre-pass, then the aligned row walk (autotuned
+    # tiles, cp.async vector loads); split-K too.
+    _check(*geometry, w_bits, 8, seed=sum(geometry), launch=Launch(pad_image=True))
+    _check(*geometry, w_bits, 8, seed=sum(geometry), launch=Launch(3, pad_image=True))
+
+
+@pytest.mark.parametrize("launch", [Launch(pad_image=True), Launch(2, pad_image=True)])
+def test_pad_image_border_holds_the_zero_point_on_the_gpu(launch):
+    check_padding_correction(3, 1, (7, 7), (3, 3), (2, 2), (2, 20, 22), device="cuda",
+                             launch=launch)
+
+
 @pytest.mark.parametrize("bits, zp, pack", [(8, -5, False), (4, 3, True)])
 def test_im2col_zero_point_and_epilogue_on_the_gpu(bits, zp, pack):
     check_zero_point_padding(bits, zp, pack, (2, 9, 9, 4), 16, device="cuda",

@@ -43,6 +43,15 @@ def goal_layers(space, batch: int) -> tuple[list, list]:
     return three, largest
 
 
+def warm_targets(space, large: int, small: int) -> list[tuple[int, list[str], list[str]]]:
+    """What `run_bench` times, as (batch, precisions, layer names) for compiling ahead: one
+    layer per geometry (the kernels depend on nothing else)."""
+    three, largest = goal_layers(space, large)
+    three_small, _ = goal_layers(space, small)
+    return [(large, ["W8A8"], [i.name for i in _unique(three + largest, large)]),
+            (small, ["W8A8", "W4A8"], [i.name for i in three_small])]
+
+
 def summarize(values: list[float], goal: float) -> dict[str, Any]:
     """Geometric mean and worst of per-layer ratios against a goal."""
     if not values:

@@ -215,7 +215,7 @@ def run_dnas(args: argparse.Namespace) -> int:
 def run_kernels(args: argparse.Namespace) -> int:
     import time
 
-    from nas.bench.kernels import run_bench, tables
+    from nas.bench.kernels import run_bench, tables, warm_targets
     from nas.cost.latency import DeviceSpec
     from nas.cost.measure import CudaGraphTimer, provenance, require_cuda
     from nas.errors import ConfigError
@@ -231,8 +231,8 @@ def run_kernels(args: argparse.Namespace) -> int:
     spec = DeviceSpec.load(args.device_spec)
     device = require_cuda("cuda" if args.device in (None, "auto") else args.device,
                           "nas bench kernels")
-    compile_ahead(args.space, [args.large_batch, args.small_batch], args.compile_jobs, device,
-                  precisions=["W8A8", "W4A8"])
+    for batch, precisions, names in warm_targets(space, args.large_batch, args.small_batch):
+        compile_ahead(args.space, [batch], args.compile_jobs, device, precisions, names)
     import torch
 
     torch.backends.cudnn.benchmark = True  # cuDNN at its best, as in `nas measure`

@@ -50,10 +50,12 @@ def check_compile_jobs(jobs: int) -> None:
                           f"as timing goes")
 
 
-def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None) -> None:
-    """Compile the kernels a GPU would try for `space` at each batch, `jobs` processes at once,
-    into Triton's on-disk cache; says how long it took. Nothing with `jobs` 0 (the command
-    has checked `jobs` with check_compile_jobs before needing a GPU)."""
+def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None,
+                  layers=None) -> None:
+    """Compile the kernels a GPU would try for `space` at each batch (only `precisions` and
+    the layers named in `layers`, where given), `jobs` processes at once, into Triton's
+    on-disk cache; says how long it took. Nothing with `jobs` 0 (the command has checked
+    `jobs` with check_compile_jobs before needing a GPU)."""
     import sys
     import time
 
@@ -64,8 +66,8 @@ def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None
         return
     started = time.monotonic()
     try:
-        count = sum(warm_cache(space, batch, jobs, device=device.type, precisions=precisions)
-                    for batch in batches)
+        count = sum(warm_cache(space, batch, jobs, device=device.type, precisions=precisions,
+                               layers=layers) for batch in batches)
     except ConfigError as e:  # only a head start was lost: timing compiles what it needs
         print(f"warning: {e}; kernels compile as timing goes", file=sys.stderr, flush=True)
         return

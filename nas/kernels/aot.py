@@ -170,10 +170,12 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int):
     configs = conv.gemm_autotune_configs()
     kept = conv._prune(configs, {"M": m, "CO_G": o // g, "CI": ci})
     tiles = [t for t, k in zip(GPU_CONFIGS, configs) if k in kept]
-    packed = any(packed_operands(info, w_bits, a_bits))
+    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
     proposal = conv.propose_split_k(m, o // g, g, ci, kh * kw, conv.INTERPRETER_SMS)
-    variants = conv.launch_candidates(proposal, packed, ci < conv.FLAT_K_BELOW
-                                      and conv.im2col_fits(m, g, ci * kh * kw))
+    image = conv.padded_image(batch, *info.in_hw, c, kw, *info.padding, info.stride[1], g,
+                              x_packed)
+    variants = conv.launch_candidates(proposal, x_packed or w_packed, ci < conv.FLAT_K_BELOW
+                                      and conv.im2col_fits(m, g, ci * kh * kw), image is not None)
     return [(t, v) for t in tiles for v in variants] or [(None, Launch())]
 
 
@@ -187,10 +189,13 @@ def _candidate_runs(request: dict):
 
     space = load_space(request["space"])
     wanted = set(request.get("precisions") or [])
+    names = set(request.get("layers") or [])
     device = torch.device(request.get("device", "cpu"))
     gen = torch.Generator(device=device).manual_seed(0)
     layers = space.layers()
     for i, layer in enumerate(layers, 1):
+        if names and layer.name not in names:
+            continue
         choices = {(c.w_bits, c.a_bits) for c in layer.choices
                    if c.w_bits not in FLOAT_BITS and c.a_bits not in FLOAT_BITS}
         for w_bits, a_bits in sorted(choices):
@@ -256,18 +261,20 @@ def _compiling_env(for_gpu_present: bool = False) -> dict:
 
 
 def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
-               precisions: list[str] | None = None, timeout_s: float = 1800) -> int:
-    """Compile every kernel a GPU would try for the space's layers at `batch` into Triton's
-    on-disk cache, in `jobs` processes at once, so that autotuning afterwards loads them
-    instead of compiling one after another. `device` "cuda" compiles for the GPU present;
-    "cpu" compiles for sm_90 without one. Returns the number of distinct kernels."""
+               precisions: list[str] | None = None, layers: list[str] | None = None,
+               timeout_s: float = 1800) -> int:
+    """Compile every kernel a GPU would try for the space's layers (those named in `layers`,
+    where given) at `batch` into Triton's on-disk cache, in `jobs` processes at once, so
+    that autotuning afterwards loads them instead of compiling one after another. `device`
+    "cuda" compiles for the GPU present; "cpu" compiles for sm_90 without one. Returns the
+    number of distinct kernels."""
     if jobs < 1:
         raise ConfigError(f"--compile-jobs {jobs}: give 1 or more processes")
     env = _compiling_env(for_gpu_present=device != "cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "nas.kernels.aot", json.dumps(
             {"mode": "warm", "space": space, "batch": batch, "precisions": precisions or [],
-             "device": device, "shard": k, "shards": jobs})],
+             "layers": layers or [], "device": device, "shard": k, "shards": jobs})],
         env=env, stdout=subprocess.PIPE, text=True) for k in range(jobs)]
     kernels: set[str] = set()
     failed = []

@@ -74,22 +74,28 @@ class Launch:
       every tile that reads them;
     - im2col: the GEMM's rows (activation patches, zero point in the padding) written out
       first by a pre-pass, then multiplied as a 1x1 convolution (operands int8; packed
-      weights are unpacked by the pre-pass too)."""
+      weights are unpacked by the pre-pass too);
+    - pad_image: for a kernel-row walk (a stem: few input channels, int8 activations, one
+      group), x copied first by a pre-pass into an image with its padding (the zero point)
+      and each pixel's channels padded to a multiple of 4 bytes, so that the walk loads
+      whole aligned rows, unmasked."""
 
     split_k: int = 1
     unpack_first: bool = False
     im2col: bool = False
+    pad_image: bool = False
 
     def describe(self) -> str:
         """The choices that differ from the default, as `key=value` words ('' for none)."""
         return " ".join([f"split_k={self.split_k}"] * (self.split_k > 1)
-                        + ["unpack_first=1"] * self.unpack_first + ["im2col=1"] * self.im2col)
+                        + ["unpack_first=1"] * self.unpack_first + ["im2col=1"] * self.im2col
+                        + ["pad_image=1"] * self.pad_image)
 
     @classmethod
     def parse(cls, words: dict[str, str]) -> "Launch":
         """The inverse of describe(), from its words split at '='."""
         return cls(int(words.get("split_k", 1)), words.get("unpack_first") == "1",
-                   words.get("im2col") == "1")
+                   words.get("im2col") == "1", words.get("pad_image") == "1")
 
 
 def validate_launch(launch: Launch) -> Launch:
@@ -101,12 +107,15 @@ def validate_launch(launch: Launch) -> Launch:
     if launch.split_k > SPLIT_LIMIT:
         raise ConfigError(f"launch split_k={launch.split_k}: at most {SPLIT_LIMIT} splits (the "
                           f"epilogue kernel reads every split's partial sums)")
-    for name in ("unpack_first", "im2col"):
+    for name in ("unpack_first", "im2col", "pad_image"):
         if not isinstance(getattr(launch, name), bool):
             raise ConfigError(f"launch {name}={getattr(launch, name)!r} must be True or False")
     if launch.unpack_first and launch.im2col:
         raise ConfigError("launch: im2col already unpacks its operands; give unpack_first=False "
                           "with it")
+    if launch.pad_image and (launch.unpack_first or launch.im2col):
+        raise ConfigError("launch: pad_image is a layout of its own for the kernel-row walk; give "
+                          "it without unpack_first and im2col")
     return launch
 
 

@@ -5,6 +5,7 @@ launch variant - split-K, 4-bit unpacking pre-pass, im2col pre-pass - chosen by 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -16,7 +17,8 @@ from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CON
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
                                       ROW_WIDTH, _conv_depthwise_kernel, conv_gemm,
-                                      _epilogue_kernel, _im2col_kernel, _unpack_int4_kernel)
+                                      _epilogue_kernel, _im2col_kernel, _pad_image_kernel,
+                                      _unpack_int4_kernel)
 from nas.kernels.pack import unpack_int4
 
 import triton  # noqa: E402  (after the kernels: see above)
@@ -102,14 +104,37 @@ def padding_corrections(tap_sums: torch.Tensor, x_zp: int) -> torch.Tensor:
     return corr.reshape(o, -1).t().to(torch.int32).contiguous()
 
 
-def kernel_rows(w: torch.Tensor, packed: bool) -> torch.Tensor:
+def kernel_rows(w: torch.Tensor, packed: bool, channels: int | None = None) -> torch.Tensor:
     """OHWI weights as the kernel-row walk (ROW_K) reads them: int8 [O, KH, ROW_WIDTH], each
-    kernel row's KW x I values first, zeros after."""
+    kernel row's KW x `channels` values first (each tap's I values, then zeros up to
+    `channels`: the pixels of a `pad_image` launch's image), zeros after."""
     values = unpack_int4(w, dim=3) if packed else w
     o, kh, kw, ci = values.shape
+    cp = channels or ci
+    taps = torch.zeros((o, kh, kw, cp), dtype=torch.int8, device=w.device)
+    taps[..., :ci] = values
     rows = torch.zeros((o, kh, ROW_WIDTH.value), dtype=torch.int8, device=w.device)
-    rows[:, :, :kw * ci] = values.reshape(o, kh, kw * ci)
+    rows[:, :, :kw * cp] = taps.reshape(o, kh, kw * cp)
     return rows
+
+
+def padded_image(n: int, h: int, wd: int, c: int, kw: int, ph: int, pw: int, sw: int,
+                 groups: int, x_packed: bool) -> tuple[int, int, int, int] | None:
+    """The image a `pad_image` launch copies x into: (height, width, bytes per pixel,
+    ROW_ALIGN), or None where the layer takes none. Only a kernel-row walk with one group (a
+    stem) takes one, where a kernel row of pixels padded to whole 4-byte words still fits
+    ROW_WIDTH and the image keeps within int32 offsets. The width is rounded up to 4 pixels,
+    so that the rows of a stride-2 (4) walk start at multiples of 8 (16) bytes: a row of
+    output pixel (n, oh, ow) starts at ((n * height + oh * sh + kh) * width + ow * sw) * cp,
+    a multiple of cp * gcd(width, sw)."""
+    cp = -(-c // 4) * 4
+    if groups != 1 or x_packed or c >= FLAT_K_BELOW or kw * cp > ROW_WIDTH.value:
+        return None
+    hp, wp = h + 2 * ph, -(-(wd + 2 * pw) // 4) * 4
+    if n * hp * wp * cp + ROW_WIDTH.value >= 2 ** 31:
+        return None
+    v = cp * math.gcd(wp, sw)
+    return hp, wp, cp, min(16, v & -v)  # the largest power of two dividing v
 
 
 # Rows after K in a flattened-walk table: the widest BLOCK_K (a block may run past K by less
@@ -246,7 +271,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     # Few input channels: a kernel row per GEMM block where it fits (int8 activations), else
     # the flattened walk.
     row_walk = ci < FLAT_K_BELOW and kw * ci <= ROW_WIDTH.value and not x_packed
-    common.update(FLAT_K=ci < FLAT_K_BELOW and not row_walk, ROW_K=row_walk, PAD_FIX=pad_fix)
+    common.update(FLAT_K=ci < FLAT_K_BELOW and not row_walk, ROW_K=row_walk, ROW_ALIGN=0,
+                  PAD_FIX=pad_fix)
     # The flattened walk's (and im2col's) position table; kernel sizes are checked to fit it.
     if max(kh, kw) > 255:
         raise ConfigError(f"conv2d_int: a {kh}x{kw} kernel is wider than 255 taps")
@@ -256,6 +282,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     zero_points = (x_zero_point, float(out_scale or 1.0), out_zero_point)
     kp = im2col_row(k)
     im2col_ok = im2col_fits(m, groups, k)  # its int32 offsets
+    image = padded_image(n, h, wd, c, kw, ph, pw, sw, groups, x_packed)  # (a row walk's)
     buffers: dict[str, torch.Tensor] = {}  # shared by the variants (they run one at a time)
 
     def buffer(name: str, shape, dtype=torch.int8, zeroed=False, make=None) -> torch.Tensor:
@@ -291,6 +318,19 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                      "PAD_FIX": False}  # the zero point is in the rows
             return (pre, col, w_col, (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp),
                     flags)
+        if variant.pad_image:  # x copied into the padded image, whose border never changes
+            hp, wp, cp, align = image
+            xp = buffer("x_image", None, make=lambda: torch.full(
+                (n * hp * wp * cp + ROW_WIDTH.value,), x_zero_point, dtype=torch.int8,
+                device=device))  # a row of slack: the walk reads past the last pixel
+            row_block = min(256, triton.next_power_of_2(wd))
+            pre = [lambda: _pad_image_kernel[(triton.cdiv(wd, row_block), n * h)](
+                x, xp, h, wd, c, ph, pw, hp, wp, CP=cp, BLOCK=row_block)]
+            wa = buffer("w_image_rows", None, make=lambda: kernel_rows(w, w_packed, cp))
+            flags = {**common, "W_PACKED": False, "ROW_ALIGN": align,
+                     "PAD_FIX": False}  # the zero point is in the image's border
+            return (pre, xp, wa, (hp, wp, cp, oh, ow, kw, sh, sw, 0, 0, cp, co_g, o, m,
+                                  kh * kw * cp), flags)
         # unpack_first: packed operands are unpacked to int8 once per call, by a pre-pass,
         # instead of in every tile that reads them (weights: once per row of tiles).
         pre, xa, wa = [], x, w
@@ -342,6 +382,12 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
         return run
 
     if launch is not None:
+        if launch.pad_image and image is None:
+            raise ConfigError(
+                f"conv2d_int: pad_image is for a kernel-row walk (one group, int8 activations, "
+                f"fewer than {FLAT_K_BELOW} input channels, KW x channels rounded up to 4 at most "
+                f"{ROW_WIDTH.value}); launch this {kh}x{kw} layer of {c} channels in {groups} "
+                f"group(s) without it")
         if launch.im2col and not im2col_ok:
             raise ConfigError(f"conv2d_int: im2col rows of {m} pixels x {groups * kp} values "
                               f"pass int32 offsets; launch this layer without im2col")
@@ -356,7 +402,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     if interpreted or config is not None:
         return gemm_launch(Launch(proposal))
     variants = launch_candidates(proposal, x_packed or w_packed,
-                                 ci < FLAT_K_BELOW and im2col_ok)
+                                 ci < FLAT_K_BELOW and im2col_ok, image is not None)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
     return _fastest(gemm_launch, key, variants)
@@ -379,13 +425,16 @@ def im2col_fits(m: int, groups: int, k: int) -> bool:
     return m * groups * im2col_row(k) < 2 ** 31
 
 
-def launch_candidates(proposal: int, packed: bool, few_channels: bool) -> list[Launch]:
+def launch_candidates(proposal: int, packed: bool, few_channels: bool,
+                      pad_image: bool = False) -> list[Launch]:
     """The launch variants a GPU times for a layer: no split and the proposed split, each
-    plain, with the unpacking pre-pass (packed operands) and with im2col (few input channels
-    per group, where its offsets fit)."""
+    plain, with the unpacking pre-pass (packed operands), with im2col (few input channels
+    per group, where its offsets fit) and with the padded image (where `padded_image` gives
+    one)."""
     splits = sorted({1, proposal})
     return ([Launch(s) for s in splits] + [Launch(s, unpack_first=True) for s in splits if packed]
-            + [Launch(s, im2col=True) for s in splits if few_channels])
+            + [Launch(s, im2col=True) for s in splits if few_channels]
+            + [Launch(s, pad_image=True) for s in splits if pad_image])
 
 
 def _fastest(gemm_launch, key: tuple, variants: list[Launch]):
@@ -436,9 +485,13 @@ def _time_launch(fn) -> float:
 
 
 def _bench(kernel_call, quantiles):
-    # Shorter than Triton's default (25 ms warm-up, 100 ms of repetitions): tens of layers
-    # times several precisions are tuned per space, and the final timing is done separately.
-    return triton.testing.do_bench(kernel_call, warmup=3, rep=15, quantiles=quantiles)
+    """The autotuner's timer (milliseconds, one value per quantile asked): tiles are ranked as
+    the table times layers, in CUDA graphs of back-to-back calls (`_time_launch`). Triton's
+    own `do_bench` times one launch at a time with the L2 cache flushed, host launch overhead
+    in; it ranked close tiles differently, so the chosen tile, and with it table entries,
+    moved by up to 35-50 % between runs on two H200s (cost_models/README.md)."""
+    ms = _time_launch(kernel_call) / 1e3
+    return [ms] * len(quantiles) if quantiles else ms
 
 
 def gemm_autotune_configs() -> list:

@@ -213,6 +213,24 @@ def _im2col_kernel(x_ptr, col_ptr, ktab_ptr, H, W, C, OH, OW, KW, stride_h, stri
     tl.store(col, a.to(tl.int8), mask=m_mask[:, None] & (offs_k < KP)[None, :])
 
 
+@triton.jit(do_not_specialize=["H", "W", "pad_h", "pad_w", "HP", "WP"])
+def _pad_image_kernel(x_ptr, dst_ptr, H, W, C, pad_h, pad_w, HP, WP, CP: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The pre-pass of a `pad_image` launch: NHWC x (C channels) into the interior of the
+    padded image [N, HP, WP, CP], each pixel's C values first and zeros up to CP (a multiple
+    of 4, so each pixel is stored as one aligned word). One image row per program along axis
+    1 (no per-pixel division). The border holds the zero point, written once when the buffer
+    is made; only the interior changes."""
+    r = tl.program_id(1)  # image row: n * H + y
+    px = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ch = tl.arange(0, CP)
+    cols = (px < W)[:, None]
+    v = tl.load(x_ptr + (r * W + px)[:, None] * C + ch[None, :],
+                mask=cols & (ch < C)[None, :], other=0)
+    dst = (((r // H) * HP + r % H + pad_h) * WP + pad_w + px) * CP
+    tl.store(dst_ptr + dst[:, None] + ch[None, :], v, mask=cols)
+
+
 @triton.jit
 def _block_mask(rows, chans, CI, EVEN_K: tl.constexpr):
     """Load mask of a [rows, channels] block: with EVEN_K (CI a multiple of BLOCK_K) every
@@ -256,8 +274,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
                       CI, CO_G, O, M, K, x_zp, out_scale, out_zp,
                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                       OUT_MODE: tl.constexpr, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
-                      FLAT_K: tl.constexpr, ROW_K: tl.constexpr, PAD_FIX: tl.constexpr,
-                      SPLIT_K: tl.constexpr,
+                      FLAT_K: tl.constexpr, ROW_K: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                      PAD_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
@@ -267,7 +285,9 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     input channels, so every load is a contiguous run of channels (vectorised, no
     per-element division); for few input channels, by kernel row where a row's KW x CI
     values fit one block (ROW_K: a stem's 7 x 3), or else over the flattened (kh, kw, ci)
-    axis, gathering element by element (FLAT_K), so that blocks are not mostly empty.
+    axis, gathering element by element (FLAT_K), so that blocks are not mostly empty. A row
+    walk over the padded image of a `pad_image` launch (ROW_ALIGN > 0) loads its rows as
+    aligned vectors, unmasked.
     Geometry arguments are not specialised (one compilation serves every layer); channel
     counts are, for alignment.
 
@@ -333,15 +353,26 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         # zero past KW * CI. Which columns fall in the image is the same for every row, so
         # it is worked out once; per step only the row's own bounds change.
         j = tl.arange(0, ROW_WIDTH)
-        col_tap = j // CI
-        col_off = col_tap * C + (j - col_tap * CI)  # from the pixel's tap (0, 0) value
-        iw = (ow * stride_w - pad_w)[:, None] + col_tap[None, :]
-        col_ok = m_mask[:, None] & (col_tap < KW)[None, :] & (iw >= 0) & (iw < W)
         x_base = origin * C + g * CI
+        if not ROW_ALIGN:
+            col_tap = j // CI
+            col_off = col_tap * C + (j - col_tap * CI)  # from the pixel's tap (0, 0) value
+            iw = (ow * stride_w - pad_w)[:, None] + col_tap[None, :]
+            col_ok = m_mask[:, None] & (col_tap < KW)[None, :] & (iw >= 0) & (iw < W)
         for kh in range(first, last):
-            row_ok = (kh >= kh_lo) & (kh < kh_hi)
-            a = tl.load(x_ptr + (x_base + kh * (W * C))[:, None] + col_off[None, :],
-                        mask=col_ok & row_ok[:, None], other=0)
+            if ROW_ALIGN:
+                # The padded image (`_pad_image_kernel`): every tap is inside it, C is a
+                # multiple of 4 and each row's run starts at a multiple of ROW_ALIGN bytes, so
+                # the run loads as whole aligned vectors, masked only past M (cp.async; per
+                # byte, the masked walk below compiled for sm_90 to 32 byte loads and ~300
+                # instructions per step). Lanes past KW * C read the next pixels, which meet
+                # zero weights (the buffer has a row of slack after the last pixel).
+                row = tl.multiple_of(x_base + kh * (W * C), ROW_ALIGN)
+                a = tl.load(x_ptr + row[:, None] + j[None, :], mask=m_mask[:, None], other=0)
+            else:
+                row_ok = (kh >= kh_lo) & (kh < kh_hi)
+                a = tl.load(x_ptr + (x_base + kh * (W * C))[:, None] + col_off[None, :],
+                            mask=col_ok & row_ok[:, None], other=0)
             b = tl.load(w_ptr + co[:, None] * (KH * ROW_WIDTH) + kh * ROW_WIDTH + j[None, :],
                         mask=n_mask[:, None], other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
