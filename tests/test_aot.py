@@ -65,6 +65,11 @@ def test_gemms_run_on_int8_wgmma_and_the_tap_walk_does_not_divide(compiled):
     # the tap walk's took two per step before).
     assert all(k["loop_divisions"] == 0 for k in gemms)
     assert any(k["constants"]["ROW_K"] for k in gemms)  # the stem: 3x3 over 1 channel
+    # Layers of 32 and 64 channels with blocks of twice that take two taps per step (int8
+    # operands only; the 16-channel ones keep only the smallest tile, 64x32x64, at batch 1)
+    pairs = [k["constants"] for k in gemms if k["constants"]["TAP_PAIRS"]]
+    assert {c["BLOCK_K"] for c in pairs} == {64, 128}
+    assert not any(c["X_PACKED"] or c["W_PACKED"] for c in pairs)
 
 
 def test_the_padded_image_walk_loads_whole_rows(compiled):
@@ -97,14 +102,14 @@ def test_candidates_offer_im2col_and_the_padded_image_only_where_they_fit():
     from nas.spaces import load_space
 
     stem = load_space("imagenet_resnet18").layers()[0].info  # 7x7 over 3 channels: rows of 160
-    assert any(launch.im2col for _, launch in _candidates(stem, 64, 8, 8))
+    assert any(launch.im2col for launch in _candidates(stem, 64, 8, 8))
     # 2000 x 112 x 112 pixels x 160 values pass 2**31
-    assert not any(launch.im2col for _, launch in _candidates(stem, 2000, 8, 8))
+    assert not any(launch.im2col for launch in _candidates(stem, 2000, 8, 8))
     # The padded image too: 64 images of 230 x 232 pixels of 4 bytes fit, 11000 do not.
-    assert any(launch.pad_image for _, launch in _candidates(stem, 64, 8, 8))
-    assert not any(launch.pad_image for _, launch in _candidates(stem, 11000, 8, 8))
+    assert any(launch.pad_image for launch in _candidates(stem, 64, 8, 8))
+    assert not any(launch.pad_image for launch in _candidates(stem, 11000, 8, 8))
     layer1 = load_space("imagenet_resnet18").layers()[1].info  # 64 channels: the tap walk
-    assert not any(launch.pad_image for _, launch in _candidates(layer1, 64, 8, 8))
+    assert not any(launch.pad_image for launch in _candidates(layer1, 64, 8, 8))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -163,10 +168,10 @@ def test_compiling_ahead_fills_the_cache_autotuning_reads(tmp_path, monkeypatch)
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     tuned = json.loads(done.stdout)
-    # The autotuner compiles the same kernels as the pinned launches warm_cache made (its
-    # three tiles that fit the layer, and the split's epilogue): every one is already in the
-    # cache, nothing new was written.
-    assert len(tuned) == 4
+    # The autotuner compiles the same kernels warm_cache made (its four tiles that fit the
+    # layer, 64x64x128 taking taps in pairs, and the split's epilogue): every one is already
+    # in the cache, nothing new was written.
+    assert len(tuned) == 5
     assert sorted(p.parent.name for p in cache.rglob("*.cubin")) == cubins
     # Named layers only: the stem's kernels, as the report lists them for it.
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "stem"))

@@ -170,6 +170,40 @@ def test_im2col_with_packed_operands_and_the_epilogue(bits, zp, pack):
                              launch=Launch(2, im2col=True))
 
 
+@pytest.mark.parametrize("n, hw, ci, o, kernel, stride, padding, groups, zp, split", [
+    (2, (6, 7), 16, 5, (3, 3), 1, 1, 1, 0, 1),      # 9 taps: the last pair's tap b is empty
+    (1, (5, 5), 16, 9, (3, 3), 2, 1, 1, 5, 1),      # stride 2, zero point (padding correction)
+    (2, (5, 6), 16, 4, (2, 2), 1, 0, 1, 0, 1),      # 4 taps: whole pairs
+    (1, (7, 6), 16, 33, (1, 3), 1, (0, 1), 1, 7, 3),  # one kernel row; split-K
+    (1, (4, 9), 16, 3, (3, 1), 1, (1, 0), 1, -8, 2),  # one kernel column: tap b wraps a row
+    (1, (5, 5), 16, 6, (3, 3), 1, 1, 2, 2, 2),      # two groups of 16 channels
+])
+def test_tap_pairs_are_exact(n, hw, ci, o, kernel, stride, padding, groups, zp, split):
+    # BLOCK_K = 2 x CI: each step takes two taps' channels (tap_pairs).
+    from nas.kernels.conv_kernels import tap_pairs
+
+    cfg = KernelConfig(64, 32, 2 * ci, 4, 1)
+    assert tap_pairs(dict(FLAT_K=False, ROW_K=False, X_PACKED=False, W_PACKED=False, CI=ci,
+                          BLOCK_K=cfg.block_k, K=kernel[0] * kernel[1] * ci))
+    gen = torch.Generator().manual_seed(sum(hw) + o)
+    x = values((n, *hw, ci * groups), 8, gen)
+    w = values((o, *kernel, ci), 8, gen)
+    out = conv2d_int(x, w, w_bits=8, a_bits=8, stride=stride, padding=padding, groups=groups,
+                     x_zero_point=zp, config=cfg, launch=Launch(split))
+    assert torch.equal(out, reference(x, w, stride, padding, groups, zp))
+
+
+def test_tap_pairs_only_where_a_block_is_two_taps_of_int8_values():
+    from nas.kernels.conv_kernels import tap_pairs
+
+    base = dict(FLAT_K=False, ROW_K=False, X_PACKED=False, W_PACKED=False, CI=64, BLOCK_K=128,
+                K=9 * 64)
+    assert tap_pairs(base)
+    for change in (dict(BLOCK_K=64), dict(CI=48), dict(K=64), dict(X_PACKED=True),
+                   dict(W_PACKED=True), dict(FLAT_K=True), dict(ROW_K=True)):
+        assert not tap_pairs({**base, **change}), change
+
+
 @st.composite
 def padded_image_cases(draw):
     """Layers a pad_image launch takes (a stem): one group, int8 activations, fewer than 16
@@ -405,12 +439,22 @@ def test_autotuning_prunes_tiles_larger_than_the_problem():
                for c in GPU_CONFIGS]
     tiles = lambda kept: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])  # noqa: E731
                           for c in kept}
-    big = tiles(_prune(configs, {"M": 200704, "CO_G": 256, "CI": 128}))
+    flags = dict(FLAT_K=False, ROW_K=False, X_PACKED=False, W_PACKED=False)
+    big = tiles(_prune(configs, {"M": 200704, "CO_G": 256, "CI": 128, "K": 1152}, **flags))
     assert big == tiles(configs)  # a large layer keeps every tile
     # Batch 1 at 7x7 (M = 49), 64 output channels, 3 input channels (a stem).
-    assert tiles(_prune(configs, {"M": 49, "CO_G": 64, "CI": 3})) == {(64, 64, 32)}
+    assert tiles(_prune(configs, {"M": 49, "CO_G": 64, "CI": 3, "K": 147},
+                        **{**flags, "ROW_K": True})) == {(64, 64, 32)}
     # Nothing fits 8 output channels: the smallest tile stands in.
-    assert tiles(_prune(configs, {"M": 49, "CO_G": 8, "CI": 64})) == {(64, 32, 64)}
+    assert tiles(_prune(configs, {"M": 49, "CO_G": 8, "CI": 64, "K": 576}, **flags)) == {
+        (64, 32, 64)}
+    # 64 input channels: 128-wide blocks stay where the tap walk pairs taps (int8 operands,
+    # two taps or more), not otherwise.
+    layer1 = {"M": 64 * 56 * 56, "CO_G": 64, "CI": 64, "K": 9 * 64}
+    k_sizes = lambda kept: {k for _, _, k in tiles(kept)}  # noqa: E731
+    assert k_sizes(_prune(configs, layer1, **flags)) == {32, 64, 128}
+    assert k_sizes(_prune(configs, layer1, **{**flags, "W_PACKED": True})) == {32, 64}
+    assert k_sizes(_prune(configs, {**layer1, "K": 64}, **flags)) == {32, 64}
 
 
 def test_split_k_is_proposed_where_tiles_cannot_fill_the_gpu():

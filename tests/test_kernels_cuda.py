@@ -55,6 +55,18 @@ def test_autotuned_layers_are_exact(geometry, w_bits, a_bits):
     _check(*geometry, w_bits, a_bits, seed=sum(geometry))
 
 
+@pytest.mark.parametrize("index", [i for i, c in enumerate(GPU_CONFIGS) if c.block_k >= 64])
+def test_tap_pairs_are_exact_for_every_config(index):
+    # Input channels of half the tile's BLOCK_K: two taps per step (9 taps: the last pair
+    # half empty), unsplit and split; unpacked operands (packed ones walk one tap a step).
+    cfg = GPU_CONFIGS[index]
+    for split in (1, 3):
+        _check(2, 9, 7, cfg.block_k // 2, 45, 3, 2, 1, 1, 8, 8, seed=index, config=cfg,
+               launch=Launch(split))
+        _check(1, 6, 5, cfg.block_k // 2, 20, 3, 1, 1, 1, 4, 8, seed=index, config=cfg,
+               launch=Launch(split, unpack_first=True))
+
+
 @pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 8)])
 @pytest.mark.parametrize("split_k", [2, 16])
 def test_split_k_is_exact_on_the_gpu(split_k, w_bits, a_bits):

@@ -8,7 +8,8 @@ from typing import Any
 
 from nas.errors import ConfigError
 
-FLAGS = ("PAD_FIX", "EVEN_K", "SPLIT_K", "X_PACKED", "W_PACKED", "ROW_K", "FLAT_K")
+FLAGS = ("PAD_FIX", "EVEN_K", "TAP_PAIRS", "SPLIT_K", "X_PACKED", "W_PACKED", "ROW_K",
+         "ROW_ALIGN", "FLAT_K")
 
 
 def parse_precisions(items: list[str], space) -> list[str]:
@@ -40,9 +41,10 @@ def _flags(constants: dict) -> str:
     words = []
     for name in FLAGS:
         value = constants.get(name)
-        if name == "SPLIT_K" and (value or 1) > 1:
-            words.append(f"split_k={value}")
-        elif name != "SPLIT_K" and value:
+        if name in ("SPLIT_K", "ROW_ALIGN"):  # numbers: shown where they change something
+            if (value or 0) > 1:
+                words.append(f"{name.lower()}={value}")
+        elif value:
             words.append(name.lower())
     return " ".join(words) or "-"
 

@@ -152,36 +152,32 @@ def _compile_instead_of_launch(record: Callable, for_gpu_present: bool = False) 
     driver.set_active(TargetOnly())
 
 
-def _candidates(info, batch: int, w_bits: int, a_bits: int):
-    """What a GPU would try for this (layer, precision): (tile, launch variant) pairs."""
+def _candidates(info, batch: int, w_bits: int, a_bits: int) -> list:
+    """The launch variants a GPU would time for this (layer, precision) (None for the
+    depthwise kernel, which has none); each launch's autotuner then compiles its own tiles,
+    those it keeps for the layer and variant."""
     from nas.cost.measure import packed_operands
     from nas.kernels import conv
-    from nas.kernels.configs import DEPTHWISE_CONFIGS, GPU_CONFIGS, Launch
 
     c, o, g = info.in_channels, info.out_channels, info.groups
     kh, kw = info.kernel
     oh, ow = info.out_hw
     m = batch * oh * ow
     if g > 1 and g == c == o:
-        configs = conv.depthwise_autotune_configs()
-        kept = conv._prune_depthwise(configs, {"C": c})
-        return [(d, None) for d, k in zip(DEPTHWISE_CONFIGS, configs) if k in kept]
+        return [None]
     ci = c // g
-    configs = conv.gemm_autotune_configs()
-    kept = conv._prune(configs, {"M": m, "CO_G": o // g, "CI": ci})
-    tiles = [t for t, k in zip(GPU_CONFIGS, configs) if k in kept]
     x_packed, w_packed = packed_operands(info, w_bits, a_bits)
     proposal = conv.propose_split_k(m, o // g, g, ci, kh * kw, conv.INTERPRETER_SMS)
     image = conv.padded_image(batch, *info.in_hw, c, kw, *info.padding, info.stride[1], g,
                               x_packed)
-    variants = conv.launch_candidates(proposal, x_packed or w_packed, ci < conv.FLAT_K_BELOW
-                                      and conv.im2col_fits(m, g, ci * kh * kw), image is not None)
-    return [(t, v) for t in tiles for v in variants] or [(None, Launch())]
+    return conv.launch_candidates(proposal, x_packed or w_packed, ci < conv.FLAT_K_BELOW
+                                  and conv.im2col_fits(m, g, ci * kh * kw), image is not None)
 
 
 def _candidate_runs(request: dict):
-    """(layer, precision, tile, launch, run) for every kernel launch a GPU would try for the
-    request's (space, batch): `run()` launches it, which here compiles instead."""
+    """(layer, precision, launch, run) for every kernel launch a GPU would try for the
+    request's (space, batch): `run()` launches it autotuned, which here compiles every tile
+    the autotuner keeps instead."""
     import torch
 
     from nas.cost.measure import make_case
@@ -202,21 +198,27 @@ def _candidate_runs(request: dict):
             precision = f"W{w_bits}A{a_bits}"
             if wanted and precision not in wanted:
                 continue
-            for tile, launch in _candidates(layer.info, request["batch"], w_bits, a_bits):
-                yield layer, precision, tile, launch, lambda: make_case(
-                    layer.info, request["batch"], w_bits, a_bits, device, gen, config=tile,
+            for launch in _candidates(layer.info, request["batch"], w_bits, a_bits):
+                yield layer, precision, launch, lambda: make_case(
+                    layer.info, request["batch"], w_bits, a_bits, device, gen,
                     launch=launch).run()
         if request.get("progress", True):
             print(f"compiled layer {i}/{len(layers)} ({layer.name})", file=sys.stderr, flush=True)
+
+
+def _flatten(record: Callable) -> Callable:
+    """`record` for each compiled kernel (an autotuner's warmup compiles a list)."""
+    return lambda kernels: [record(k) for k in (kernels if isinstance(kernels, list)
+                                                 else [kernels])]
 
 
 def _worker(request: dict) -> None:
     """Compile every candidate kernel of the request's (space, batch) and print one JSON line
     per compiled kernel (progress on stderr)."""
     compiled: list = []
-    _compile_instead_of_launch(compiled.append)
+    _compile_instead_of_launch(_flatten(compiled.append))
     facts_of: dict[str, dict] = {}
-    for layer, precision, tile, launch, run in _candidate_runs(request):
+    for layer, precision, launch, run in _candidate_runs(request):
         compiled.clear()
         run()
         for kernel in compiled:
@@ -226,7 +228,7 @@ def _worker(request: dict) -> None:
                 facts_of[key] = {**facts.__dict__, "blocks_per_sm": facts.blocks_per_sm,
                                  "constants": _constants(kernel), "layers": []}
             use = {"layer": layer.name, "precision": precision,
-                   "tile": _describe(tile), "launch": launch.describe() if launch else ""}
+                   "launch": launch.describe() if launch else ""}
             if use not in facts_of[key]["layers"]:
                 facts_of[key]["layers"].append(use)
     for facts in facts_of.values():
@@ -237,11 +239,8 @@ def _warm_worker(request: dict) -> None:
     """Compile this shard's share of the candidate launches into Triton's on-disk cache, for
     the GPU this process sees (or for sm_90 without one), and print how many kernels."""
     compiled: set[str] = set()
-
-    def record(kernels) -> None:  # an autotuner's warmup compiles a list
-        compiled.update(k.hash for k in (kernels if isinstance(kernels, list) else [kernels]))
-
-    _compile_instead_of_launch(record, for_gpu_present=request.get("device", "cpu") != "cpu")
+    _compile_instead_of_launch(_flatten(lambda k: compiled.add(k.hash)),
+                               for_gpu_present=request.get("device", "cpu") != "cpu")
     shard, shards = request["shard"], request["shards"]
     for i, (*_, run) in enumerate(_candidate_runs({**request, "progress": False})):
         if i % shards == shard:
@@ -291,16 +290,6 @@ def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
     return len(kernels)
 
 
-def _describe(tile) -> str:
-    if tile is None:
-        return ""
-    if hasattr(tile, "block_c"):
-        return f"{tile.block_m}x{tile.block_c} w{tile.num_warps}"
-    cap = f" maxnreg={tile.maxnreg}" if tile.maxnreg else ""
-    return (f"{tile.block_m}x{tile.block_n}x{tile.block_k} w{tile.num_warps} s{tile.num_stages}"
-            + cap)
-
-
 def _constants(kernel) -> dict:
     """The compile-time flags of a compiled kernel (tile sizes and switches)."""
     src = getattr(kernel, "src", None)
@@ -318,8 +307,8 @@ def compile_report(space: str, batch: int, precisions: list[str] | None = None,
                    timeout_s: float = 3600) -> list[dict]:
     """Compile every kernel a GPU would try for the space's layers at `batch` (every
     autotuning tile and launch variant), for sm_90, in a process of its own; one dict per
-    distinct compiled kernel: its KernelFacts, flags, and the (layer, precision, tile,
-    launch) that use it."""
+    distinct compiled kernel: its KernelFacts, flags (the tile among them), and the (layer,
+    precision, launch) that use it."""
     request = {"space": space, "batch": batch, "precisions": precisions or []}
     done = subprocess.run([sys.executable, "-m", "nas.kernels.aot", json.dumps(request)],
                           env=_compiling_env(), stdout=subprocess.PIPE, text=True, timeout=timeout_s)

@@ -16,7 +16,7 @@ from nas.kernels.configs import (DEPTHWISE_CONFIGS, GPU_CONFIGS, INTERPRETER_CON
                                  validate_direct_config, validate_launch)
 # First: without a GPU, importing the kernels switches Triton to its interpreter.
 from nas.kernels.conv_kernels import (_INTERPRET, _OUT_FP16, _OUT_FP32, _OUT_INT8, _OUT_INT32,
-                                      ROW_WIDTH, _conv_depthwise_kernel, conv_gemm,
+                                      ROW_WIDTH, _conv_depthwise_kernel, conv_gemm, tap_pairs,
                                       _epilogue_kernel, _im2col_kernel, _pad_image_kernel,
                                       _unpack_int4_kernel)
 from nas.kernels.pack import unpack_int4
@@ -465,12 +465,14 @@ _TUNED = _TUNED_DW = None
 
 def _prune(configs, named_args, **kwargs):
     """Drop tiles far larger than the problem (batch-1 layers, few channels): they only waste
-    lanes and autotuning time. The smallest configuration always survives."""
+    lanes and autotuning time; a BLOCK_K of two taps' channels stays where the tap walk
+    takes taps in pairs (`tap_pairs`). The smallest configuration always survives."""
     def fits(c):
         kw = c.kwargs
         return (kw["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["M"]))
                 and kw["BLOCK_N"] <= max(16, triton.next_power_of_2(named_args["CO_G"]))
-                and kw["BLOCK_K"] <= max(32, triton.next_power_of_2(named_args["CI"])))
+                and (kw["BLOCK_K"] <= max(32, triton.next_power_of_2(named_args["CI"]))
+                     or tap_pairs({**named_args, **kwargs, **kw})))
     kept = [c for c in configs if fits(c)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 

@@ -277,7 +277,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
                       FLAT_K: tl.constexpr, ROW_K: tl.constexpr, ROW_ALIGN: tl.constexpr,
                       PAD_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr):
+                      EVEN_K: tl.constexpr, TAP_PAIRS: tl.constexpr):
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
 
@@ -287,7 +287,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     values fit one block (ROW_K: a stem's 7 x 3), or else over the flattened (kh, kw, ci)
     axis, gathering element by element (FLAT_K), so that blocks are not mostly empty. A row
     walk over the padded image of a `pad_image` launch (ROW_ALIGN > 0) loads its rows as
-    aligned vectors, unmasked.
+    aligned vectors, unmasked. Where a block is two taps' channels (TAP_PAIRS: CI =
+    BLOCK_K / 2, int8 operands), the tap walk takes two taps per step.
     Geometry arguments are not specialised (one compilation serves every layer); channel
     counts are, for alignment.
 
@@ -335,6 +336,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
         steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
     elif ROW_K:
         steps = KH
+    elif TAP_PAIRS:
+        steps = (K // CI + 1) // 2
     else:
         blocks = (CI + BLOCK_K - 1) // BLOCK_K
         steps = (K // CI) * blocks
@@ -392,6 +395,39 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
                 b = tl.load(w_ptr + co[:, None] * K + offs_k[None, :],
                             mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    elif TAP_PAIRS:
+        # Two consecutive taps per step, tap a in the block's first half of columns and tap
+        # b in the second: every MMA step covers BLOCK_K = 2 x CI values, not CI and a
+        # masked half (Triton waits for each int8 MMA before the next step, so steps of
+        # more values each wait less per value). Tap b of an odd last step lies past the
+        # kernel (kh = KH: outside every pixel's taps, read as 0; its weights masked).
+        offs_c = tl.arange(0, BLOCK_K)
+        in_b_half = offs_c >= HALF_K
+        half = offs_c // HALF_K
+        chan = offs_c % HALF_K
+        row0 = origin * C + g * CI
+        tap = 2 * first
+        kh = tap // KW
+        kw = tap - kh * KW
+        for step in range(first, last):
+            kw_b = kw + 1
+            wrap = kw_b >= KW
+            kw_b = tl.where(wrap, 0, kw_b)
+            kh_b = kh + wrap.to(tl.int32)
+            in_a = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
+            in_b = (kh_b >= kh_lo) & (kh_b < kh_hi) & (kw_b >= kw_lo) & (kw_b < kw_hi)
+            to_b = ((kh_b - kh) * W + kw_b - kw) * C  # from tap a's value to tap b's
+            x_mask = tl.where(in_b_half[None, :], in_b[:, None], in_a[:, None])
+            a = tl.load(x_ptr + (row0 + (kh * W + kw) * C)[:, None]
+                        + (half * to_b + chan)[None, :], mask=x_mask, other=0)
+            k0 = (kh * KW + kw) * CI
+            b = tl.load(w_ptr + co[:, None] * K + (k0 + offs_c)[None, :],
+                        mask=n_mask[:, None] & (k0 + offs_c < K)[None, :], other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+            kw = kw_b + 1  # next: the tap after b
+            wrap = kw >= KW
+            kw = tl.where(wrap, 0, kw)
+            kh = kh_b + wrap.to(tl.int32)
     else:
         # Loop-invariant per pixel: where its tap (0, 0) lies in x (maybe in the padding) and
         # which taps are inside the image. The loop then only adds a tap's scalar offset and
@@ -542,5 +578,14 @@ def _even_k(args) -> bool:
     return args["CI"] % args["BLOCK_K"] == 0
 
 
-# The GEMM as launched: EVEN_K follows from the tile (autotuned or given) and the layer.
-conv_gemm = triton.heuristics({"EVEN_K": _even_k})(_conv_gemm_kernel)
+def tap_pairs(args) -> bool:
+    """Whether the tap walk takes two taps per step: the tile's BLOCK_K is two taps' input
+    channels, the kernel has two taps or more, and both operands are int8 values (packed
+    ones split a block's bytes differently)."""
+    return (not (args["FLAT_K"] or args["ROW_K"] or args["X_PACKED"] or args["W_PACKED"])
+            and 2 * args["CI"] == args["BLOCK_K"] and args["K"] >= 2 * args["CI"])
+
+
+# The GEMM as launched: EVEN_K and TAP_PAIRS follow from the tile (autotuned or given) and
+# the layer.
+conv_gemm = triton.heuristics({"EVEN_K": _even_k, "TAP_PAIRS": tap_pairs})(_conv_gemm_kernel)
