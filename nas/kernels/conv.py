@@ -324,7 +324,7 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                 (n * hp * wp * cp + ROW_WIDTH.value,), x_zero_point, dtype=torch.int8,
                 device=device))  # a row of slack: the walk reads past the last pixel
             row_block = min(256, triton.next_power_of_2(wd))
-            pre = [lambda: _pad_image_kernel[(triton.cdiv(wd, row_block), n * h)](
+            pre = [lambda: _pad_image_kernel[(n * h, triton.cdiv(wd, row_block))](
                 x, xp, h, wd, c, ph, pw, hp, wp, CP=cp, BLOCK=row_block)]
             wa = buffer("w_image_rows", None, make=lambda: kernel_rows(w, w_packed, cp))
             flags = {**common, "W_PACKED": False, "ROW_ALIGN": align,

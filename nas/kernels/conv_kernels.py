@@ -219,10 +219,11 @@ def _pad_image_kernel(x_ptr, dst_ptr, H, W, C, pad_h, pad_w, HP, WP, CP: tl.cons
     """The pre-pass of a `pad_image` launch: NHWC x (C channels) into the interior of the
     padded image [N, HP, WP, CP], each pixel's C values first and zeros up to CP (a multiple
     of 4, so each pixel is stored as one aligned word). One image row per program along axis
-    1 (no per-pixel division). The border holds the zero point, written once when the buffer
-    is made; only the interior changes."""
-    r = tl.program_id(1)  # image row: n * H + y
-    px = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    0 (no per-pixel division; axis 0 takes up to 2**31 - 1 programs, the others 65535). The
+    border holds the zero point, written once when the buffer is made; only the interior
+    changes."""
+    r = tl.program_id(0)  # image row: n * H + y
+    px = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ch = tl.arange(0, CP)
     cols = (px < W)[:, None]
     v = tl.load(x_ptr + (r * W + px)[:, None] * C + ch[None, :],
