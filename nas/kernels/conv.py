@@ -1,6 +1,7 @@
 """Integer 2-D convolution: checks a call against the layout contract, prepares it once and
 launches the Triton kernels of `nas.kernels.conv_kernels` (on a GPU: autotuned tiles, and the
-launch variant - split-K, 4-bit unpacking pre-pass, im2col pre-pass - chosen by timing)."""
+launch variant - split-K, 4-bit unpacking pre-pass, im2col or padded-image pre-pass - chosen
+by timing)."""
 
 from __future__ import annotations
 
@@ -181,10 +182,12 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
     - Depthwise convolutions (groups == C == O: one channel in and out per group) use a direct kernel;
       other groupings run one implicit GEMM per group.
     - `config` (KernelConfig) fixes the GEMM's tile instead of autotuning it; `launch`
-      (Launch: split-K, 4-bit unpacking pre-pass, im2col pre-pass) fixes how it is launched.
+      (Launch: split-K, 4-bit unpacking pre-pass, im2col or padded-image pre-pass) fixes how
+      it is launched.
       With `launch=None` a GPU times the candidates once per layer geometry and keeps the
       fastest: no split and `propose_split_k`'s, each plain, with the unpacking pre-pass
-      (packed operands) and with im2col (fewer than FLAT_K_BELOW input channels per group).
+      (packed operands), with im2col (fewer than FLAT_K_BELOW input channels per group) and
+      with the padded image (`padded_image`: stems).
       Untimed on the CPU interpreter and with a pinned `config` (the proposed split, no
       pre-pass), and inside a CUDA graph capture for a layer not yet timed (no split, no
       pre-pass). The depthwise kernel takes its tile as a `DirectConfig` (autotuned without
