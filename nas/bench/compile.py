@@ -69,7 +69,7 @@ def tables(results: dict[str, Any]):
         rows.append([k["kernel"].lstrip("_"), tile, k["num_warps"], k["num_stages"], _flags(c),
                      k["registers"], k["spill_bytes"], round(k["shared_bytes"] / 1024, 1),
                      k["blocks_per_sm"],
-                     k["loop_instructions"] or "-", k["mma"] or "-",
+                     k["loop_instructions"] or "-", k["other_instructions"], k["mma"] or "-",
                      "yes" if k["mma_async"] else ("no" if k["mma"] else "-"), len(k["layers"])])
     s = results["summary"]
     summary = [[results["space"], results["batch"], s["kernels"], s["spilling"],
@@ -77,6 +77,7 @@ def tables(results: dict[str, Any]):
                 s["loop_instructions_median"] or "-", results["seconds"]]]
     return [(f"kernels compiled for sm_{results['arch']} (static facts of the machine code, not "
              f"timings)", ["kernel", "tile", "warps", "stages", "flags", "regs", "spill B",
-                           "smem KB", "blocks/SM", "instr/iter", "MMA", "async MMA", "uses"], rows),
+                           "smem KB", "blocks/SM", "instr/iter", "other instr", "MMA",
+                           "async MMA", "uses"], rows),
             ("summary", ["space", "batch", "kernels", "spilling", "1 block/SM", "cannot launch",
                          "async MMA", "median instr/iter", "seconds"], summary)]

@@ -68,7 +68,8 @@ def add_parser(sub, parents) -> None:
                     "autotuning tile and launch variant) for the H200 (sm_90), on this machine, "
                     "and prints what the machine code says: registers, spills, shared memory, "
                     "thread blocks per SM, tensor-core instruction, whether it runs "
-                    "asynchronously, instructions per main-loop iteration. Static facts, not "
+                    "asynchronously, instructions per main-loop iteration and outside the loop "
+                    "(once per tile). Static facts, not "
                     "timings; no GPU needed.")
     compiled.add_argument("--space", default="imagenet_resnet18",
                           help="search space whose layers are compiled (default "

@@ -43,6 +43,9 @@ class KernelFacts:
     mma_async: bool  # consecutive MMAs overlap (wgmma wait_group > 0 in the loop)
     loop_instructions: int | None  # SASS instructions per iteration of the MMA loop
     loop_divisions: int | None  # integer divisions in it (each a reciprocal: MUFU.RCP)
+    # SASS instructions outside that loop (set-up, the pipeline's first loads, the epilogue;
+    # the whole kernel where it has none): run once per tile, whatever the reduction's length
+    other_instructions: int
 
     @property
     def blocks_per_sm(self) -> int:
@@ -62,9 +65,10 @@ def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
 
 
-def _machine_code_facts(cubin: bytes) -> tuple[int, int, int | None, int | None]:
+def _machine_code_facts(cubin: bytes) -> tuple[int, int, int | None, int | None, int]:
     """(registers, spill bytes, SASS instructions and integer divisions per iteration of the
-    innermost loop that issues tensor-core MMAs, or None without one) of a compiled kernel."""
+    innermost loop that issues tensor-core MMAs, or None without one, and the instructions
+    outside it) of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -81,11 +85,14 @@ def _machine_code_facts(cubin: bytes) -> tuple[int, int, int | None, int | None]
     for address, ins in code:
         jump = re.search(r"\bBRA\s+(0x[0-9a-f]+)", ins)
         if jump and int(jump.group(1), 16) < address:
-            body = [i for a, i in code if int(jump.group(1), 16) <= a <= address]
+            span = (int(jump.group(1), 16), address)
+            body = [i for a, i in code if span[0] <= a <= span[1]]
             if any("GMMA" in i or re.match(r"(@\S+\s+)?[IH]MMA", i) for i in body):
-                loops.append((len(body), sum("MUFU.RCP" in i for i in body)))
-    loop = min(loops) if loops else (None, None)
-    return regs, stack + local, *loop
+                loops.append((len(body), sum("MUFU.RCP" in i for i in body), span))
+    loop, divisions, (first, last) = min(loops) if loops else (None, None, (-1, -1))
+    # outside the loop, not counting the NOPs that pad the code's end
+    other = sum(not (first <= a <= last) and not i.startswith("NOP") for a, i in code)
+    return regs, stack + local, loop, divisions, other
 
 
 def kernel_facts(kernel) -> KernelFacts:
@@ -94,14 +101,15 @@ def kernel_facts(kernel) -> KernelFacts:
     mma = re.search(r"wgmma\.mma_async\.sync\.aligned\.(\w+\.\w+\.\w+\.\w+)", ptx) or \
         re.search(r"\bmma\.sync\.aligned\.(\w+(?:\.\w+)*)", ptx)
     pendings = [int(p) for p in re.findall(r"pendings = (\d+)", ttgir)]
-    regs, spills, loop, divisions = _machine_code_facts(kernel.asm["cubin"])
+    regs, spills, loop, divisions, other = _machine_code_facts(kernel.asm["cubin"])
     return KernelFacts(kernel=kernel.name, registers=regs, spill_bytes=spills,
                        shared_bytes=int(kernel.metadata.shared),
                        num_warps=int(kernel.metadata.num_warps),
                        num_stages=int(kernel.metadata.num_stages),
                        maxnreg=getattr(kernel.metadata, "maxnreg", None),
                        mma=mma.group(1) if mma else None, mma_async=any(p > 0 for p in pendings),
-                       loop_instructions=loop, loop_divisions=divisions)
+                       loop_instructions=loop, loop_divisions=divisions,
+                       other_instructions=other)
 
 
 def _compile_instead_of_launch(record: Callable, for_gpu_present: bool = False) -> None:
