@@ -51,6 +51,10 @@ stage fmnist-b64 60 python3 -m nas measure --space fmnist_resnet8 --batch 64 --v
 stage fmnist-b1 50 python3 -m nas measure --space fmnist_resnet8 --batch 1 --validate 30
 stage mobilenetv2-b64 120 python3 -m nas measure --space imagenet_mobilenetv2 --batch 64 --validate 10
 stage mobilenetv2-b1 90 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 --validate 10
+# An experiment, last (or alone: STAGES=mobilenetv2-b1-marginal): the same table timed without
+# the graph launch's share per call, written beside the logs, not into cost_models/.
+stage mobilenetv2-b1-marginal 90 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 \
+    --validate 10 --timing marginal --output "$LOGS/h200-imagenet_mobilenetv2-b1-marginal.json"
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu --format=csv >>"$LOGS/env.log" 2>&1
 bundle
 echo "== done after ${SECONDS}s"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable, table_key
-from nas.cost.measure import (WallTimer, calls_per_graph, kendall_tau, layer_cases, measure,
-                              provenance, table_document, validate)
+from nas.cost.measure import (CudaGraphTimer, WallTimer, calls_per_graph, kendall_tau,
+                              layer_cases, measure, provenance, table_document, validate)
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision
 from nas.spaces import SearchSpace
@@ -111,3 +111,36 @@ def test_calls_per_graph_reach_the_minimum_replay_time():
     assert calls_per_graph(3.0, 100.0, 20) == 20    # capped
     assert calls_per_graph(250.0, 100.0, 20) == 1   # long enough alone
     assert calls_per_graph(0.0, 100.0, 20) == 20    # a zero reading cannot divide by zero
+
+
+class ScriptedGraphs(CudaGraphTimer):
+    """Replays of a graph of `calls` calls take `launch` + 3 us per call (no GPU)."""
+
+    def __init__(self, launch: float, **kwargs):
+        super().__init__(**kwargs)
+        self.launch, self.graphs = launch, []
+
+    def _replay_us(self, fn, calls, reps):
+        self.graphs.append(calls)
+        return self.launch + 3.0 * calls
+
+
+def test_marginal_timing_leaves_the_graph_launch_out():
+    # A 3 us call: 12 calls per graph reach 100 us (the one-call probe reads 3 + 6 us).
+    plain = ScriptedGraphs(6.0)
+    assert plain._per_call_us(None) == pytest.approx(3.5) and plain.graphs == [1, 12]
+    marginal = ScriptedGraphs(6.0, marginal=True)
+    assert marginal._per_call_us(None) == pytest.approx(3.0) and marginal.graphs == [1, 12, 24]
+    assert "(median replay of 2N calls - median replay of N calls) / N" in marginal.method
+    assert "divided by the calls per graph" in plain.method
+    # Noise that leaves the longer graph no slower: the plain per-call time stands.
+    noisy = ScriptedGraphs(6.0, marginal=True)
+    noisy._replay_us = lambda fn, calls, reps: 9.0 if calls == 1 else 42.0
+    assert noisy._per_call_us(None) == pytest.approx(3.5)
+
+
+def test_timing_is_replay_or_marginal(tmp_path):
+    done = run_nas("measure", "--timing", "median", "--runs-dir", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--timing: invalid choice: 'median' (choose from" in done.stderr
+

@@ -24,6 +24,10 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--output", help="table path (default cost_models/<spec>-<space>-b<batch>.json)")
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="also time N random plans end to end against the table")
+    p.add_argument("--timing", choices=("replay", "marginal"), default="replay",
+                   help="time per call: a graph replay divided by its calls (default), or "
+                        "the difference between graphs of 2N and N calls per call, which "
+                        "leaves the graph's own launch out (both for the table and --validate)")
     add_compile_jobs_option(p)
     p.set_defaults(run=run)
 
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     # The baseline is cuDNN at its best: let it pick the fastest algorithm per shape (its
     # search runs on each case's first call, outside the timed graph).
     torch.backends.cudnn.benchmark = True
-    timer = CudaGraphTimer(reps=args.reps)
+    timer = CudaGraphTimer(reps=args.reps, marginal=args.timing == "marginal")
     output = Path(args.output or COST_MODELS_DIR / f"{spec.name}-{space.name}-b{args.batch}.json")
 
     cases = layer_cases(space, args.batch, device, seed=args.seed)

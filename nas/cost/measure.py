@@ -51,18 +51,23 @@ class CudaGraphTimer:
 
     A graph holding one short kernel pays the graph launch (several microseconds) on every
     replay, which a network captured whole does not; so each graph holds enough calls for at
-    least `min_replay_us` (at most `max_calls`), and the median replay is divided by them."""
+    least `min_replay_us` (at most `max_calls`), and the median replay is divided by them.
+    What launch time remains is spread over those calls; `marginal` times a graph of twice
+    as many calls as well and takes the difference per call, which leaves it out (where
+    noise makes the difference no larger than zero, the plain per-call time stands)."""
 
     def __init__(self, reps: int = 100, warmup: int = 10, min_replay_us: float = 100.0,
-                 max_calls: int = 20):
+                 max_calls: int = 20, marginal: bool = False):
         if reps < 1:
             raise ConfigError(f"--reps {reps}: must be at least 1")
         self.reps, self.warmup = reps, warmup
-        self.min_replay_us, self.max_calls = min_replay_us, max_calls
+        self.min_replay_us, self.max_calls, self.marginal = min_replay_us, max_calls, marginal
+        per_call = ("(median replay of 2N calls - median replay of N calls) / N, N the calls "
+                    "per graph" if marginal else "divided by the calls per graph")
         self.method = (f"one call outside the graph (autotuning, cuDNN algorithm search); a "
                        f"CUDA graph of back-to-back calls (enough for {min_replay_us:g} us per "
                        f"replay, at most {max_calls}); {warmup} warm-up replays; median of {reps} "
-                       f"replays timed with CUDA events, divided by the calls per graph")
+                       f"replays timed with CUDA events, {per_call}")
 
     def __call__(self, fn: Fn) -> float:
         fn()  # autotunes and compiles outside the capture
@@ -71,8 +76,17 @@ class CudaGraphTimer:
         with torch.cuda.stream(stream):
             fn()
         torch.cuda.current_stream().wait_stream(stream)
+        return self._per_call_us(fn)
+
+    def _per_call_us(self, fn: Fn) -> float:
+        """Microseconds per call from graph replays (`_replay_us`), as `method` says."""
         calls = calls_per_graph(self._replay_us(fn, 1, reps=5), self.min_replay_us, self.max_calls)
-        return self._replay_us(fn, calls, self.reps) / calls
+        once = self._replay_us(fn, calls, self.reps)
+        if self.marginal:
+            twice = self._replay_us(fn, 2 * calls, self.reps)
+            if twice > once:
+                return (twice - once) / calls
+        return once / calls
 
     def _replay_us(self, fn: Fn, calls: int, reps: int) -> float:
         graph = torch.cuda.CUDAGraph()
