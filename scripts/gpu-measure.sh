@@ -41,7 +41,7 @@ cat "$LOGS/env.log"
 # Every failure listed (no -x): a short device session learns all that is wrong at once.
 # The tests only check results, so they run in parallel (pytest-xdist, where installed).
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_JOBS:-8}")
-TAIL=30 stage kernels 150 python3 -m pytest -q -rf -p no:cacheprovider $XDIST tests/test_kernels_cuda.py
+TAIL=30 stage kernels 210 python3 -m pytest -q -rf -p no:cacheprovider $XDIST tests/test_kernels_cuda.py
 # The kernels' speed goals in one quick run (its run folder travels in the bundle). It and
 # each `nas measure` first compile their candidate kernels in parallel (--compile-jobs).
 TAIL=14 stage bench 120 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
