@@ -43,12 +43,18 @@ def goal_layers(space, batch: int) -> tuple[list, list]:
     return three, largest
 
 
+def _timed_layers(space, large: int, small: int) -> tuple[list, list, list, list]:
+    """(3x3 and largest layers at the large batch, both timed there at W8A8, one per
+    geometry; the 3x3 at the small batch, timed at W8A8 and W4A8)."""
+    three, largest = goal_layers(space, large)
+    return three, largest, _unique(three + largest, large), goal_layers(space, small)[0]
+
+
 def warm_targets(space, large: int, small: int) -> list[tuple[int, list[str], list[str]]]:
     """What `run_bench` times, as (batch, precisions, layer names) for compiling ahead: one
     layer per geometry (the kernels depend on nothing else)."""
-    three, largest = goal_layers(space, large)
-    three_small, _ = goal_layers(space, small)
-    return [(large, ["W8A8"], [i.name for i in _unique(three + largest, large)]),
+    _, _, big, three_small = _timed_layers(space, large, small)
+    return [(large, ["W8A8"], [i.name for i in big]),
             (small, ["W8A8", "W4A8"], [i.name for i in three_small])]
 
 
@@ -66,14 +72,12 @@ def run_bench(space, device, timer, spec, large: int, small: int, seed: int = 0,
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    three, largest = goal_layers(space, large)
-    three_small, _ = goal_layers(space, small)
+    three, largest, big, three_small = _timed_layers(space, large, small)
     if not three:
         from nas.errors import ConfigError
 
         raise ConfigError(f"space {space.name} has no dense 3x3 convolution to benchmark; "
                           f"choose a convolutional space such as imagenet_resnet18")
-    big = _unique(three + largest, large)
     say(f"{space.name}: {len(big)} layer geometries at batch {large} (W8A8), "
         f"{len(three_small)} at batch {small} (W8A8, W4A8)")
     entries_large = measure([make_case(i, large, 8, 8, device, gen) for i in big], large, timer,

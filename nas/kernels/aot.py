@@ -168,18 +168,11 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int) -> list:
     from nas.kernels import conv
 
     c, o, g = info.in_channels, info.out_channels, info.groups
-    kh, kw = info.kernel
-    oh, ow = info.out_hw
-    m = batch * oh * ow
     if g > 1 and g == c == o:
         return [None]
-    ci = c // g
-    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
-    proposal = conv.propose_split_k(m, o // g, g, ci, kh * kw, conv.INTERPRETER_SMS)
-    image = conv.padded_image(batch, *info.in_hw, c, kw, *info.padding, info.stride[1], g,
-                              x_packed)
-    return conv.launch_candidates(proposal, x_packed or w_packed, ci < conv.FLAT_K_BELOW
-                                  and conv.im2col_fits(m, g, ci * kh * kw), image is not None)
+    return conv.timed_launches(batch, *info.in_hw, c, o, *info.kernel, info.stride,
+                               info.padding, g, *packed_operands(info, w_bits, a_bits),
+                               conv.INTERPRETER_SMS)
 
 
 def _candidate_runs(request: dict):

@@ -404,8 +404,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
     if interpreted or config is not None:
         return gemm_launch(Launch(proposal))
-    variants = launch_candidates(proposal, x_packed or w_packed,
-                                 ci < FLAT_K_BELOW and im2col_ok, image is not None)
+    variants = timed_launches(n, h, wd, c, o, kh, kw, (sh, sw), (ph, pw), groups, x_packed,
+                              w_packed, sms)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
            tuple(sorted(common.items())))
     return _fastest(gemm_launch, key, variants)
@@ -438,6 +438,22 @@ def launch_candidates(proposal: int, packed: bool, few_channels: bool,
     return ([Launch(s) for s in splits] + [Launch(s, unpack_first=True) for s in splits if packed]
             + [Launch(s, im2col=True) for s in splits if few_channels]
             + [Launch(s, pad_image=True) for s in splits if pad_image])
+
+
+def timed_launches(n: int, h: int, wd: int, c: int, o: int, kh: int, kw: int, stride,
+                   padding, groups: int, x_packed: bool, w_packed: bool,
+                   sms: int) -> list[Launch]:
+    """The launch variants a GPU times for a GEMM layer of this geometry (`launch_candidates`,
+    the split as `propose_split_k` proposes it for `sms` SMs); compiling ahead
+    (`nas.kernels.aot`) enumerates the same."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    m = n * ((h + 2 * ph - kh) // sh + 1) * ((wd + 2 * pw - kw) // sw + 1)
+    ci = c // groups
+    proposal = propose_split_k(m, o // groups, groups, ci, kh * kw, sms)
+    image = padded_image(n, h, wd, c, kw, ph, pw, sw, groups, x_packed)
+    return launch_candidates(proposal, x_packed or w_packed,
+                             ci < FLAT_K_BELOW and im2col_fits(m, groups, ci * kh * kw),
+                             image is not None)
 
 
 def _fastest(gemm_launch, key: tuple, variants: list[Launch]):
