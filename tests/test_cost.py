@@ -168,7 +168,8 @@ def test_bad_targets(text):
 
 
 def test_nas_cost_cli_is_light_and_labelled():
-    # Batch 8 has no measured table under cost_models/: every latency is the roofline estimate.
+    # Batch 8 has no measured table under cost_models/: every latency is estimated (the
+    # roofline calibrated on the H200 tables).
     result = run_nas("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "8")
     assert result.returncode == 0, result.stderr
     assert "layer4.1.conv2" in result.stdout and "estimated" in result.stdout

@@ -136,3 +136,20 @@ def test_bench_dnas_small(trained, tmp_path):
     assert held["split"] == "test" and 0 <= held["dnas_accuracy"] <= 100
     for title in ("Supernet overhead", "Size targets", "DNAS vs random plans"):
         assert title in result.stdout
+
+
+@pytest.mark.slow
+def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path):
+    space_path, checkpoint = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                     "1ep", "--target", "latency=1ms", "--checkpoint", str(checkpoint), "--samples",
+                     "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    # The synthetic space's layers are in no table under cost_models/: every latency is the
+    # roofline calibrated on the H200 tables, and the plan records that.
+    plan = Plan.load(_folder(runs) / "plan.yaml")
+    assert plan.costs["estimated"] is True
+    assert plan.costs["estimate"].startswith("roofline from the device spec, calibrated on ")
+    assert f"latency estimated where no table has the layer: {plan.costs['estimate']}" in result.stdout
+    assert result.stdout.splitlines()[-3].endswith("[latency estimated]")

@@ -62,6 +62,18 @@ def add_parser(sub, parents) -> None:
     add_compile_jobs_option(kernels)
     kernels.set_defaults(run=run_kernels)
 
+    estimate = benches.add_parser(
+        "estimate", parents=parents, help="latency estimates against the measured tables",
+        description="For each space with measured latency tables, the latency estimates (the "
+                    "bare roofline, and the roofline calibrated on the other spaces' tables) "
+                    "against its tables: per entry, per layer's choices and over random plans. "
+                    "No GPU needed.")
+    estimate.add_argument("--device-spec", default="h200",
+                          help="device whose tables are compared (default h200)")
+    estimate.add_argument("--plans", type=int, default=200,
+                          help="random plans per table (default 200)")
+    estimate.set_defaults(run=run_estimate)
+
     compiled = benches.add_parser(
         "compile", parents=parents, help="the kernels compiled for the H200 without a GPU",
         description="Compiles every kernel a GPU would try for the space's layers (each "
@@ -283,4 +295,31 @@ def run_compile(args: argparse.Namespace) -> int:
                    "summary": summarize(kernels), "kernels": kernels,
                    "seconds": round(time.monotonic() - started, 1)}
         final = _finish(run_dir, "compile", results)
+    return _report(tables(results), final)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    import time
+
+    from nas.bench.estimate import run_bench, table_spaces, tables
+    from nas.cost.latency import DeviceSpec
+    from nas.errors import ConfigError
+    from nas.runs import RunDir
+
+    if args.plans < 2:
+        raise ConfigError(f"--plans {args.plans}: give 2 or more (Kendall's tau ranks pairs)")
+    spec = DeviceSpec.load(args.device_spec)
+    started = time.monotonic()
+    found = table_spaces(spec)
+    if not found:
+        raise ConfigError(f"no latency table under cost_models/ for device {spec.name} holds a "
+                          f"built-in search space; measure one on a GPU with `nas measure "
+                          f"--space S --batch B`")
+    with RunDir(args.runs_dir, spec.name, "bench-estimate") as run_dir:
+        run_dir.write_config({"command": "bench estimate", "device_spec": spec.name,
+                              "plans": args.plans, "seed": args.seed})
+        results = run_bench(spec, found, args.plans, args.seed,
+                            say=lambda line: (print(line, flush=True), run_dir.log(line)))
+        results.update({"date": now_iso(), "seconds": round(time.monotonic() - started, 1)})
+        final = _finish(run_dir, "estimate", results)
     return _report(tables(results), final)

@@ -10,14 +10,19 @@ from nas.table import format_table
 def add_parser(sub, parents) -> None:
     p = sub.add_parser("cost", parents=parents, help="size, BitOps and latency of a plan",
                        description="Per-layer and total cost of a plan. Latency is measured "
-                                   "where a table under cost_models/ has the layer, and a "
-                                   "roofline estimate (labelled) elsewhere.")
+                                   "where a table under cost_models/ has the layer, and "
+                                   "estimated (labelled) elsewhere: the roofline, calibrated "
+                                   "on the device's measured tables.")
     p.add_argument("--space", help="search space (default: the embedded default)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--plan", help="plan.yaml / plan.json")
     group.add_argument("--uniform", help="one precision for every searchable layer, e.g. W4A8")
     p.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
     p.add_argument("--device-spec", default="h200", help="device spec for latency (default h200)")
+    p.add_argument("--estimate", choices=("calibrated", "roofline"), default="calibrated",
+                   help="latency where no table has the layer: the roofline calibrated on the "
+                        "device's measured tables (default), or the bare roofline (what the "
+                        "hardware allows)")
     p.set_defaults(run=run)
 
 
@@ -32,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     args.w_granularity = None
     plan = resolve_plan(args, space)
-    models = {name: make_cost_model(name, device_spec=args.device_spec, batch=args.batch)
+    models = {name: make_cost_model(name, device_spec=args.device_spec, batch=args.batch,
+                                    calibrate=args.estimate == "calibrated")
               for name in ("size", "bitops", "latency")}
     latency = models["latency"]
     infos = {x.name: x.info for x in space.layers()}
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
               else f"no measured table for batch {args.batch}")
     print(f"size {format_cost('size', totals['size'])}, {format_cost('bitops', totals['bitops'])}, "
           f"latency {format_cost('latency', totals['latency'])}"
-          + (" (estimated: roofline from the device spec" if estimated else " (measured")
+          + (f" (estimated: {latency.estimate_method}" if estimated else " (measured")
           + f"; {source})")
     note = latency.table_.stale_note(used, f"nas measure --space {space.name} --batch "
                                            f"{args.batch}")

@@ -137,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
                                             f"{space.name} --batch {cost_model.batch}")
         if note:
             print(note, flush=True)
+        if table.any_estimated:
+            print(f"latency estimated where no table has the layer: {cost_model.estimate_method}",
+                  flush=True)
 
     with RunDir(args.runs_dir, space.name, "search") as run_dir:
         run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         plan.costs = {cost_name: best.cost, "unit": table.unit,
                       "target": target.value if target else None,
                       "estimated": table.any_estimated,
+                      **({"estimate": cost_model.estimate_method}
+                         if cost_name == "latency" and table.any_estimated else {}),
                       "one_shot_arch_accuracy": best.accuracy, "one_shot_test_accuracy": test_acc}
         if cost_name != "size":
             plan.costs["size"] = make_cost_model("size").plan_cost(plan, space)

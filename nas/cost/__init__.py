@@ -8,8 +8,11 @@ from nas.cost.targets import Target, format_cost, parse_target
 COSTS = ("size", "bitops", "latency")
 
 
-def make_cost_model(name: str, *, device_spec: str = "h200", batch: int = 1) -> CostModel:
-    """The cost model for `name`; latency loads the device spec and any measured tables."""
+def make_cost_model(name: str, *, device_spec: str = "h200", batch: int = 1,
+                    calibrate: bool = True) -> CostModel:
+    """The cost model for `name`; latency loads the device spec and any measured tables
+    (and estimates what they lack by the roofline, calibrated on them unless `calibrate` is
+    False)."""
     from nas.errors import ConfigError
 
     if name == "size":
@@ -24,7 +27,7 @@ def make_cost_model(name: str, *, device_spec: str = "h200", batch: int = 1) -> 
         from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable
 
         spec = DeviceSpec.load(device_spec)
-        return LatencyCost(spec, batch, LatencyTable.load_dir(spec.name))
+        return LatencyCost(spec, batch, LatencyTable.load_dir(spec.name), calibrate)
     raise ConfigError(f"cost {name!r} is unknown; choose one of {', '.join(COSTS)}")
 
 

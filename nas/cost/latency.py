@@ -1,11 +1,12 @@
-"""Latency: a per-layer table measured on a device, or a labelled roofline estimate.
+"""Latency: a per-layer table measured on a device, or a labelled estimate.
 
 Measured tables are JSON files under `cost_models/` (written by `nas measure`), keyed by
 layer geometry, batch, w_bits and a_bits, each with its provenance. Where a table has no
-entry, a roofline estimate from the device spec (`cost_models/devices/<name>.yaml`) stands
-in, and every output marks it "estimated".
+entry, an estimate stands in, and every output marks it "estimated": the roofline from the
+device spec (`cost_models/devices/<name>.yaml`), times a factor fitted to the device's
+measured tables where it has any (`nas.cost.calibration`).
 
-The estimate: time = max(compute, memory) + launch overhead, where
+The roofline: time = max(compute, memory) + launch overhead, where
 - compute runs the implicit GEMM (M = batch * Ho * Wo, N = Cout / groups, K = Cin / groups *
   kh * kw) in tiles of tile_m x tile_n spread over the SMs in waves, so a layer too small to
   fill the last wave pays for it (wave quantisation). Quantized layers (both bits <= 8) run
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import yaml
 from nas.cost.base import CostModel
 from nas.errors import ConfigError
 from nas.kernels.configs import propose_split_k
-from nas.spaces import FLOAT_BITS
+from nas.spaces import FLOAT_BITS, LayerInfo
 
 COST_MODELS_DIR = Path(__file__).resolve().parents[2] / "cost_models"
 # The code a measured latency describes: tables record its fingerprint, so that a table
@@ -92,6 +94,49 @@ def table_key(info, batch: int, w_bits: int, a_bits: int) -> str:
             f":g{info.groups}:{info.in_hw[0]}x{info.in_hw[1]}:b{batch}:w{w_bits}a{a_bits}")
 
 
+def distinct_choices(space, batch: int) -> list[tuple[str, LayerInfo, Any]]:
+    """(key, layer geometry, choice) of every (layer, choice) of the space, once per key:
+    layers of one geometry share their entries."""
+    out, seen = [], set()
+    for layer in space.layers():
+        for choice in layer.choices:
+            key = table_key(layer.info, batch, choice.w_bits, choice.a_bits)
+            if key not in seen:
+                seen.add(key)
+                out.append((key, layer.info, choice))
+    return out
+
+
+_KEY = re.compile(r"(Conv2d|Linear):(\d+)x(\d+):k(\d+)x(\d+):s(\d+)x(\d+):p(\d+)x(\d+):g(\d+)"
+                  r":(\d+)x(\d+):b(\d+):w(\d+)a(\d+)")
+
+
+def layer_from_key(key: str) -> tuple[LayerInfo, int, int, int] | None:
+    """(geometry, batch, w_bits, a_bits) of a `table_key` string (None if it is not one):
+    a table's entries describe their layers completely (undilated convolutions)."""
+    m = _KEY.fullmatch(key)
+    if m is None:
+        return None
+    kind, (ci, co, kh, kw, sh, sw, ph, pw, g, h, w, batch, w_bits, a_bits) = (
+        m.group(1), map(int, m.groups()[1:]))
+    if min(ci, co, kh, kw, sh, sw, g, h, w, batch) <= 0 or ci % g or co % g:
+        return None
+    out_hw = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    if min(out_hw) <= 0:
+        return None
+    params = co * (ci // g) * kh * kw
+    info = LayerInfo(key, kind, ci, co, (kh, kw), (sh, sw), (ph, pw), g, (h, w), out_hw, params,
+                     params * out_hw[0] * out_hw[1])
+    return info, batch, w_bits, a_bits
+
+
+def packed_operands(info, w_bits: int, a_bits: int) -> tuple[bool, bool]:
+    """Whether a layer's activations and weights go to the kernel packed two per byte: at 4
+    bits or fewer, where the packed axis (channels per group) is even."""
+    ci = info.in_channels // info.groups
+    return (a_bits <= 4 and ci % 2 == 0 and info.groups == 1), (w_bits <= 4 and ci % 2 == 0)
+
+
 @dataclass
 class LatencyTable:
     """Measured microseconds by key, from one or more JSON files of one device."""
@@ -101,19 +146,29 @@ class LatencyTable:
     sources: list[str]
     origin: dict[str, str] = field(default_factory=dict)  # key -> the file it came from
     kernels: dict[str, str | None] = field(default_factory=dict)  # file -> kernel fingerprint
+    # key -> the same layer in fp16 cuDNN (the tables' baseline column), where recorded
+    baselines: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load_dir(cls, device: str, folder: Path = COST_MODELS_DIR) -> "LatencyTable":
-        entries, sources, origin, kernels = {}, [], {}, {}
-        for path in sorted(folder.glob("*.json")):
+        return cls.load_files(device, sorted(folder.glob("*.json")))
+
+    @classmethod
+    def load_files(cls, device: str, paths) -> "LatencyTable":
+        """The entries of those of the files measured for `device` (a later file's entry
+        wins over an earlier one's)."""
+        entries, sources, origin, kernels, baselines = {}, [], {}, {}, {}
+        for path in paths:
             raw = cls._read(path)
             if raw["provenance"].get("device_spec") != device:
                 continue
             entries.update({e["key"]: float(e["us"]) for e in raw["entries"]})
             origin.update({e["key"]: path.name for e in raw["entries"]})
+            baselines.update({e["key"]: float(e["fp16_cudnn_us"]) for e in raw["entries"]
+                              if "fp16_cudnn_us" in e})
             sources.append(path.name)
             kernels[path.name] = raw["provenance"].get("kernel_source")
-        return cls(device, entries, sources, origin, kernels)
+        return cls(device, entries, sources, origin, kernels, baselines)
 
     def stale(self, names) -> list[str]:
         """Those of the named files measured with other kernel code than this checkout's
@@ -191,22 +246,44 @@ def roofline_us(info, w_bits: int, a_bits: int, batch: int, spec: DeviceSpec) ->
 
 
 class LatencyCost(CostModel):
-    """Measured latency where the table has the entry, the roofline estimate elsewhere."""
+    """Measured latency where the table has the entry, an estimate elsewhere: the roofline,
+    calibrated on the device's measured tables where it has any (`nas.cost.calibration`;
+    `calibrate=False`: the bare roofline)."""
 
     name, unit = "latency", "us"
 
-    def __init__(self, spec: DeviceSpec, batch: int = 1, table: LatencyTable | None = None):
+    def __init__(self, spec: DeviceSpec, batch: int = 1, table: LatencyTable | None = None,
+                 calibrate: bool = True):
+        from nas.cost.calibration import Calibration
+
         self.spec, self.batch = spec, batch
         self.table_ = table if table is not None else LatencyTable(spec.name, {}, [])
+        self.calibration = Calibration.fit(self.table_, spec) if calibrate else None
+
+    def estimate(self, info, prec) -> float:
+        """The estimate of one choice, whether or not a table has it."""
+        if self.calibration is not None:
+            us = self.calibration.estimate_us(info, prec.w_bits, prec.a_bits, self.batch,
+                                              self.spec)
+            if us is not None:
+                return us
+        return roofline_us(info, prec.w_bits, prec.a_bits, self.batch, self.spec)
+
+    @property
+    def estimate_method(self) -> str:
+        """What the estimates are, in words, for labels."""
+        if self.calibration is None:
+            return "roofline from the device spec"
+        stale = self.table_.stale(self.calibration.sources)
+        return (f"roofline from the device spec, calibrated on {self.calibration.describe()}"
+                + (f" ({len(stale)} measured with other kernel code)" if stale else ""))
 
     def _measured(self, info, prec) -> float | None:
         return self.table_.entries.get(table_key(info, self.batch, prec.w_bits, prec.a_bits))
 
     def layer_cost(self, info, prec) -> float:
         measured = self._measured(info, prec)
-        if measured is not None:
-            return measured
-        return roofline_us(info, prec.w_bits, prec.a_bits, self.batch, self.spec)
+        return measured if measured is not None else self.estimate(info, prec)
 
     def is_estimated(self, info, prec) -> bool:
         return self._measured(info, prec) is None

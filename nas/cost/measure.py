@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.nn import functional as F
 
-from nas.cost.latency import TABLE_FORMAT, DeviceSpec, kernel_fingerprint, roofline_us, table_key
+from nas.cost.latency import (TABLE_FORMAT, DeviceSpec, distinct_choices, kernel_fingerprint,
+                              packed_operands, roofline_us, table_key)
 from nas.errors import ConfigError
 from nas.spaces import FLOAT_BITS
 
@@ -146,13 +147,6 @@ class Case:
     baseline: Fn     # the same layer in torch fp16 channels_last
 
 
-def packed_operands(info, w_bits: int, a_bits: int) -> tuple[bool, bool]:
-    """Whether a layer's activations and weights go to the kernel packed two per byte: at 4
-    bits or fewer, where the packed axis (channels per group) is even."""
-    ci = info.in_channels // info.groups
-    return (a_bits <= 4 and ci % 2 == 0 and info.groups == 1), (w_bits <= 4 and ci % 2 == 0)
-
-
 def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
               gen: torch.Generator, config=None, launch=None) -> Case:
     """Inputs for one (layer, choice): NHWC int8 activations and OHWI int8 weights, packed two
@@ -198,14 +192,8 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
 def layer_cases(space, batch: int, device: torch.device, seed: int = 0) -> list[Case]:
     """Every (layer, choice) of the space, each geometry and precision once."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    cases, seen = [], set()
-    for layer in space.layers():
-        for choice in layer.choices:
-            key = table_key(layer.info, batch, choice.w_bits, choice.a_bits)
-            if key not in seen:
-                seen.add(key)
-                cases.append(make_case(layer.info, batch, choice.w_bits, choice.a_bits, device, gen))
-    return cases
+    return [make_case(info, batch, c.w_bits, c.a_bits, device, gen)
+            for _, info, c in distinct_choices(space, batch)]
 
 
 def ops(info, batch: int) -> float:

@@ -164,7 +164,7 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int) -> list:
     """The launch variants a GPU would time for this (layer, precision) (None for the
     depthwise kernel, which has none); each launch's autotuner then compiles its own tiles,
     those it keeps for the layer and variant."""
-    from nas.cost.measure import packed_operands
+    from nas.cost.latency import packed_operands
     from nas.kernels import conv
 
     c, o, g = info.in_channels, info.out_channels, info.groups

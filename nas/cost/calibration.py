@@ -1,0 +1,136 @@
+"""The roofline estimate calibrated on a device's measured latency tables.
+
+The roofline (`latency.roofline_us`) is what the hardware allows. How far our kernels are
+from it depends on the layer and above all on the precision: packed 4-bit operands save bytes,
+which the roofline counts, but the kernels unpack them in their main loop, so in the H200
+tables they take more time than 8-bit ones, not less. Ranked by the bare roofline, a layer's
+choices come out about backwards (`nas bench estimate` measures this).
+
+Where a device has measured tables, an entry they lack is estimated as a roofline time times a
+factor fitted to the tables by least squares on logarithms (with a little ridge, so that a
+feature the tables never vary stays at 0):
+- integer choices: log(measured / roofline at W8A8) against 1, log(roofline at W8A8),
+  depthwise, activations packed, weights packed, and each packed flag times log(K) (K the
+  reduction length: how much unpacking each output needs). The bits enter only through the
+  packing, which is what the kernels see (`packed_operands`): depthwise layers and odd channel
+  counts run unpacked whatever the bits.
+- float choices: log(fp16 cuDNN / fp16 roofline), from the tables' baseline column, against
+  1, log(fp16 roofline) and depthwise. 32-bit layers take the same factor on their TF32
+  roofline (no table times them).
+Features are clipped to the range the tables span, and a predicted log-factor to the range
+they show, so that a layer unlike any measured one (a larger batch, say) takes the factor of
+the nearest measured ones rather than an extrapolation. A fit needs MIN_ENTRIES entries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nas.cost.latency import (DeviceSpec, LatencyTable, layer_from_key, packed_operands,
+                              roofline_us)
+from nas.spaces import FLOAT_BITS
+
+MIN_ENTRIES = 20
+RIDGE = 1e-2
+
+
+def _depthwise(info) -> bool:
+    return info.groups > 1 and info.groups == info.in_channels
+
+
+def integer_features(info, w_bits: int, a_bits: int, base_us: float) -> list[float]:
+    """The integer fit's features of one choice; base_us: the layer's W8A8 roofline time."""
+    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
+    log_k = math.log(info.in_channels // info.groups * info.kernel[0] * info.kernel[1])
+    return [1.0, math.log(base_us), float(_depthwise(info)), float(x_packed), float(w_packed),
+            x_packed * log_k, w_packed * log_k]
+
+
+def float_features(info, base_us: float) -> list[float]:
+    """The float fit's features; base_us: the layer's roofline time at its float width."""
+    return [1.0, math.log(base_us), float(_depthwise(info))]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """log(time / roofline) = coef . features, the features clipped to [lows, highs] and the
+    result to [low, high]."""
+
+    coef: tuple[float, ...]
+    lows: tuple[float, ...]
+    highs: tuple[float, ...]
+    low: float
+    high: float
+    entries: int
+
+    @classmethod
+    def least_squares(cls, features: list[list[float]], targets: list[float]) -> "Fit | None":
+        if len(targets) < MIN_ENTRIES:
+            return None
+        import numpy as np
+
+        x, y = np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+        coef = np.linalg.solve(x.T @ x + RIDGE * np.eye(x.shape[1]), x.T @ y)
+        return cls(tuple(map(float, coef)), tuple(map(float, x.min(axis=0))),
+                   tuple(map(float, x.max(axis=0))), float(y.min()), float(y.max()), len(targets))
+
+    def factor(self, features: list[float]) -> float:
+        log_factor = sum(c * min(max(f, lo), hi)
+                         for c, f, lo, hi in zip(self.coef, features, self.lows, self.highs))
+        return math.exp(min(max(log_factor, self.low), self.high))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The integer and float fits of one device's tables (either may be missing)."""
+
+    integer: Fit | None
+    floating: Fit | None
+    sources: tuple[str, ...]
+
+    @classmethod
+    def fit(cls, table: LatencyTable, spec: DeviceSpec) -> "Calibration | None":
+        """Fitted to every entry of `table` whose key names its layer; None when neither fit
+        has MIN_ENTRIES entries."""
+        int_x, int_y, float_x, float_y, seen = [], [], [], [], set()
+        for key, us in table.entries.items():
+            parsed = layer_from_key(key)
+            if parsed is None:
+                continue
+            info, batch, w_bits, a_bits = parsed
+            if w_bits in FLOAT_BITS or a_bits in FLOAT_BITS:
+                continue  # timed as torch convolutions: the baseline column covers floats
+            base = roofline_us(info, 8, 8, batch, spec)
+            int_x.append(integer_features(info, w_bits, a_bits, base))
+            int_y.append(math.log(us / base))
+            geometry = key.rsplit(":", 1)[0]  # one baseline per geometry and batch
+            if key in table.baselines and geometry not in seen:
+                seen.add(geometry)
+                base16 = roofline_us(info, 16, 16, batch, spec)
+                float_x.append(float_features(info, base16))
+                float_y.append(math.log(table.baselines[key] / base16))
+        integer = Fit.least_squares(int_x, int_y)
+        floating = Fit.least_squares(float_x, float_y)
+        if integer is None and floating is None:
+            return None
+        return cls(integer, floating, tuple(table.sources))
+
+    def estimate_us(self, info, w_bits: int, a_bits: int, batch: int,
+                    spec: DeviceSpec) -> float | None:
+        """The calibrated estimate of one choice (None where no fit covers it)."""
+        if w_bits in FLOAT_BITS or a_bits in FLOAT_BITS:
+            if self.floating is None:
+                return None
+            base = roofline_us(info, w_bits, a_bits, batch, spec)
+            return base * self.floating.factor(float_features(info, base))
+        if self.integer is None:
+            return None
+        base = roofline_us(info, 8, 8, batch, spec)
+        return base * self.integer.factor(integer_features(info, w_bits, a_bits, base))
+
+    def describe(self) -> str:
+        parts = [f"{fit.entries} {what} entries" for what, fit in
+                 (("integer", self.integer), ("fp16 cuDNN", self.floating)) if fit is not None]
+        n = len(self.sources)
+        return f"{' and '.join(parts)} of {n} measured table{'s' if n > 1 else ''}"

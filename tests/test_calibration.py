@@ -1,0 +1,231 @@
+"""The latency estimate calibrated on measured tables (`nas.cost.calibration`) and
+`nas bench estimate`."""
+
+import itertools
+import json
+import math
+
+import pytest
+
+from nas.bench.estimate import run_bench, table_spaces
+from nas.cost.calibration import MIN_ENTRIES, Calibration, float_features, integer_features
+from nas.cost.latency import (DeviceSpec, LatencyCost, LatencyTable, layer_from_key,
+                              roofline_us, table_key)
+from nas.plan import LayerPrecision
+from nas.spaces import LayerInfo, load_space
+from tests.conftest import run_nas
+
+SPEC = DeviceSpec(name="toy", sms=8, int8_tops=1e-3, fp16_tflops=5e-4, tf32_tflops=2.5e-4,
+                  cuda_core_tops=1e-4, hbm_tb_s=1e-3, launch_overhead_us=2.0, tile_m=16,
+                  tile_n=16)
+# The kernels' time over the W8A8 roofline, for the synthetic tables: a made-up law of the
+# form the calibration fits (coefficients in integer_features order).
+TRUE_INT = (0.4, 0.15, -0.3, 0.25, 0.1, 0.05, 0.02)
+TRUE_FLOAT = (0.2, 0.1, 0.5)
+PRECISIONS = ((8, 8), (4, 8), (8, 4), (4, 4), (2, 4), (6, 8))
+
+
+def conv(cin, cout, k, hw, groups=1, stride=1):
+    out = (hw + 2 * (k // 2) - k) // stride + 1
+    params = cout * (cin // groups) * k * k
+    return LayerInfo("c", "Conv2d", cin, cout, (k, k), (stride, stride), (k // 2, k // 2),
+                     groups, (hw, hw), (out, out), params, params * out * out)
+
+
+def law(info, w_bits, a_bits, batch, coef=TRUE_INT):
+    base = roofline_us(info, 8, 8, batch, SPEC)
+    feats = integer_features(info, w_bits, a_bits, base)
+    return base * math.exp(sum(c * f for c, f in zip(coef, feats)))
+
+
+def float_law(info, batch):
+    base = roofline_us(info, 16, 16, batch, SPEC)
+    return base * math.exp(sum(c * f for c, f in zip(TRUE_FLOAT, float_features(info, base))))
+
+
+def synthetic_table(layers, batches=(1, 4), precisions=PRECISIONS, baselines=True):
+    entries, bases = {}, {}
+    for info, batch, (w, a) in itertools.product(layers, batches, precisions):
+        key = table_key(info, batch, w, a)
+        entries[key] = law(info, w, a, batch)
+        if baselines:
+            bases[key] = float_law(info, batch)
+    return LatencyTable("toy", entries, ["synthetic.json"], {k: "synthetic.json" for k in entries},
+                        {"synthetic.json": None}, bases)
+
+
+LAYERS = [conv(cin, cout, k, hw) for cin, cout, k, hw in
+          itertools.product((3, 8, 32, 64), (16, 48), (1, 3), (8, 16))]
+LAYERS += [conv(c, c, 3, hw, groups=c) for c in (8, 32) for hw in (8, 16)]
+
+
+def test_keys_name_their_layers():
+    for name in ("fmnist_resnet8", "imagenet_mobilenetv2"):
+        for layer in load_space(name).layers():
+            info, batch, w, a = layer_from_key(table_key(layer.info, 16, 4, 8))
+            assert (batch, w, a) == (16, 4, 8)
+            for field in ("type", "in_channels", "out_channels", "kernel", "stride", "padding",
+                          "groups", "in_hw", "out_hw"):
+                assert getattr(info, field) == getattr(layer.info, field), (layer.name, field)
+    for key in ("nonsense", "Conv2d:3x64:k7x7:s2x2:p3x3:g1:224x224:b64:w8",
+                "Conv2d:0x64:k7x7:s2x2:p3x3:g1:224x224:b64:w8a8",   # no channels
+                "Conv2d:6x64:k3x3:s1x1:p0x0:g4:8x8:b1:w8a8",        # 4 groups do not divide 6
+                "Conv2d:8x8:k9x9:s1x1:p0x0:g1:4x4:b1:w8a8"):        # kernel larger than the image
+        assert layer_from_key(key) is None, key
+
+
+def test_the_fit_recovers_the_law_of_the_tables():
+    calibration = Calibration.fit(synthetic_table(LAYERS), SPEC)
+    assert calibration.integer.entries == len(LAYERS) * 2 * len(PRECISIONS)
+    assert calibration.floating.entries == len(LAYERS) * 2  # one baseline per geometry, batch
+    # Unmeasured geometries and a batch between the measured ones. The fit is exact least
+    # squares but for the ridge (1e-2 against hundreds of rows), which moves a factor by
+    # well under 1 %.
+    for info, batch, (w, a) in itertools.product(
+            [conv(16, 24, 3, 12), conv(48, 16, 1, 8), conv(16, 16, 3, 12, groups=16)], (2,),
+            PRECISIONS):
+        assert calibration.estimate_us(info, w, a, batch, SPEC) == pytest.approx(
+            law(info, w, a, batch), rel=0.01)
+        assert calibration.estimate_us(info, 16, 16, batch, SPEC) == pytest.approx(
+            float_law(info, batch), rel=0.01)
+
+
+def test_depthwise_and_odd_channels_run_unpacked_whatever_the_bits():
+    calibration = Calibration.fit(synthetic_table(LAYERS), SPEC)
+    for info in (conv(16, 16, 3, 12, groups=16), conv(5, 16, 3, 12)):
+        times = {calibration.estimate_us(info, w, a, 2, SPEC) for w, a in PRECISIONS}
+        assert len(times) == 1, info  # exactly one value: the packing features are all 0
+    packed = conv(16, 16, 3, 12)
+    assert (calibration.estimate_us(packed, 4, 4, 2, SPEC)
+            > calibration.estimate_us(packed, 8, 8, 2, SPEC))  # TRUE_INT: packing costs time
+
+
+def test_layers_beyond_the_tables_keep_the_factor_of_the_nearest():
+    calibration = Calibration.fit(synthetic_table(LAYERS), SPEC)
+    info = conv(32, 48, 3, 16)
+
+    def factor(batch):
+        return calibration.estimate_us(info, 4, 8, batch, SPEC) / roofline_us(info, 8, 8, batch, SPEC)
+
+    # Batches far past the largest measured (4) are clipped to the same features: the same
+    # factor exactly, while the roofline keeps growing.
+    assert factor(4096) == factor(65536)
+    assert roofline_us(info, 8, 8, 65536, SPEC) > roofline_us(info, 8, 8, 4096, SPEC)
+    low, high = math.exp(calibration.integer.low), math.exp(calibration.integer.high)
+    assert low <= factor(4096) <= high
+
+
+def test_too_few_entries_leave_the_bare_roofline():
+    few = synthetic_table(LAYERS[:3], batches=(1,), precisions=((8, 8),))
+    assert len(few.entries) < MIN_ENTRIES and Calibration.fit(few, SPEC) is None
+    model = LatencyCost(SPEC, 2, few)
+    info = conv(16, 24, 3, 12)
+    assert model.calibration is None
+    assert model.layer_cost(info, LayerPrecision(4, 4)) == roofline_us(info, 4, 4, 2, SPEC)
+    assert model.estimate_method == "roofline from the device spec"
+    # Integer entries without the baseline column: integers calibrated, floats on the roofline.
+    no_floats = Calibration.fit(synthetic_table(LAYERS, baselines=False), SPEC)
+    assert no_floats.floating is None and no_floats.integer is not None
+    assert no_floats.estimate_us(info, 16, 16, 2, SPEC) is None
+    model = LatencyCost(SPEC, 2, synthetic_table(LAYERS, baselines=False))
+    assert model.layer_cost(info, LayerPrecision(16, 16)) == roofline_us(info, 16, 16, 2, SPEC)
+
+
+def test_measured_entries_stand_and_estimates_say_how_they_were_made():
+    table = synthetic_table(LAYERS)
+    key = next(iter(table.entries))
+    table.entries[key] = 123.0  # a measurement off the law is still what the cost model says
+    info, batch, w, a = layer_from_key(key)
+    model = LatencyCost(SPEC, batch, table)
+    assert model.layer_cost(info, LayerPrecision(w, a)) == 123.0
+    assert not model.is_estimated(info, LayerPrecision(w, a))
+    other = conv(16, 24, 3, 12)
+    assert model.is_estimated(other, LayerPrecision(8, 8))
+    assert model.layer_cost(other, LayerPrecision(8, 8)) == model.calibration.estimate_us(
+        other, 8, 8, batch, SPEC)
+    n = len(LAYERS) * 2
+    assert model.estimate_method == (
+        f"roofline from the device spec, calibrated on {n * len(PRECISIONS)} integer entries "
+        f"and {n} fp16 cuDNN entries of 1 measured table (1 measured with other kernel code)")
+    bare = LatencyCost(SPEC, batch, table, calibrate=False)
+    assert bare.layer_cost(other, LayerPrecision(8, 8)) == roofline_us(other, 8, 8, batch, SPEC)
+
+
+# A law without the size term: CIFAR-10's layers are larger than any of Fashion-MNIST's, and
+# a held-out space's layers past the other's range take the factor of the largest measured.
+FLAT_INT = (0.4, 0.0, -0.3, 0.25, 0.1, 0.05, 0.02)
+
+
+def _write_law_tables(folder, spaces, batches=(1, 8)):
+    for space, batch in itertools.product(spaces, batches):
+        entries = {}
+        for layer in space.layers():
+            for c in layer.choices:
+                key = table_key(layer.info, batch, c.w_bits, c.a_bits)
+                entries[key] = {"key": key,
+                                "us": law(layer.info, c.w_bits, c.a_bits, batch, FLAT_INT),
+                                "fp16_cudnn_us": float_law(layer.info, batch)}
+        (folder / f"toy-{space.name}-b{batch}.json").write_text(json.dumps({
+            "format": "nas-latency/1", "provenance": {"device_spec": "toy", "batch": batch},
+            "entries": list(entries.values())}))
+
+
+def test_bench_holds_each_space_out_and_scores_both_estimates(tmp_path):
+    spaces = [load_space("fmnist_resnet8"), load_space("cifar10_resnet20")]
+    _write_law_tables(tmp_path, spaces)
+    (tmp_path / "other-device.json").write_text(json.dumps({
+        "format": "nas-latency/1", "provenance": {"device_spec": "h200", "batch": 1},
+        "entries": []}))
+    found = table_spaces(SPEC, tmp_path, say=lambda line: None)
+    assert sorted((s.name, b, p.name) for s, b, p in found) == sorted(
+        (s.name, b, f"toy-{s.name}-b{b}.json") for s in spaces for b in (1, 8))
+    results = run_bench(SPEC, found, n_plans=30, seed=0, say=lambda line: None)
+    assert len(results["rows"]) == 4
+    for row in results["rows"]:
+        # Calibrated on the other space's tables alone, which follow the same law: the
+        # estimates match the held-out tables up to the ridge (a factor within 1 %).
+        assert row["calibrated_on"].endswith("of 2 measured tables")
+        calibrated, roofline = row["calibrated"], row["roofline"]
+        assert calibrated["entry_median_error"] < 0.01 and calibrated["plan_mape"] < 0.01
+        assert calibrated["layer_choice_tau"] > 0.9
+        assert calibrated["plan_tau"] > 0.9
+        assert roofline["plan_mape"] > 0.1  # FLAT_INT's intercept alone is a factor of 1.5
+
+
+def test_bench_estimate_cli(tmp_path):
+    result = run_nas("bench", "estimate", "--plans", "20", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "layer choice tau" in result.stdout
+    (run,) = tmp_path.iterdir()
+    results = json.loads((run / "bench_estimate.json").read_text())
+    assert results["rows"] and all(set(r) >= {"roofline", "calibrated"} for r in results["rows"])
+    assert {r["space"] for r in results["rows"]} <= {"fmnist_resnet8", "imagenet_resnet18",
+                                                     "imagenet_mobilenetv2", "cifar10_resnet20",
+                                                     "fmnist_mobilenetv2"}
+
+
+def test_bench_estimate_bad_input(tmp_path):
+    result = run_nas("bench", "estimate", "--plans", "1", "--runs-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "nas: error: --plans 1: give 2 or more (Kendall's tau ranks pairs)"
+    spec = tmp_path / "toy.yaml"
+    spec.write_text("name: toy\nsms: 4\nint8_tops: 1\nfp16_tflops: 1\ntf32_tflops: 1\n"
+                    "cuda_core_tops: 1\nhbm_tb_s: 1\nlaunch_overhead_us: 1\n")
+    result = run_nas("bench", "estimate", "--device-spec", str(spec), "--runs-dir",
+                     str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert "no latency table under cost_models/ for device toy" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nas_cost_names_its_estimate():
+    result = run_nas("cost", "--space", "fmnist_resnet8", "--uniform", "W4A8", "--batch", "8",
+                     "--estimate", "roofline")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].endswith(
+        "(estimated: roofline from the device spec; no measured table for batch 8)")
+    result = run_nas("cost", "--space", "fmnist_resnet8", "--uniform", "W4A8", "--batch", "8")
+    assert result.returncode == 0, result.stderr
+    assert "(estimated: roofline from the device spec, calibrated on " in result.stdout
+    result = run_nas("cost", "--uniform", "W4A8", "--estimate", "guess")
+    assert result.returncode == 2 and "invalid choice: 'guess'" in result.stderr
