@@ -8,9 +8,11 @@ import math
 import pytest
 
 from nas.bench.estimate import run_bench, table_spaces
-from nas.cost.calibration import MIN_ENTRIES, Calibration, float_features, integer_features
-from nas.cost.latency import (DeviceSpec, LatencyCost, LatencyTable, layer_from_key,
-                              roofline_us, table_key)
+from nas.cost.calibration import (MIN_GEOMETRIES, Calibration, Fit, float_features,
+                                  integer_features)
+from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyCost, LatencyTable,
+                              layer_from_key, roofline_us, table_key)
+from nas.errors import ConfigError
 from nas.plan import LayerPrecision
 from nas.spaces import LayerInfo, load_space
 from tests.conftest import run_nas
@@ -74,6 +76,30 @@ def test_keys_name_their_layers():
         assert layer_from_key(key) is None, key
 
 
+def test_features_of_a_layer():
+    info = conv(16, 16, 3, 12)
+    base = roofline_us(info, 8, 8, 2, SPEC)
+    log_k = math.log(16 * 9)  # the reduction: input channels x taps
+    assert integer_features(info, 4, 4, base) == [1.0, math.log(base), 0.0, 1.0, 1.0, log_k, log_k]
+    assert integer_features(info, 8, 4, base) == [1.0, math.log(base), 0.0, 1.0, 0.0, log_k, 0.0]
+    assert integer_features(info, 6, 8, base) == [1.0, math.log(base), 0.0, 0.0, 0.0, 0.0, 0.0]
+    depthwise = conv(16, 16, 3, 12, groups=16)
+    assert integer_features(depthwise, 4, 4, base) == [1.0, math.log(base), 1.0, 0, 0, 0, 0]
+    assert float_features(depthwise, base) == [1.0, math.log(base), 1.0]
+
+
+def test_a_fit_clips_its_features_and_its_factor():
+    fit = Fit(coef=(0.5, 1.0, 2.0), lows=(1.0, 2.0, 3.0), highs=(1.0, 4.0, 5.0), low=-1.0,
+              high=12.0, entries=30)
+    assert fit.factor([1.0, 3.0, 0.0]) == pytest.approx(math.exp(0.5 + 3.0))
+    assert fit.factor([1.0, 10.0, 0.0]) == pytest.approx(math.exp(0.5 + 4.0))  # x1 past 4
+    assert fit.factor([1.0, 0.5, 0.0]) == pytest.approx(math.exp(0.5 + 2.0))   # x1 below 2
+    assert fit.factor([1.0, 3.0, 1.0]) == pytest.approx(math.exp(0.5 + 3.0 + 6.0))  # on: >= 3
+    assert fit.factor([1.0, 4.0, 5.0]) == pytest.approx(math.exp(12.0))  # 14.5 clipped to high
+    low = Fit(coef=(-5.0,), lows=(1.0,), highs=(1.0,), low=-1.0, high=1.0, entries=30)
+    assert low.factor([1.0]) == pytest.approx(math.exp(-1.0))
+
+
 def test_the_fit_recovers_the_law_of_the_tables():
     calibration = Calibration.fit(synthetic_table(LAYERS), SPEC)
     assert calibration.integer.entries == len(LAYERS) * 2 * len(PRECISIONS)
@@ -111,13 +137,25 @@ def test_layers_beyond_the_tables_keep_the_factor_of_the_nearest():
     # factor exactly, while the roofline keeps growing.
     assert factor(4096) == factor(65536)
     assert roofline_us(info, 8, 8, 65536, SPEC) > roofline_us(info, 8, 8, 4096, SPEC)
-    low, high = math.exp(calibration.integer.low), math.exp(calibration.integer.high)
-    assert low <= factor(4096) <= high
+    # A packed operand's log K is clipped to the packed entries' range: a packed layer of a
+    # shorter reduction (K = 2) than any measured one (8) is estimated as if K were 8.
+    short = conv(2, 16, 1, 16)
+
+    def packing(log_k):  # TRUE_INT's W4A4 / W8A8 ratio of one layer
+        return math.exp(TRUE_INT[3] + TRUE_INT[4] + (TRUE_INT[5] + TRUE_INT[6]) * log_k)
+
+    ratio = (calibration.estimate_us(short, 4, 4, 2, SPEC)
+             / calibration.estimate_us(short, 8, 8, 2, SPEC))
+    assert ratio == pytest.approx(packing(math.log(8)), rel=0.01)
+    assert packing(math.log(8)) / packing(math.log(2)) > 1.09  # what the clip changes
 
 
-def test_too_few_entries_leave_the_bare_roofline():
-    few = synthetic_table(LAYERS[:3], batches=(1,), precisions=((8, 8),))
-    assert len(few.entries) < MIN_ENTRIES and Calibration.fit(few, SPEC) is None
+def test_too_few_geometries_leave_the_bare_roofline():
+    # Many entries, but the precisions of too few layer geometries (each at one batch).
+    few = synthetic_table(LAYERS[:MIN_GEOMETRIES - 1], batches=(1,))
+    assert len(few.entries) > 5 * MIN_GEOMETRIES and Calibration.fit(few, SPEC) is None
+    enough = Calibration.fit(synthetic_table(LAYERS[:MIN_GEOMETRIES], batches=(1,)), SPEC)
+    assert enough.integer.entries == MIN_GEOMETRIES * len(PRECISIONS)
     model = LatencyCost(SPEC, 2, few)
     info = conv(16, 24, 3, 12)
     assert model.calibration is None
@@ -129,6 +167,53 @@ def test_too_few_entries_leave_the_bare_roofline():
     assert no_floats.estimate_us(info, 16, 16, 2, SPEC) is None
     model = LatencyCost(SPEC, 2, synthetic_table(LAYERS, baselines=False))
     assert model.layer_cost(info, LayerPrecision(16, 16)) == roofline_us(info, 16, 16, 2, SPEC)
+    assert model.estimate_method.endswith(" of 1 measured table (float choices: the bare "
+                                          "roofline) (1 measured with other kernel code)")
+
+
+def test_float_choices_take_the_baseline_columns_fit():
+    calibration = Calibration.fit(synthetic_table(LAYERS), SPEC)
+    info = conv(16, 24, 3, 12)
+    for bits in (16, 32):  # 32 bits: the fp16 fit on the TF32 roofline
+        base = roofline_us(info, bits, bits, 2, SPEC)
+        expected = base * math.exp(sum(c * f for c, f in zip(TRUE_FLOAT, float_features(info, base))))
+        assert calibration.estimate_us(info, bits, bits, 2, SPEC) == pytest.approx(expected, rel=0.01)
+    assert roofline_us(info, 32, 32, 2, SPEC) > 1.5 * roofline_us(info, 16, 16, 2, SPEC)
+    # A geometry's baseline is timed once per precision: the fit takes their median.
+    table = synthetic_table(LAYERS)
+    for key in list(table.baselines)[::6]:  # one precision of each geometry off by 10x
+        table.baselines[key] *= 10
+    skewed = Calibration.fit(table, SPEC)
+    assert skewed.estimate_us(info, 16, 16, 2, SPEC) == pytest.approx(
+        calibration.estimate_us(info, 16, 16, 2, SPEC), rel=1e-9)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"key": "k", "us": 0}, "entry 'k' has us 0, not a positive number of microseconds"),
+    ({"key": "k", "us": -1.5}, "entry 'k' has us -1.5, not a positive number"),
+    ({"key": "k", "us": float("nan")}, "entry 'k' has us nan, not a positive number"),
+    ({"key": "k", "us": "fast"}, "entry 'k' has us 'fast', not a positive number"),
+    ({"key": "k", "us": 2.0, "fp16_cudnn_us": None}, "entry 'k' has fp16_cudnn_us None"),
+    ({"key": "k", "us": 2.0, "fp16_cudnn_us": 0}, "entry 'k' has fp16_cudnn_us 0"),
+    ({"key": 5, "us": 2.0}, 'entry 0 has no "key" string'),
+    ({"us": 2.0}, 'entry 0 has no "key" string'),
+])
+def test_tables_with_impossible_entries_are_refused(tmp_path, entry, message):
+    (tmp_path / "t.json").write_text(json.dumps({
+        "format": "nas-latency/1", "provenance": {"device_spec": "toy"}, "entries": [entry]}))
+    with pytest.raises(ConfigError, match=f"latency table {tmp_path / 't.json'}: "):
+        LatencyTable.load_dir("toy", tmp_path)
+    with pytest.raises(ConfigError) as err:
+        LatencyTable.load_dir("toy", tmp_path)
+    assert message in str(err.value) and "re-measure the table" in str(err.value)
+
+
+def test_a_table_with_an_impossible_batch_is_refused(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({
+        "format": "nas-latency/1", "provenance": {"device_spec": "toy", "batch": "one"},
+        "entries": []}))
+    with pytest.raises(ConfigError, match="provenance batch 'one' is not a positive whole number"):
+        LatencyTable.load_dir("toy", tmp_path)
 
 
 def test_measured_entries_stand_and_estimates_say_how_they_were_made():
@@ -198,10 +283,15 @@ def test_bench_estimate_cli(tmp_path):
     assert "layer choice tau" in result.stdout
     (run,) = tmp_path.iterdir()
     results = json.loads((run / "bench_estimate.json").read_text())
-    assert results["rows"] and all(set(r) >= {"roofline", "calibrated"} for r in results["rows"])
-    assert {r["space"] for r in results["rows"]} <= {"fmnist_resnet8", "imagenet_resnet18",
-                                                     "imagenet_mobilenetv2", "cifar10_resnet20",
-                                                     "fmnist_mobilenetv2"}
+    # Every committed H200 table holds a built-in space, and each is scored once.
+    assert sorted(r["table"] for r in results["rows"]) == sorted(
+        p.name for p in COST_MODELS_DIR.glob("h200-*.json"))
+    for r in results["rows"]:
+        others = sum(o["space"] != r["space"] for o in results["rows"])  # held out of the fit
+        assert r["calibrated_on"].endswith(f" of {others} measured tables")
+        assert r["space"] in r["table"] and f"-b{r['batch']}.json" in r["table"]
+        assert set(r["calibrated"]) == set(r["roofline"]) == {
+            "entry_median_error", "layer_choice_tau", "plan_mape", "plan_tau"}
 
 
 def test_bench_estimate_bad_input(tmp_path):

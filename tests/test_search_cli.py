@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from nas.cost import make_cost_model
 from nas.plan import Plan
 from nas.spaces import load_space
 from tests.conftest import run_nas
@@ -152,4 +153,8 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
     assert plan.costs["estimated"] is True
     assert plan.costs["estimate"].startswith("roofline from the device spec, calibrated on ")
     assert f"latency estimated where no table has the layer: {plan.costs['estimate']}" in result.stdout
-    assert result.stdout.splitlines()[-3].endswith("[latency estimated]")
+    (summary,) = [line for line in result.stdout.splitlines() if line.startswith("plan: ")]
+    assert summary.endswith("[latency estimated]")
+    space = load_space(space_path)
+    assert plan.costs["latency"] == pytest.approx(
+        make_cost_model("latency").plan_cost(plan.resolved(space), space))

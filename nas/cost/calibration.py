@@ -14,24 +14,28 @@ feature the tables never vary stays at 0):
   reduction length: how much unpacking each output needs). The bits enter only through the
   packing, which is what the kernels see (`packed_operands`): depthwise layers and odd channel
   counts run unpacked whatever the bits.
-- float choices: log(fp16 cuDNN / fp16 roofline), from the tables' baseline column, against
-  1, log(fp16 roofline) and depthwise. 32-bit layers take the same factor on their TF32
-  roofline (no table times them).
-Features are clipped to the range the tables span, and a predicted log-factor to the range
-they show, so that a layer unlike any measured one (a larger batch, say) takes the factor of
-the nearest measured ones rather than an extrapolation. A fit needs MIN_ENTRIES entries.
+- float choices: log(fp16 cuDNN / fp16 roofline), from the tables' baseline column (the
+  median over a geometry's entries, which time it once per precision), against 1, log(fp16
+  roofline) and depthwise. 32-bit layers get the same fit applied to their TF32 roofline (no
+  table times them).
+A feature is clipped to the range it spans in the tables where it is nonzero (a packed
+operand's log K to the packed entries' range), and a predicted log-factor to the range the
+tables show, so that a layer unlike any measured one (a larger batch, say) takes the factor of
+the nearest measured ones rather than an extrapolation. A fit needs MIN_GEOMETRIES layer
+geometries (and batches): 7 coefficients are not to be fitted to the precisions of a few.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 from nas.cost.latency import (DeviceSpec, LatencyTable, layer_from_key, packed_operands,
                               roofline_us)
 from nas.spaces import FLOAT_BITS
 
-MIN_ENTRIES = 20
+MIN_GEOMETRIES = 10
 RIDGE = 1e-2
 
 
@@ -54,8 +58,8 @@ def float_features(info, base_us: float) -> list[float]:
 
 @dataclass(frozen=True)
 class Fit:
-    """log(time / roofline) = coef . features, the features clipped to [lows, highs] and the
-    result to [low, high]."""
+    """log(time / roofline) = coef . features, each nonzero feature clipped to
+    [lows, highs] and the result to [low, high]."""
 
     coef: tuple[float, ...]
     lows: tuple[float, ...]
@@ -65,18 +69,24 @@ class Fit:
     entries: int
 
     @classmethod
-    def least_squares(cls, features: list[list[float]], targets: list[float]) -> "Fit | None":
-        if len(targets) < MIN_ENTRIES:
+    def least_squares(cls, features: list[list[float]], targets: list[float],
+                      geometries: int) -> "Fit | None":
+        if geometries < MIN_GEOMETRIES:
             return None
         import numpy as np
 
         x, y = np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64)
         coef = np.linalg.solve(x.T @ x + RIDGE * np.eye(x.shape[1]), x.T @ y)
-        return cls(tuple(map(float, coef)), tuple(map(float, x.min(axis=0))),
-                   tuple(map(float, x.max(axis=0))), float(y.min()), float(y.max()), len(targets))
+        on = x != 0
+        lows = np.where(on, x, np.inf).min(axis=0)
+        highs = np.where(on, x, -np.inf).max(axis=0)
+        never = ~on.any(axis=0)  # a feature the tables never turn on: its range is {0}
+        lows[never], highs[never] = 0.0, 0.0
+        return cls(tuple(map(float, coef)), tuple(map(float, lows)), tuple(map(float, highs)),
+                   float(y.min()), float(y.max()), len(targets))
 
     def factor(self, features: list[float]) -> float:
-        log_factor = sum(c * min(max(f, lo), hi)
+        log_factor = sum(c * (min(max(f, lo), hi) if f else 0.0)
                          for c, f, lo, hi in zip(self.coef, features, self.lows, self.highs))
         return math.exp(min(max(log_factor, self.low), self.high))
 
@@ -92,8 +102,8 @@ class Calibration:
     @classmethod
     def fit(cls, table: LatencyTable, spec: DeviceSpec) -> "Calibration | None":
         """Fitted to every entry of `table` whose key names its layer; None when neither fit
-        has MIN_ENTRIES entries."""
-        int_x, int_y, float_x, float_y, seen = [], [], [], [], set()
+        has MIN_GEOMETRIES geometries. (Table entries are positive: `LatencyTable` checks.)"""
+        int_x, int_y, baselines = [], [], {}
         for key, us in table.entries.items():
             parsed = layer_from_key(key)
             if parsed is None:
@@ -104,14 +114,18 @@ class Calibration:
             base = roofline_us(info, 8, 8, batch, spec)
             int_x.append(integer_features(info, w_bits, a_bits, base))
             int_y.append(math.log(us / base))
-            geometry = key.rsplit(":", 1)[0]  # one baseline per geometry and batch
-            if key in table.baselines and geometry not in seen:
-                seen.add(geometry)
+            geometry = key.rsplit(":", 1)[0]  # the key less its bits: geometry and batch
+            baselines.setdefault(geometry, (info, batch, []))[2].append(
+                table.baselines.get(key))
+        float_x, float_y = [], []
+        for info, batch, times in baselines.values():
+            times = [t for t in times if t is not None]
+            if times:
                 base16 = roofline_us(info, 16, 16, batch, spec)
                 float_x.append(float_features(info, base16))
-                float_y.append(math.log(table.baselines[key] / base16))
-        integer = Fit.least_squares(int_x, int_y)
-        floating = Fit.least_squares(float_x, float_y)
+                float_y.append(math.log(statistics.median(times) / base16))
+        integer = Fit.least_squares(int_x, int_y, len(baselines))
+        floating = Fit.least_squares(float_x, float_y, len(float_y))
         if integer is None and floating is None:
             return None
         return cls(integer, floating, tuple(table.sources))
@@ -130,7 +144,10 @@ class Calibration:
         return base * self.integer.factor(integer_features(info, w_bits, a_bits, base))
 
     def describe(self) -> str:
-        parts = [f"{fit.entries} {what} entries" for what, fit in
-                 (("integer", self.integer), ("fp16 cuDNN", self.floating)) if fit is not None]
+        fits = (("integer", self.integer), ("fp16 cuDNN", self.floating))
+        parts = [f"{fit.entries} {what} entries" for what, fit in fits if fit is not None]
         n = len(self.sources)
-        return f"{' and '.join(parts)} of {n} measured table{'s' if n > 1 else ''}"
+        bare = [f"{'float' if what[0] == 'f' else what} choices: the bare roofline"
+                for what, fit in fits if fit is None]
+        return (f"{' and '.join(parts)} of {n} measured table{'s' if n > 1 else ''}"
+                + (f" ({bare[0]})" if bare else ""))

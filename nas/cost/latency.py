@@ -37,7 +37,7 @@ import yaml
 from nas.cost.base import CostModel
 from nas.errors import ConfigError
 from nas.kernels.configs import propose_split_k
-from nas.spaces import FLOAT_BITS, LayerInfo
+from nas.spaces import ALLOWED_BITS, FLOAT_BITS, LayerInfo
 
 COST_MODELS_DIR = Path(__file__).resolve().parents[2] / "cost_models"
 # The code a measured latency describes: tables record its fingerprint, so that a table
@@ -107,19 +107,21 @@ def distinct_choices(space, batch: int) -> list[tuple[str, LayerInfo, Any]]:
     return out
 
 
-_KEY = re.compile(r"(Conv2d|Linear):(\d+)x(\d+):k(\d+)x(\d+):s(\d+)x(\d+):p(\d+)x(\d+):g(\d+)"
-                  r":(\d+)x(\d+):b(\d+):w(\d+)a(\d+)")
+_N = r"(\d{1,7})"  # a whole number of sane size
+_KEY = re.compile(rf"(Conv2d|Linear):{_N}x{_N}:k{_N}x{_N}:s{_N}x{_N}:p{_N}x{_N}:g{_N}"
+                  rf":{_N}x{_N}:b{_N}:w{_N}a{_N}")
 
 
 def layer_from_key(key: str) -> tuple[LayerInfo, int, int, int] | None:
     """(geometry, batch, w_bits, a_bits) of a `table_key` string (None if it is not one):
     a table's entries describe their layers completely (undilated convolutions)."""
-    m = _KEY.fullmatch(key)
+    m = _KEY.fullmatch(key) if isinstance(key, str) else None
     if m is None:
         return None
     kind, (ci, co, kh, kw, sh, sw, ph, pw, g, h, w, batch, w_bits, a_bits) = (
         m.group(1), map(int, m.groups()[1:]))
-    if min(ci, co, kh, kw, sh, sw, g, h, w, batch) <= 0 or ci % g or co % g:
+    if (min(ci, co, kh, kw, sh, sw, g, h, w, batch) <= 0 or ci % g or co % g
+            or w_bits not in ALLOWED_BITS or a_bits not in ALLOWED_BITS):
         return None
     out_hw = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
     if min(out_hw) <= 0:
@@ -197,7 +199,26 @@ class LatencyTable:
         if not isinstance(raw, dict) or raw.get("format") != TABLE_FORMAT or not isinstance(
                 raw.get("entries"), list) or not isinstance(raw.get("provenance"), dict):
             raise ConfigError(f"latency table {path} is not a {TABLE_FORMAT} file")
+        batch = raw["provenance"].get("batch")
+        if batch is not None and not (_is_number(batch) and isinstance(batch, int) and batch > 0):
+            raise ConfigError(f"latency table {path}: provenance batch {batch!r} is not a "
+                              f"positive whole number; fix it or re-measure the table")
+        for i, entry in enumerate(raw["entries"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+                raise ConfigError(f"latency table {path}: entry {i} has no \"key\" string; "
+                                  f"fix it or re-measure the table with `nas measure`")
+            for name in ("us", "fp16_cudnn_us"):  # the baseline column is optional
+                value = entry.get(name, 1.0 if name == "fp16_cudnn_us" else None)
+                if not (_is_number(value) and 0 < value < math.inf):
+                    raise ConfigError(f"latency table {path}: entry {entry['key']!r} has "
+                                      f"{name} {value!r}, not a positive number of "
+                                      f"microseconds; fix it or re-measure the table with "
+                                      f"`nas measure`")
         return raw
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_float(bits: int) -> bool:
