@@ -45,12 +45,15 @@ TAIL=30 stage kernels 210 python3 -m pytest -q -rf -p no:cacheprovider $XDIST te
 # The kernels' speed goals in one quick run (its run folder travels in the bundle). It and
 # each `nas measure` first compile their candidate kernels in parallel (--compile-jobs).
 TAIL=14 stage bench 120 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
-TAIL=12 stage resnet18-b64 150 python3 -m nas measure --space imagenet_resnet18 --batch 64 --validate 30
-TAIL=12 stage resnet18-b1 120 python3 -m nas measure --space imagenet_resnet18 --batch 1 --validate 30
-stage fmnist-b64 60 python3 -m nas measure --space fmnist_resnet8 --batch 64 --validate 30
-stage fmnist-b1 50 python3 -m nas measure --space fmnist_resnet8 --batch 1 --validate 30
-stage mobilenetv2-b64 120 python3 -m nas measure --space imagenet_mobilenetv2 --batch 64 --validate 10
-stage mobilenetv2-b1 90 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 --validate 10
+# Each table is checked end to end on random plans of both kinds (--validate: each layer's
+# precision drawn with equal odds; --validate-mixed: each plan draws odds of its own).
+V30="--validate 30 --validate-mixed 30" V10="--validate 10 --validate-mixed 10"
+TAIL=16 stage resnet18-b64 170 python3 -m nas measure --space imagenet_resnet18 --batch 64 $V30
+TAIL=16 stage resnet18-b1 140 python3 -m nas measure --space imagenet_resnet18 --batch 1 $V30
+TAIL=8 stage fmnist-b64 75 python3 -m nas measure --space fmnist_resnet8 --batch 64 $V30
+TAIL=8 stage fmnist-b1 65 python3 -m nas measure --space fmnist_resnet8 --batch 1 $V30
+TAIL=8 stage mobilenetv2-b64 130 python3 -m nas measure --space imagenet_mobilenetv2 --batch 64 $V10
+TAIL=8 stage mobilenetv2-b1 100 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 $V10
 # An experiment, last (or alone: STAGES=mobilenetv2-b1-marginal): the same table timed without
 # the graph launch's share per call, written beside the logs, not into cost_models/.
 stage mobilenetv2-b1-marginal 90 python3 -m nas measure --space imagenet_mobilenetv2 --batch 1 \

@@ -273,7 +273,8 @@ def test_bench_holds_each_space_out_and_scores_both_estimates(tmp_path):
         calibrated, roofline = row["calibrated"], row["roofline"]
         assert calibrated["entry_median_error"] < 0.01 and calibrated["plan_mape"] < 0.01
         assert calibrated["layer_choice_tau"] > 0.9
-        assert calibrated["plan_tau"] > 0.9
+        assert calibrated["plan_tau"] > 0.9 and calibrated["mixed_plan_tau"] > 0.9
+        assert calibrated["mixed_plan_mape"] < 0.01
         assert roofline["plan_mape"] > 0.1  # FLAT_INT's intercept alone is a factor of 1.5
 
 
@@ -291,7 +292,8 @@ def test_bench_estimate_cli(tmp_path):
         assert r["calibrated_on"].endswith(f" of {others} measured tables")
         assert r["space"] in r["table"] and f"-b{r['batch']}.json" in r["table"]
         assert set(r["calibrated"]) == set(r["roofline"]) == {
-            "entry_median_error", "layer_choice_tau", "plan_mape", "plan_tau"}
+            "entry_median_error", "layer_choice_tau", "plan_mape", "plan_tau", "mixed_plan_mape",
+            "mixed_plan_tau"}
 
 
 def test_bench_estimate_bad_input(tmp_path):

@@ -144,3 +144,29 @@ def test_timing_is_replay_or_marginal(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--timing: invalid choice: 'median' (choose from" in done.stderr
 
+
+
+def test_validations_of_each_plan_mix(tiny_cases):
+    from nas.cost.measure import validations
+    from nas.spaces import random_plans
+
+    space, cases = tiny_cases
+    table = {c.key: 10.0 + 2 ** i for i, c in enumerate(cases)}  # every plan its own sum
+    clock = lambda fn: (fn(), 40.0)[1]  # noqa: E731
+    done = list(validations(space, table, 1, torch.device("cpu"), clock,
+                            {"uniform": 2, "mixed": 3}, seed=5, say=lambda s: None))
+    assert [(field, r["plan_mix"], len(r["plans"])) for field, r in done] == [
+        ("validation", "uniform", 2), ("validation_mixed", "mixed", 3)]
+    # The plans timed are random_plans' with the run's seed: their table sums say which.
+    for (_, result), mix in zip(done, ("uniform", "mixed")):
+        sums = [sum(table[table_key(layer.info, 1, p[layer.name].w_bits, p[layer.name].a_bits)]
+                    for layer in space.layers()) for p in random_plans(space, 3, 5, mix)]
+        assert [r["predicted_us"] for r in result["plans"]] == sums[:len(result["plans"])]
+    assert list(validations(space, table, 1, torch.device("cpu"), clock, {"uniform": 0},
+                            say=lambda s: None)) == []
+
+
+def test_validate_mixed_counts_are_checked(tmp_path):
+    done = run_nas("measure", "--validate-mixed", "-3", "--runs-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "nas: error: --validate-mixed -3: give a number of plans, 0 or more"

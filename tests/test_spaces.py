@@ -114,3 +114,37 @@ def test_user_models_are_not_cached(tmp_path, monkeypatch):
     space = SearchSpace.from_dict(_space({"model": {"name": "usermodel:net"}, "fixed": {}}))
     assert [layer.name for layer in space.layers()] == ["0", "2"]
     assert not (tmp_path / "cache").exists()
+
+
+def test_random_plans_uniform_and_mixed():
+    import random
+    import statistics
+
+    from nas.cost import make_cost_model
+    from nas.plan import LayerPrecision
+    from nas.spaces import random_plans
+
+    space = load_space("imagenet_resnet18")
+    layers = space.layers()
+    # uniform: each layer with equal odds, the draw `nas measure --validate` always made
+    rng = random.Random(7)
+    assert random_plans(space, 5, 7) == [{layer.name: rng.choice(layer.choices)
+                                          for layer in layers} for _ in range(5)]
+    mixed = random_plans(space, 200, 7, "mixed")
+    assert mixed == random_plans(space, 200, 7, "mixed")  # reproducible from the seed
+    for plan in mixed:
+        assert list(plan) == [layer.name for layer in layers]
+        assert all(plan[layer.name] in layer.choices for layer in layers)
+    # Mixed plans lean on a few precisions each, so their totals spread far more widely: the
+    # size of 200 plans (exact arithmetic; the seed fixes the draws).
+    size = make_cost_model("size")
+    infos = {layer.name: layer.info for layer in layers}
+
+    def spread(plans):
+        totals = [sum(size.layer_cost(infos[n], LayerPrecision(c.w_bits, c.a_bits))
+                      for n, c in plan.items()) for plan in plans]
+        return statistics.pstdev(totals) / statistics.fmean(totals)
+
+    assert spread(mixed) > 2 * spread(random_plans(space, 200, 7))
+    with pytest.raises(ConfigError, match="plan mix 'wild': choose one of uniform, mixed"):
+        random_plans(space, 1, 0, "wild")

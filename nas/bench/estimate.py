@@ -7,7 +7,9 @@ compared with its tables, per batch:
 - per layer: Kendall's tau between the estimates and the measurements of a layer's integer
   choices (the ranking a searcher acts on), averaged over the layer geometries with three or
   more integer choices;
-- per plan: MAPE and Kendall's tau of the plans' sums over random plans of the space.
+- per plan: MAPE and Kendall's tau of the plans' sums over random plans of the space, of
+  both mixes (`nas.spaces.random_plans`: uniform, as `nas measure --validate` draws them, and
+  mixed, as `--validate-mixed` does).
 A tau is left out ("-") where the estimates all tie: the bare roofline at batch 1 is often the
 launch overhead alone for every choice, and then ranks nothing.
 Both estimates are shown: the bare roofline and the calibrated one. No GPU is needed: the
@@ -16,7 +18,6 @@ measurements are the committed tables.
 
 from __future__ import annotations
 
-import random
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from nas.cost.calibration import Calibration
 from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyTable, distinct_choices,
                               roofline_us, table_key)
 from nas.cost.measure import kendall_tau
-from nas.spaces import FLOAT_BITS, list_spaces, load_space
+from nas.spaces import FLOAT_BITS, PLAN_MIXES, list_spaces, load_space, random_plans
 
 MIN_CHOICES = 3
 
@@ -70,16 +71,20 @@ def _layer_tau(space, batch: int, measured: dict[str, float], estimate) -> float
     return statistics.fmean(taus) if taus else None
 
 
-def _scores(space, batch: int, measured: dict[str, float], estimate, plans) -> dict[str, Any]:
+def _scores(space, batch: int, measured: dict[str, float], estimate,
+            plans: dict[str, list]) -> dict[str, Any]:
     errors = [abs(estimate(info, c) - measured[key]) / measured[key]
               for key, info, c in distinct_choices(space, batch)]
-    est = [sum(estimate(layer.info, c) for layer, c in plan) for plan in plans]
-    real = [sum(measured[table_key(layer.info, batch, c.w_bits, c.a_bits)] for layer, c in plan)
-            for plan in plans]
-    return {"entry_median_error": statistics.median(errors),
-            "layer_choice_tau": _layer_tau(space, batch, measured, estimate),
-            "plan_mape": statistics.fmean(abs(e - r) / r for e, r in zip(est, real)),
-            "plan_tau": _number(kendall_tau(est, real))}
+    scores = {"entry_median_error": statistics.median(errors),
+              "layer_choice_tau": _layer_tau(space, batch, measured, estimate)}
+    for mix, drawn in plans.items():
+        est = [sum(estimate(layer.info, c) for layer, c in plan) for plan in drawn]
+        real = [sum(measured[table_key(layer.info, batch, c.w_bits, c.a_bits)]
+                    for layer, c in plan) for plan in drawn]
+        prefix = "" if mix == "uniform" else f"{mix}_"
+        scores[f"{prefix}plan_mape"] = statistics.fmean(abs(e - r) / r for e, r in zip(est, real))
+        scores[f"{prefix}plan_tau"] = _number(kendall_tau(est, real))
+    return scores
 
 
 def _number(tau: float) -> float | None:
@@ -95,9 +100,10 @@ def run_bench(spec: DeviceSpec, tables: list[tuple[Any, int, Path]], n_plans: in
         others = [p for s, _, p in tables if s.name != space.name]
         calibration = Calibration.fit(LatencyTable.load_files(spec.name, others), spec)
         measured = LatencyTable.load_files(spec.name, [path]).entries
-        rng = random.Random(seed)
-        layers = list(space.layers())
-        plans = [[(layer, rng.choice(layer.choices)) for layer in layers] for _ in range(n_plans)]
+        layers = space.layers()
+        plans = {mix: [[(layer, plan[layer.name]) for layer in layers]
+                       for plan in random_plans(space, n_plans, seed, mix)]
+                 for mix in PLAN_MIXES}
 
         def roofline(info, c):
             return roofline_us(info, c.w_bits, c.a_bits, batch, spec)
@@ -134,8 +140,9 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list]]]:
             s = r[kind]
             rows.append([r["space"], r["batch"], kind, fmt(s["entry_median_error"], True),
                          fmt(s["layer_choice_tau"]), fmt(s["plan_mape"], True),
-                         fmt(s["plan_tau"])])
+                         fmt(s["plan_tau"]), fmt(s["mixed_plan_mape"], True),
+                         fmt(s["mixed_plan_tau"])])
     return [(f"latency estimates against the {results['device_spec']} tables, each space held "
-             f"out of the calibration ({results['plans']} random plans per table)",
+             f"out of the calibration ({results['plans']} random plans of each mix per table)",
              ["space", "batch", "estimate", "entry median error", "layer choice tau",
-              "plan MAPE", "plan tau"], rows)]
+              "plan MAPE", "plan tau", "mixed plan MAPE", "mixed plan tau"], rows)]

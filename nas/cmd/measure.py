@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 from nas.cmd.common import add_compile_jobs_option, check_compile_jobs, compile_ahead
 
@@ -23,7 +22,12 @@ def add_parser(sub, parents) -> None:
                    help="device spec the table belongs to (default h200)")
     p.add_argument("--output", help="table path (default cost_models/<spec>-<space>-b<batch>.json)")
     p.add_argument("--validate", type=int, default=0, metavar="N",
-                   help="also time N random plans end to end against the table")
+                   help="also time N random plans end to end against the table (each layer "
+                        "picks its precision with equal odds)")
+    p.add_argument("--validate-mixed", type=int, default=0, metavar="N",
+                   help="also time N random plans drawn with odds of their own (from mostly "
+                        "one precision to mostly another, as a search's candidates are), "
+                        "reported apart")
     p.add_argument("--timing", choices=("replay", "marginal"), default="replay",
                    help="time per call: a graph replay divided by its calls (default), or "
                         "the difference between graphs of 2N and N calls per call, which "
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nas.cost.latency import COST_MODELS_DIR, DeviceSpec
     from nas.cost.measure import (CudaGraphTimer, layer_cases, measure, provenance,
-                                  require_cuda, table_document, validate)
+                                  require_cuda, table_document, validations)
     from nas.errors import ConfigError
     from nas.runs import atomic_write_text
     from nas.spaces import load_space
@@ -47,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch <= 0:
         raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
     check_compile_jobs(args.compile_jobs)
-    if args.validate < 0:
-        raise ConfigError(f"--validate {args.validate}: give a number of plans, 0 or more")
+    for flag, n in (("--validate", args.validate), ("--validate-mixed", args.validate_mixed)):
+        if n < 0:
+            raise ConfigError(f"{flag} {n}: give a number of plans, 0 or more")
     space = load_space(args.space)
     spec = DeviceSpec.load(args.device_spec)
     device = require_cuda(device_name)
@@ -74,17 +79,15 @@ def run(args: argparse.Namespace) -> int:
                          f"{e['roofline_fraction'] * 100:.1f} %",
                          f"{e['int8_peak_fraction'] * 100:.1f} %"] for e in entries]))
     print(f"latency table: {output}")
-    if args.validate:
-        rng = random.Random(args.seed)
-        plans = [{layer.name: rng.choice(layer.choices) for layer in space.layers()}
-                 for _ in range(args.validate)]
-        table = {e["key"]: e["us"] for e in entries}
-        result = validate(space, plans, table, args.batch, device, timer, seed=args.seed,
-                          say=lambda s: print(s, flush=True))
-        doc["validation"] = result
+    table = {e["key"]: e["us"] for e in entries}
+    for field, result in validations(space, table, args.batch, device, timer,
+                                     {"uniform": args.validate, "mixed": args.validate_mixed},
+                                     args.seed, say=lambda s: print(s, flush=True)):
+        doc[field] = result
         atomic_write_text(output, json.dumps(doc, indent=1) + "\n")
-        print(f"{args.validate} random plans: MAPE {result['mape_percent']:.2f} %, "
-              f"Kendall tau {result['kendall_tau']:.3f} (table sum vs end to end)")
+        print(f"{len(result['plans'])} random plans ({result['plan_mix']}): MAPE "
+              f"{result['mape_percent']:.2f} %, Kendall tau {result['kendall_tau']:.3f} (table "
+              f"sum vs end to end)")
         print(f"end to end against itself (two passes): Kendall tau "
               f"{result['passes_kendall_tau']:.3f}, mean difference "
               f"{result['passes_difference_percent']:.2f} %; the plans span "

@@ -342,3 +342,19 @@ def validate(space, plans: Sequence[dict], table: dict[str, float], batch: int,
                                                     [second[i] for i in first]), 4),
             "passes_difference_percent": round(spread, 2),
             "plans_range_percent": round((max(measured) - min(measured)) / min(measured) * 100, 2)}
+
+
+def validations(space, table: dict[str, float], batch: int, device: torch.device, timer,
+                counts: dict[str, int], seed: int = 0, say: Callable[[str], None] = print):
+    """`validate` on random plans of each mix (`nas.spaces.random_plans`) with a count in
+    `counts`; yields (the table document's field, result with its plan mix) as each ends, so
+    that a run cut short keeps what it finished."""
+    from nas.spaces import PLAN_MIXES, random_plans
+
+    for mix in PLAN_MIXES:
+        if counts.get(mix):
+            plans = random_plans(space, counts[mix], seed, mix)
+            result = validate(space, plans, table, batch, device, timer, seed=seed, say=say)
+            yield ("validation" if mix == "uniform" else f"validation_{mix}",
+                   {"plan_mix": mix, **result})
+
