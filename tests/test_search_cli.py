@@ -71,6 +71,8 @@ def test_time_budget_is_respected(trained, tmp_path):
     (["--cost", "latency", "--target", "size=9KB"], "--cost latency but --target size=9KB"),
     (["--cost", "bitops"], "the additive loss needs a --target for bitops"),
     (["--tau0", "0.1", "--tau-min", "1"], "tau-min <= tau0"),
+    (["--latency-batch", "0"], "--latency-batch 0: must be a positive whole number"),
+    (["--target", "latency=1ms", "--device-spec", "tpu9"], "device spec 'tpu9' not found"),
     (["--resume", "/nonexistent/run"], "checkpoint /nonexistent/run/supernet.pt does not exist"),
 ])
 def test_bad_search_input(trained, tmp_path, args, message):
@@ -144,12 +146,14 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
     result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
-                     "1ep", "--target", "latency=1ms", "--checkpoint", str(checkpoint), "--samples",
-                     "2", "--no-progress")
+                     "1ep", "--target", "latency=1ms", "--latency-batch", "64", "--checkpoint",
+                     str(checkpoint), "--samples", "2", "--no-progress")
     assert result.returncode == 0, result.stderr
     # The synthetic space's layers are in no table under cost_models/: every latency is the
     # roofline calibrated on the H200 tables, and the plan records that.
     plan = Plan.load(_folder(runs) / "plan.yaml")
+    assert (plan.costs["latency_batch"], plan.costs["device_spec"]) == (64, "h200")
+    assert "cost latency (h200, batch 64)" in result.stdout
     assert plan.costs["estimated"] is True
     assert plan.costs["estimate"].startswith("roofline from the device spec, calibrated on ")
     assert f"latency estimated where no table has the layer: {plan.costs['estimate']}" in result.stdout
@@ -157,4 +161,6 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
     assert summary.endswith("[latency estimated]")
     space = load_space(space_path)
     assert plan.costs["latency"] == pytest.approx(
-        make_cost_model("latency").plan_cost(plan.resolved(space), space))
+        make_cost_model("latency", batch=64).plan_cost(plan.resolved(space), space))
+    # (the synthetic layers are small: at batch 1 they cost little less, but not the same)
+    assert plan.costs["latency"] != pytest.approx(make_cost_model("latency").plan_cost(plan, space))

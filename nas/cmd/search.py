@@ -27,6 +27,12 @@ def add_parser(sub, parents) -> None:
                                     "half of the space's uniform W8A8 size)")
     p.add_argument("--cost", choices=("size", "bitops", "latency"),
                    help="cost to penalise (default: the target's)")
+    p.add_argument("--latency-batch", type=int,
+                   help="batch the latency cost is for: latency tables are measured per batch "
+                        "(default 1, or the resumed run's)")
+    p.add_argument("--device-spec",
+                   help="device whose latency tables and roofline the latency cost uses "
+                        "(default h200, or the resumed run's)")
     p.add_argument("--loss", choices=("additive", "multiplicative"), default="additive")
     p.add_argument("--checkpoint", help="start from the weights of a 'nas train' checkpoint")
     p.add_argument("--resume", metavar="RUN", help="continue the search of an earlier run folder "
@@ -59,6 +65,8 @@ def _settings(args):
     if target and args.cost and args.cost != target.cost:
         raise ConfigError(f"--cost {args.cost} but --target {target.text} is a {target.cost} target; "
                           f"give one of the same kind")
+    if args.latency_batch is not None and args.latency_batch <= 0:
+        raise ConfigError(f"--latency-batch {args.latency_batch}: must be a positive whole number")
     if args.samples < 0 or args.batch_size <= 0 or not 0 <= args.warmup < 1:
         raise ConfigError("--samples must be >= 0, --batch-size > 0 and --warmup in [0, 1)")
     if args.tau0 <= 0 or args.tau_min <= 0 or args.tau_min > args.tau0:
@@ -96,7 +104,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         space = load_space(args.space)
     cost_name = args.cost or (target.cost if target else "size")
-    cost_model = make_cost_model(cost_name)
+    saved = (resumed or {}).get("latency") or {}
+    latency = {"batch": args.latency_batch or saved.get("batch", 1),
+               "device_spec": args.device_spec or saved.get("device_spec", "h200")}
+    cost_model = make_cost_model(cost_name, device_spec=latency["device_spec"],
+                                 batch=latency["batch"])
+    if cost_name != "latency":
+        latency = None  # what the latency cost would use: recorded only where it is used
     table = cost_model.table(space)
     if target is None:
         w8 = cost_model.plan_cost(Plan.uniform(space, 8, 8), space)
@@ -130,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         optim_state = resumed["optimizers"]
     print(f"dnas on {space.name}: {len(supernet.names)} layers, "
           f"{sum(len(m.choices) > 1 for m in supernet.mixed())} searchable; cost {cost_name}"
+          + (f" ({cost_model.spec.name}, batch {latency['batch']})" if latency else "")
           + (f", target {target.text} ({format_cost(target.cost, target.value)})" if target else "")
           + f"; budget {budget}; device {device}", flush=True)
     if cost_name == "latency":
@@ -144,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     with RunDir(args.runs_dir, space.name, "search") as run_dir:
         run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),
                               "budget": str(budget), "target": target.text if target else None,
-                              "cost": cost_name, "loss": args.loss, "mode": args.mode,
+                              "cost": cost_name, "latency": latency, "loss": args.loss,
+                              "mode": args.mode,
                               "arch_mode": args.arch_mode,
                               "factored": args.factored, "checkpoint": args.checkpoint,
                               "resume": args.resume, "seed": args.seed, "samples": args.samples,
@@ -166,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
             "format": "nas-supernet/1", "space": space.to_dict(), "supernet": supernet.state_dict(),
             "gumbel_state": supernet.generator.get_state(), "optimizers": optim_state,
             "search_state": {"step": state.step, "elapsed": state.elapsed, "history": []},
-            "target": target.__dict__ if target else None, "seed": args.seed,
-            "created": now_iso()})
+            "target": target.__dict__ if target else None, "latency": latency,
+            "seed": args.seed, "created": now_iso()})
 
         deadline = started + budget.value if budget.kind == "seconds" else None
         cands, best = derive(supernet, table, target, splits, device, args.samples, args.seed,
@@ -178,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
         plan.costs = {cost_name: best.cost, "unit": table.unit,
                       "target": target.value if target else None,
                       "estimated": table.any_estimated,
+                      **({"latency_batch": latency["batch"],
+                          "device_spec": latency["device_spec"]} if latency else {}),
                       **({"estimate": cost_model.estimate_method}
-                         if cost_name == "latency" and table.any_estimated else {}),
+                         if latency and table.any_estimated else {}),
                       "one_shot_arch_accuracy": best.accuracy, "one_shot_test_accuracy": test_acc}
         if cost_name != "size":
             plan.costs["size"] = make_cost_model("size").plan_cost(plan, space)
