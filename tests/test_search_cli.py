@@ -164,3 +164,9 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
         make_cost_model("latency", batch=64).plan_cost(plan.resolved(space), space))
     # (the synthetic layers are small: at batch 1 they cost little less, but not the same)
     assert plan.costs["latency"] != pytest.approx(make_cost_model("latency").plan_cost(plan, space))
+    # Resumed without the flags, the search keeps costing at the batch it was started with.
+    resumed = run_nas("--runs-dir", str(tmp_path / "runs2"), "search", "--resume",
+                      str(_folder(runs)), "--budget", "2ep", "--samples", "0", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    again = Plan.load(_folder(tmp_path / "runs2") / "plan.yaml")
+    assert (again.costs["latency_batch"], again.costs["device_spec"]) == (64, "h200")
