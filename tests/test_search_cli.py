@@ -164,6 +164,13 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
         make_cost_model("latency", batch=64).plan_cost(plan.resolved(space), space))
     # (the synthetic layers are small: at batch 1 they cost little less, but not the same)
     assert plan.costs["latency"] != pytest.approx(make_cost_model("latency").plan_cost(plan, space))
+    # `nas cost` of the plan costs it at the same batch unless told otherwise.
+    for extra, batch in (([], 64), (["--batch", "2"], 2)):
+        cost = run_nas("cost", "--space", str(space_path), "--plan",
+                       str(_folder(runs) / "plan.yaml"), *extra)
+        assert cost.returncode == 0, cost.stderr
+        assert cost.stdout.startswith(f"space synthetic_resnet8, plan {_folder(runs) / 'plan.yaml'}"
+                                      f", batch {batch}, device h200")
     # Resumed without the flags, the search keeps costing at the batch it was started with.
     resumed = run_nas("--runs-dir", str(tmp_path / "runs2"), "search", "--resume",
                       str(_folder(runs)), "--budget", "2ep", "--samples", "0", "--no-progress")

@@ -17,8 +17,12 @@ def add_parser(sub, parents) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--plan", help="plan.yaml / plan.json")
     group.add_argument("--uniform", help="one precision for every searchable layer, e.g. W4A8")
-    p.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
-    p.add_argument("--device-spec", default="h200", help="device spec for latency (default h200)")
+    p.add_argument("--batch", type=int,
+                   help="batch size for latency (default: the batch a latency search costed "
+                        "the plan at, else 1)")
+    p.add_argument("--device-spec",
+                   help="device spec for latency (default: the plan's latency search's, else "
+                        "h200)")
     p.add_argument("--estimate", choices=("calibrated", "roofline"), default="calibrated",
                    help="latency where no table has the layer: the roofline calibrated on the "
                         "device's measured tables (default), or the bare roofline (what the "
@@ -32,12 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from nas.errors import ConfigError
     from nas.spaces import load_space
 
-    if args.batch <= 0:
+    if args.batch is not None and args.batch <= 0:
         raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
     space = load_space(args.space)
     args.w_granularity = None
     plan = resolve_plan(args, space)
-    models = {name: make_cost_model(name, device_spec=args.device_spec, batch=args.batch,
+    # A plan from a latency search records what it was costed for (`nas search`).
+    batch = args.batch or plan.costs.get("latency_batch") or 1
+    device_spec = args.device_spec or plan.costs.get("device_spec") or "h200"
+    models = {name: make_cost_model(name, device_spec=device_spec, batch=batch,
                                     calibrate=args.estimate == "calibrated")
               for name in ("size", "bitops", "latency")}
     latency = models["latency"]
@@ -57,18 +64,18 @@ def run(args: argparse.Namespace) -> int:
                  round(totals["latency"], 2),
                  "estimated" if estimated == len(rows) else
                  ("measured" if estimated == 0 else f"{estimated} estimated")])
-    print(f"space {space.name}, plan {args.plan or args.uniform}, batch {args.batch}, "
+    print(f"space {space.name}, plan {args.plan or args.uniform}, batch {batch}, "
           f"device {latency.spec.name}")
     print(format_table(["layer", "bits", "size B", "MBitOps", "latency us", "latency source"], rows))
     used.discard(None)
     source = (f"measured table{'s' if len(used) > 1 else ''}: {', '.join(sorted(used))}" if used
-              else f"no measured table for batch {args.batch}")
+              else f"no measured table for batch {batch}")
     print(f"size {format_cost('size', totals['size'])}, {format_cost('bitops', totals['bitops'])}, "
           f"latency {format_cost('latency', totals['latency'])}"
           + (f" (estimated: {latency.estimate_method}" if estimated else " (measured")
           + f"; {source})")
     note = latency.table_.stale_note(used, f"nas measure --space {space.name} --batch "
-                                           f"{args.batch}")
+                                           f"{batch}")
     if note:
         print(note)
     return 0
