@@ -389,8 +389,8 @@ def random_plans(space: SearchSpace, n: int, seed: int, mix: str = "uniform") ->
     first draws odds of its own over the choices (a sparse Dirichlet, MIXED_ALPHA) and its
     layers pick with those, so most plans lean on one or two precisions and plans range from
     mostly one to mostly another, as a search's candidates do. (Summed over the H200 tables,
-    mixed plans spread 1.4-3.0x as widely as uniform ones, by the coefficient of variation:
-    5.4-6.0 % against 2.0-2.2 % for ResNet-18.)"""
+    200 plans of seed 0 spread 1.7-2.8x as widely mixed as uniform, by the coefficient of
+    variation: ResNet-18 4.2-5.7 % against 2.0-2.5 %. Few plans vary more from draw to draw.)"""
     if mix not in PLAN_MIXES:
         raise ConfigError(f"plan mix {mix!r}: choose one of {', '.join(PLAN_MIXES)}")
     rng = random.Random(seed)

@@ -321,3 +321,40 @@ def test_nas_cost_names_its_estimate():
     assert "(estimated: roofline from the device spec, calibrated on " in result.stdout
     result = run_nas("cost", "--uniform", "W4A8", "--estimate", "guess")
     assert result.returncode == 2 and "invalid choice: 'guess'" in result.stderr
+
+
+def test_nas_cost_of_a_plan_takes_its_recorded_batch_and_device(tmp_path):
+    from nas.plan import Plan
+
+    spec = tmp_path / "toy.yaml"  # another device: the label names it
+    spec.write_text("name: toy\nsms: 4\nint8_tops: 1\nfp16_tflops: 1\ntf32_tflops: 1\n"
+                    "cuda_core_tops: 1\nhbm_tb_s: 1\nlaunch_overhead_us: 1\n")
+    space = load_space("fmnist_resnet8")
+    path = tmp_path / "plan.yaml"
+
+    def cost_of(costs, *args):
+        plan = Plan.uniform(space, 8, 8)
+        plan.costs = costs
+        plan.save(path)
+        return run_nas("cost", "--space", "fmnist_resnet8", "--plan", str(path), *args)
+
+    result = cost_of({"latency_batch": 8, "device_spec": str(spec)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"space fmnist_resnet8, plan {path}, batch 8, device toy")
+    result = cost_of({"latency_batch": 8, "device_spec": str(spec)}, "--batch", "3",
+                     "--device-spec", "h200")
+    assert result.stdout.startswith(f"space fmnist_resnet8, plan {path}, batch 3, device h200")
+    for costs, message in [
+            ({"latency_batch": "abc"}, "costs.latency_batch 'abc' is not a positive whole number; "
+                                       "correct it or give --batch"),
+            ({"latency_batch": 0}, "costs.latency_batch 0 is not a positive whole number"),
+            ({"latency_batch": True}, "costs.latency_batch True is not a positive whole number"),
+            ({"latency_batch": 2.5}, "costs.latency_batch 2.5 is not a positive whole number"),
+            ({"device_spec": 7}, "costs.device_spec 7 is not a device spec name or .yaml path; "
+                                 "correct it or give --device-spec")]:
+        result = cost_of(costs)
+        assert result.returncode == 2
+        assert result.stderr.strip().startswith(f"nas: error: {path}: {message}")
+        assert "Traceback" not in result.stderr
+    assert cost_of({"latency_batch": "abc"}, "--batch", "2").returncode == 0  # the flag wins
+

@@ -72,6 +72,8 @@ def test_time_budget_is_respected(trained, tmp_path):
     (["--cost", "bitops"], "the additive loss needs a --target for bitops"),
     (["--tau0", "0.1", "--tau-min", "1"], "tau-min <= tau0"),
     (["--latency-batch", "0"], "--latency-batch 0: must be a positive whole number"),
+    (["--latency-batch", "8"], "--latency-batch and --device-spec apply to a latency cost "
+                               "only, and this search's cost is size"),
     (["--target", "latency=1ms", "--device-spec", "tpu9"], "device spec 'tpu9' not found"),
     (["--resume", "/nonexistent/run"], "checkpoint /nonexistent/run/supernet.pt does not exist"),
 ])
@@ -177,3 +179,12 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     again = Plan.load(_folder(tmp_path / "runs2") / "plan.yaml")
     assert (again.costs["latency_batch"], again.costs["device_spec"]) == (64, "h200")
+    assert again.costs["latency"] == pytest.approx(
+        make_cost_model("latency", batch=64).plan_cost(again.resolved(space), space))
+    # The resumed run searched for a latency target: another kind of cost does not fit it.
+    wrong = run_nas("--runs-dir", str(tmp_path / "runs3"), "search", "--resume",
+                    str(_folder(runs)), "--cost", "size")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip() == (
+        f"nas: error: --cost size but run {_folder(runs)} searched for the latency target "
+        f"latency=1ms; give a --target of the same kind")

@@ -42,6 +42,17 @@ def add_compile_jobs_option(p: argparse.ArgumentParser) -> None:
                         f"CPU cores, at most 16)")
 
 
+def add_latency_options(p: argparse.ArgumentParser, batch_flag: str, default_from: str) -> None:
+    """The batch and device a latency cost is for (latency tables are per device and batch);
+    unset, they come from `default_from`, else batch 1 on the h200."""
+    p.add_argument(batch_flag, type=int,
+                   help=f"batch the latency is for (default: {default_from}'s, else 1)")
+    p.add_argument("--device-spec",
+                   help=f"device whose latency tables and roofline are used, a name under "
+                        f"cost_models/devices/ or a .yaml path (default: {default_from}'s, "
+                        f"else h200)")
+
+
 def check_compile_jobs(jobs: int) -> None:
     from nas.errors import ConfigError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from nas.cmd.common import add_latency_options
 from nas.table import format_table
 
 
@@ -17,12 +18,7 @@ def add_parser(sub, parents) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--plan", help="plan.yaml / plan.json")
     group.add_argument("--uniform", help="one precision for every searchable layer, e.g. W4A8")
-    p.add_argument("--batch", type=int,
-                   help="batch size for latency (default: the batch a latency search costed "
-                        "the plan at, else 1)")
-    p.add_argument("--device-spec",
-                   help="device spec for latency (default: the plan's latency search's, else "
-                        "h200)")
+    add_latency_options(p, "--batch", "the latency search that made the plan")
     p.add_argument("--estimate", choices=("calibrated", "roofline"), default="calibrated",
                    help="latency where no table has the layer: the roofline calibrated on the "
                         "device's measured tables (default), or the bare roofline (what the "
@@ -42,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     args.w_granularity = None
     plan = resolve_plan(args, space)
     # A plan from a latency search records what it was costed for (`nas search`).
-    batch = args.batch or plan.costs.get("latency_batch") or 1
-    device_spec = args.device_spec or plan.costs.get("device_spec") or "h200"
+    batch = args.batch or _recorded(plan, "latency_batch", "--batch", args.plan) or 1
+    device_spec = (args.device_spec or _recorded(plan, "device_spec", "--device-spec", args.plan)
+                   or "h200")
     models = {name: make_cost_model(name, device_spec=device_spec, batch=batch,
                                     calibrate=args.estimate == "calibrated")
               for name in ("size", "bitops", "latency")}
@@ -79,3 +76,22 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note)
     return 0
+
+
+def _recorded(plan, key: str, flag: str, source: str):
+    """The latency batch or device spec a plan's search recorded (None if none), checked:
+    plan files are YAML that people edit."""
+    from nas.errors import ConfigError
+
+    value = plan.costs.get(key)
+    if value is None:
+        return None
+    if key == "latency_batch":
+        ok, kind = (isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    "a positive whole number")
+    else:
+        ok, kind = isinstance(value, str) and bool(value), "a device spec name or .yaml path"
+    if not ok:
+        raise ConfigError(f"{source}: costs.{key} {value!r} is not {kind}; correct it or give "
+                          f"{flag}")
+    return value

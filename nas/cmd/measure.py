@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{e['int8_peak_fraction'] * 100:.1f} %"] for e in entries]))
     print(f"latency table: {output}")
     table = {e["key"]: e["us"] for e in entries}
+    recap = []
     for field, result in validations(space, table, args.batch, device, timer,
                                      {"uniform": args.validate, "mixed": args.validate_mixed},
                                      args.seed, say=lambda s: print(s, flush=True)):
@@ -92,4 +93,10 @@ def run(args: argparse.Namespace) -> int:
               f"{result['passes_kendall_tau']:.3f}, mean difference "
               f"{result['passes_difference_percent']:.2f} %; the plans span "
               f"{result['plans_range_percent']:.2f} %")
+        recap.append(f"{result['plan_mix']} plans: MAPE {result['mape_percent']:.2f} %, tau "
+                     f"{result['kendall_tau']:.3f} (end to end against itself: tau "
+                     f"{result['passes_kendall_tau']:.3f}, plans span "
+                     f"{result['plans_range_percent']:.2f} %)")
+    if len(recap) > 1:  # each validation's lines scroll past the other's plans
+        print("validations: " + "; ".join(recap))
     return 0

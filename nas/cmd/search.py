@@ -7,7 +7,7 @@ import csv
 import io
 import time
 
-from nas.cmd.common import add_data_options, load_space_data, now_iso
+from nas.cmd.common import add_data_options, add_latency_options, load_space_data, now_iso
 from nas.table import format_table
 
 DEFAULT_BUDGET = "5m"
@@ -27,12 +27,7 @@ def add_parser(sub, parents) -> None:
                                     "half of the space's uniform W8A8 size)")
     p.add_argument("--cost", choices=("size", "bitops", "latency"),
                    help="cost to penalise (default: the target's)")
-    p.add_argument("--latency-batch", type=int,
-                   help="batch the latency cost is for: latency tables are measured per batch "
-                        "(default 1, or the resumed run's)")
-    p.add_argument("--device-spec",
-                   help="device whose latency tables and roofline the latency cost uses "
-                        "(default h200, or the resumed run's)")
+    add_latency_options(p, "--latency-batch", "the resumed run")
     p.add_argument("--loss", choices=("additive", "multiplicative"), default="additive")
     p.add_argument("--checkpoint", help="start from the weights of a 'nas train' checkpoint")
     p.add_argument("--resume", metavar="RUN", help="continue the search of an earlier run folder "
@@ -75,6 +70,16 @@ def _settings(args):
     return budget, search_budget, target
 
 
+def _spec_reference(device_spec: str | None) -> str | None:
+    """A device spec as a plan records it: a name, or a .yaml file's absolute path (so that
+    `nas cost --plan` finds it from any folder)."""
+    from pathlib import Path
+
+    if device_spec and Path(device_spec).suffix in (".yaml", ".yml"):
+        return str(Path(device_spec).resolve())
+    return device_spec
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -101,12 +106,21 @@ def run(args: argparse.Namespace) -> int:
         space = SearchSpace.from_dict(resumed["space"], source=f"run {args.resume}")
         args.seed = resumed.get("seed", args.seed)  # same splits and batch order as before
         target = target or (Target(**resumed["target"]) if resumed.get("target") else None)
+        if target and args.cost and args.cost != target.cost:
+            raise ConfigError(f"--cost {args.cost} but run {args.resume} searched for the "
+                              f"{target.cost} target {target.text}; give a --target of the same "
+                              f"kind")
     else:
         space = load_space(args.space)
     cost_name = args.cost or (target.cost if target else "size")
+    if cost_name != "latency" and (args.latency_batch or args.device_spec):
+        raise ConfigError(f"--latency-batch and --device-spec apply to a latency cost only, and "
+                          f"this search's cost is {cost_name}; give --cost latency or a "
+                          f"latency=... target, or drop them")
     saved = (resumed or {}).get("latency") or {}
     latency = {"batch": args.latency_batch or saved.get("batch", 1),
-               "device_spec": args.device_spec or saved.get("device_spec", "h200")}
+               "device_spec": _spec_reference(args.device_spec) or saved.get("device_spec",
+                                                                              "h200")}
     cost_model = make_cost_model(cost_name, device_spec=latency["device_spec"],
                                  batch=latency["batch"])
     if cost_name != "latency":
