@@ -133,15 +133,14 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 
 
 def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list]]]:
-    fmt = _fmt
     rows = []
     for r in results["rows"]:
         for kind in ("roofline", "calibrated"):
             s = r[kind]
-            rows.append([r["space"], r["batch"], kind, fmt(s["entry_median_error"], True),
-                         fmt(s["layer_choice_tau"]), fmt(s["plan_mape"], True),
-                         fmt(s["plan_tau"]), fmt(s["mixed_plan_mape"], True),
-                         fmt(s["mixed_plan_tau"])])
+            rows.append([r["space"], r["batch"], kind, _fmt(s["entry_median_error"], True),
+                         _fmt(s["layer_choice_tau"]), _fmt(s["plan_mape"], True),
+                         _fmt(s["plan_tau"]), _fmt(s["mixed_plan_mape"], True),
+                         _fmt(s["mixed_plan_tau"])])
     return [(f"latency estimates against the {results['device_spec']} tables, each space held "
              f"out of the calibration ({results['plans']} random plans of each mix per table)",
              ["space", "batch", "estimate", "entry median error", "layer choice tau",

@@ -71,7 +71,7 @@ def add_parser(sub, parents) -> None:
     estimate.add_argument("--device-spec", default="h200",
                           help="device whose tables are compared (default h200)")
     estimate.add_argument("--plans", type=int, default=200,
-                          help="random plans per table (default 200)")
+                          help="random plans of each mix per table (default 200)")
     estimate.set_defaults(run=run_estimate)
 
     compiled = benches.add_parser(

@@ -144,10 +144,9 @@ class Calibration:
         return base * self.integer.factor(integer_features(info, w_bits, a_bits, base))
 
     def describe(self) -> str:
-        fits = (("integer", self.integer), ("fp16 cuDNN", self.floating))
-        parts = [f"{fit.entries} {what} entries" for what, fit in fits if fit is not None]
+        fits = (("integer", "integer", self.integer), ("fp16 cuDNN", "float", self.floating))
+        parts = [f"{fit.entries} {data} entries" for data, _, fit in fits if fit is not None]
         n = len(self.sources)
-        bare = [f"{'float' if what[0] == 'f' else what} choices: the bare roofline"
-                for what, fit in fits if fit is None]
+        bare = [f"{choices} choices: the bare roofline" for _, choices, fit in fits if fit is None]
         return (f"{' and '.join(parts)} of {n} measured table{'s' if n > 1 else ''}"
                 + (f" ({bare[0]})" if bare else ""))

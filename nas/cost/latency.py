@@ -200,7 +200,7 @@ class LatencyTable:
                 raw.get("entries"), list) or not isinstance(raw.get("provenance"), dict):
             raise ConfigError(f"latency table {path} is not a {TABLE_FORMAT} file")
         batch = raw["provenance"].get("batch")
-        if batch is not None and not (_is_number(batch) and isinstance(batch, int) and batch > 0):
+        if batch is not None and not (isinstance(batch, int) and _is_number(batch) and batch > 0):
             raise ConfigError(f"latency table {path}: provenance batch {batch!r} is not a "
                               f"positive whole number; fix it or re-measure the table")
         for i, entry in enumerate(raw["entries"]):
