@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,12 @@ class LayerInfo:
     out_hw: tuple[int, int]
     params: int
     macs: int
+
+    def prepadded(self) -> "LayerInfo":
+        """The same layer on its input already bordered by its padding (padding 0, the
+        input larger by it): a layout where the producer writes inside a border."""
+        (ph, pw), (h, w) = self.padding, self.in_hw
+        return replace(self, padding=(0, 0), in_hw=(h + 2 * ph, w + 2 * pw))
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_JOBS:-8}")
 TAIL=30 stage kernels 210 python3 -m pytest -q -rf -p no:cacheprovider $XDIST tests/test_kernels_cuda.py
 # The kernels' speed goals in one quick run (its run folder travels in the bundle). It and
 # each `nas measure` first compile their candidate kernels in parallel (--compile-jobs).
-TAIL=14 stage bench 120 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
+TAIL=30 stage bench 150 python3 -m nas --runs-dir "$LOGS/runs" bench kernels
 # Each table is checked end to end on random plans of both kinds (--validate: each layer's
 # precision drawn with equal odds; --validate-mixed: each plan draws odds of its own).
 V30="--validate 30 --validate-mixed 30" V10="--validate 10 --validate-mixed 10"

@@ -180,6 +180,11 @@ def test_compiling_ahead_fills_the_cache_autotuning_reads(tmp_path, monkeypatch)
     stem = warm_cache("fmnist_resnet8", 1, 1, device="cpu", precisions=["W8A8"],
                       layers=["conv1"])
     assert stem == sum(any(u["layer"] == "conv1" for u in k["layers"]) for k in report) > 3
+    # And on a bordered input too (`nas bench kernels` times both): kernels without the
+    # padding correction besides.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "stem-bordered"))
+    assert warm_cache("fmnist_resnet8", 1, 1, device="cpu", precisions=["W8A8"],
+                      layers=["conv1"], prepadded=True) > stem
 
 
 @pytest.mark.parametrize("command", [["measure", "--space", "fmnist_resnet8"],

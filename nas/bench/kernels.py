@@ -9,6 +9,13 @@ Three ratios, each over the space's layer geometries (each geometry once), timed
   batch.
 Each is summarised by its geometric mean and its worst layer; a goal is met when the worst
 layer meets it.
+
+Beside the goals, what the padding costs: each padded layer at the large batch is timed again
+on its input already bordered by the zero point (padding 0), as a producer writing inside a
+border would leave it. The kernels read padding as 0 and correct for the zero point in the
+epilogue (see `_conv_gemm_kernel`); the ratio of the two times is what that correction and the
+bounds checks cost, an upper bound on what such a layout could gain (its producer's strided
+stores are not timed).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import math
 from typing import Any, Callable
 
 from nas.cost.latency import table_key
-from nas.cost.measure import make_case, measure, ops
+from nas.cost.measure import (Case, fp16_baseline, int_operands, make_case, measure, ops,
+                              pack_operands)
 
 GOALS = {"w8a8_vs_fp16": 1.5, "roofline_fraction": 0.6, "w4a8_vs_w8a8": 1.2}
 LARGEST_WITHIN = 0.10
@@ -50,21 +58,54 @@ def _timed_layers(space, large: int, small: int) -> tuple[list, list, list, list
     return three, largest, _unique(three + largest, large), goal_layers(space, small)[0]
 
 
-def warm_targets(space, large: int, small: int) -> list[tuple[int, list[str], list[str]]]:
-    """What `run_bench` times, as (batch, precisions, layer names) for compiling ahead: one
-    layer per geometry (the kernels depend on nothing else)."""
+def warm_targets(space, large: int, small: int) -> list[tuple[int, list[str], list[str], bool]]:
+    """What `run_bench` times, as (batch, precisions, layer names, whether on a bordered
+    input too) for compiling ahead: one layer per geometry (the kernels depend on nothing
+    else)."""
     _, _, big, three_small = _timed_layers(space, large, small)
-    return [(large, ["W8A8"], [i.name for i in big]),
-            (small, ["W8A8", "W4A8"], [i.name for i in three_small])]
+    return [(large, ["W8A8"], [i.name for i in big], True),
+            (small, ["W8A8", "W4A8"], [i.name for i in three_small], False)]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Geometric mean, worst (smallest) and best of per-layer ratios."""
+    if not values:
+        return {"layers": 0}
+    geomean = math.exp(sum(math.log(v) for v in values) / len(values))
+    return {"layers": len(values), "geomean": round(geomean, 4), "worst": round(min(values), 4),
+            "best": round(max(values), 4)}
 
 
 def summarize(values: list[float], goal: float) -> dict[str, Any]:
-    """Geometric mean and worst of per-layer ratios against a goal."""
-    if not values:
-        return {"layers": 0, "goal": goal, "met": False}
-    geomean = math.exp(sum(math.log(v) for v in values) / len(values))
-    return {"layers": len(values), "geomean": round(geomean, 4), "worst": round(min(values), 4),
-            "best": round(max(values), 4), "goal": goal, "met": min(values) >= goal}
+    """`spread` of per-layer ratios against a goal."""
+    return {**spread(values), "goal": goal, "met": bool(values) and min(values) >= goal}
+
+
+def padding_pair(info, batch: int, w_bits: int, a_bits: int, device,
+                 gen) -> tuple[Case, Case]:
+    """The layer twice on the same codes: padded by the kernel, and on its input bordered by
+    the zero point with padding 0. Both are run once here and must agree bit for bit (the
+    integer sums are exact either way, and the epilogue is the same)."""
+    import torch
+    import torch.nn.functional as F
+
+    from nas.kernels.conv import prepare_conv
+
+    baseline, _, _ = fp16_baseline(info, batch, device, gen)
+    x, wt, epilogue = int_operands(info, batch, w_bits, a_bits, device, gen)
+    (ph, pw), bordered = info.padding, info.prepadded()
+    xb = F.pad(x, (0, 0, pw, pw, ph, ph), value=epilogue["x_zero_point"])  # NHWC: C, W, H
+    conv = dict(stride=info.stride, groups=info.groups, **epilogue)
+    in_kernel = prepare_conv(*pack_operands(info, w_bits, a_bits, x, wt), padding=info.padding,
+                             **conv)
+    in_layout = prepare_conv(*pack_operands(bordered, w_bits, a_bits, xb, wt), padding=0, **conv)
+    if not torch.equal(in_kernel(), in_layout()):
+        raise RuntimeError(f"{info.name}: the kernel's padding and a bordered input give "
+                           f"different outputs; the padding correction is wrong")
+    key = table_key(info, batch, w_bits, a_bits)
+    return (Case(key, info, w_bits, a_bits, in_kernel, baseline),
+            Case(table_key(bordered, batch, w_bits, a_bits), bordered, w_bits, a_bits, in_layout,
+                 baseline))
 
 
 def run_bench(space, device, timer, spec, large: int, small: int, seed: int = 0,
@@ -80,8 +121,10 @@ def run_bench(space, device, timer, spec, large: int, small: int, seed: int = 0,
                           f"choose a convolutional space such as imagenet_resnet18")
     say(f"{space.name}: {len(big)} layer geometries at batch {large} (W8A8), "
         f"{len(three_small)} at batch {small} (W8A8, W4A8)")
-    entries_large = measure([make_case(i, large, 8, 8, device, gen) for i in big], large, timer,
-                            spec, say=say)
+    pairs = {i.name: padding_pair(i, large, 8, 8, device, gen) for i in big if any(i.padding)}
+    entries_large = measure([pairs[i.name][0] if i.name in pairs
+                             else make_case(i, large, 8, 8, device, gen) for i in big],
+                            large, timer, spec, say=say)
     small_cases = [make_case(i, small, w, 8, device, gen) for i in three_small for w in (8, 4)]
     entries_small = measure(small_cases, small, timer, spec, say=say)
     by_key = {e["key"]: e for e in entries_large + entries_small}
@@ -93,7 +136,34 @@ def run_bench(space, device, timer, spec, large: int, small: int, seed: int = 0,
             "entries": entries_large + entries_small,
             "goals": {"w8a8_vs_fp16": summarize(speedup, GOALS["w8a8_vs_fp16"]),
                       "roofline_fraction": summarize(roofline, GOALS["roofline_fraction"]),
-                      "w4a8_vs_w8a8": summarize(w4, GOALS["w4a8_vs_w8a8"])}}
+                      "w4a8_vs_w8a8": summarize(w4, GOALS["w4a8_vs_w8a8"])},
+            "padding": padding_costs(pairs.values(), by_key, three, large, timer, say)}
+
+
+def padding_costs(pairs, by_key: dict, three: list, batch: int, timer,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """Times the bordered half of each pair (the other is in `by_key`, timed with its fp16
+    baseline): per layer both times and their ratio; the ratios' spread; and the W8A8
+    speed-up over fp16 of the 3x3 layers were the padding in the layout."""
+    from nas.kernels.conv import tuned_config
+
+    entries = []
+    for i, (in_kernel, in_layout) in enumerate(pairs, 1):
+        us = timer(in_layout.run)
+        measured = by_key[in_kernel.key]
+        entries.append({"key": in_kernel.key, "us_padding_in_kernel": measured["us"],
+                        "us_padding_in_layout": round(us, 3),
+                        "in_kernel_over_in_layout": round(measured["us"] / us, 4),
+                        "speedup_vs_fp16_in_layout": round(measured["fp16_cudnn_us"] / us, 4),
+                        "kernel_config_in_layout": tuned_config(in_layout.run) or "-"})
+        say(f"[padding {i}/{len(pairs)}] {in_kernel.key}: {measured['us']:.2f} us padded in the "
+            f"kernel, {us:.2f} us on a bordered input")
+    three_keys = {table_key(i, batch, 8, 8) for i in three}
+    return {"entries": entries,
+            "in_kernel_over_in_layout": spread([e["in_kernel_over_in_layout"] for e in entries]),
+            "w8a8_vs_fp16_3x3_in_layout": summarize(
+                [e["speedup_vs_fp16_in_layout"] for e in entries if e["key"] in three_keys],
+                GOALS["w8a8_vs_fp16"])}
 
 
 def tables(results: dict[str, Any]):
@@ -107,7 +177,23 @@ def tables(results: dict[str, Any]):
     goals = [[names[k], g["layers"], g.get("geomean", "-"), g.get("worst", "-"),
               g.get("best", "-"), f">= {g['goal']}", "met" if g["met"] else "NOT met"]
              for k, g in results["goals"].items()]
+    padding = results["padding"]
+    pad_rows = [[e["key"], e["us_padding_in_kernel"], e["us_padding_in_layout"],
+                 e["in_kernel_over_in_layout"], e["speedup_vs_fp16_in_layout"],
+                 e["kernel_config_in_layout"]] for e in padding["entries"]]
+    s, g = padding["in_kernel_over_in_layout"], padding["w8a8_vs_fp16_3x3_in_layout"]
+    pad_summary = [["time padded in the kernel / on a bordered input", s["layers"],
+                    s.get("geomean", "-"), s.get("worst", "-"), s.get("best", "-"), "", ""],
+                   [f"{names['w8a8_vs_fp16']}, on bordered inputs", g["layers"],
+                    g.get("geomean", "-"), g.get("worst", "-"), g.get("best", "-"),
+                    f">= {g['goal']}", "met" if g["met"] else "NOT met"]]
     return [("layers (measured)", ["layer geometry and precision", "us", "fp16 cuDNN us",
                                    "speed-up", "of roofline", "kernel"], rows),
             ("goals (ratio per layer; met when the worst layer meets it)",
-             ["ratio", "layers", "geomean", "worst", "best", "goal", ""], goals)]
+             ["ratio", "layers", "geomean", "worst", "best", "goal", ""], goals),
+            (f"padding: in the kernel (zero-point correction) vs a bordered input (padding 0), "
+             f"W8A8, batch {large}", ["layer geometry and precision", "us in kernel",
+                                      "us bordered", "ratio", "speed-up bordered", "kernel"],
+             pad_rows),
+            ("padding (a bordered input is a layout the kernels are not given today)",
+             ["ratio", "layers", "geomean", "worst", "best", "goal", ""], pad_summary)]

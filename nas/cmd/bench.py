@@ -51,7 +51,9 @@ def add_parser(sub, parents) -> None:
                                              "space's 3x3 convolutions and the fraction of the "
                                              "INT8 roofline on its largest layers at the large "
                                              "batch, W4A8 vs W8A8 at the small batch; each "
-                                             "against its goal.")
+                                             "against its goal. Then what the padding costs: "
+                                             "each padded layer at the large batch again on "
+                                             "its input bordered by the zero point.")
     kernels.add_argument("--space", default="imagenet_resnet18",
                          help="search space whose layer geometries are timed "
                               "(default imagenet_resnet18)")
@@ -244,8 +246,10 @@ def run_kernels(args: argparse.Namespace) -> int:
     spec = DeviceSpec.load(args.device_spec)
     device = require_cuda("cuda" if args.device in (None, "auto") else args.device,
                           "nas bench kernels")
-    for batch, precisions, names in warm_targets(space, args.large_batch, args.small_batch):
-        compile_ahead(args.space, [batch], args.compile_jobs, device, precisions, names)
+    for batch, precisions, names, prepadded in warm_targets(space, args.large_batch,
+                                                            args.small_batch):
+        compile_ahead(args.space, [batch], args.compile_jobs, device, precisions, names,
+                      prepadded)
     import torch
 
     torch.backends.cudnn.benchmark = True  # cuDNN at its best, as in `nas measure`

@@ -62,9 +62,10 @@ def check_compile_jobs(jobs: int) -> None:
 
 
 def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None,
-                  layers=None) -> None:
+                  layers=None, prepadded: bool = False) -> None:
     """Compile the kernels a GPU would try for `space` at each batch (only `precisions` and
-    the layers named in `layers`, where given), `jobs` processes at once, into Triton's
+    the layers named in `layers`, where given; with `prepadded`, those of each padded layer
+    on a bordered input too: `LayerInfo.prepadded`), `jobs` processes at once, into Triton's
     on-disk cache; says how long it took. Nothing with `jobs` 0 (the command has checked
     `jobs` with check_compile_jobs before needing a GPU)."""
     import sys
@@ -78,7 +79,7 @@ def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None
     started = time.monotonic()
     try:
         count = sum(warm_cache(space, batch, jobs, device=device.type, precisions=precisions,
-                               layers=layers) for batch in batches)
+                               layers=layers, prepadded=prepadded) for batch in batches)
     except ConfigError as e:  # only a head start was lost: timing compiles what it needs
         print(f"warning: {e}; kernels compile as timing goes", file=sys.stderr, flush=True)
         return

@@ -154,39 +154,56 @@ def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
     Random values are drawn on `gen`'s device (on the GPU: no host work or copies).
     `config` and `launch` pin the GEMM kernel's tile and launch variant (default: autotuned
     and chosen by timing on the GPU)."""
-    from nas.kernels import pack_int4
     from nas.kernels.conv import prepare_conv
 
-    c, o, g = info.in_channels, info.out_channels, info.groups
-    kh, kw = info.kernel
-    h, w = info.in_hw
     key = table_key(info, batch, w_bits, a_bits)
-    def randn(*shape):
-        return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float16)
-
-    xf = randn(batch, c, h, w).contiguous(memory_format=torch.channels_last)
-    wf = randn(o, c // g, kh, kw).contiguous(memory_format=torch.channels_last)
-    conv = dict(stride=info.stride, padding=info.padding, groups=g)  # Linear: a 1x1 conv
-
-    def baseline():
-        F.conv2d(xf, wf, None, **conv)
-
+    baseline, xf, wf = fp16_baseline(info, batch, device, gen)
+    conv = dict(stride=info.stride, padding=info.padding, groups=info.groups)
     if w_bits in FLOAT_BITS or a_bits in FLOAT_BITS:
         dtype = torch.float16 if max(w_bits, a_bits) <= 16 else torch.float32
         xd, wd = xf.to(dtype), wf.to(dtype)
         return Case(key, info, w_bits, a_bits, lambda: F.conv2d(xd, wd, None, **conv), baseline)
-    x = _int_values((batch, h, w, c), a_bits, gen).to(device)
-    wt = _int_values((o, kh, kw, c // g), w_bits, gen).to(device)
-    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
-    if x_packed:
-        x = pack_int4(x, dim=3)
-    if w_packed:
-        wt = pack_int4(wt, dim=3)
-    scale = torch.rand(o, generator=gen, device=gen.device).to(device) * 1e-3
-    bias = torch.randn(o, generator=gen, device=gen.device).to(device)
-    run = prepare_conv(x, wt, w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias, relu=True,
-                       x_zero_point=ACTIVATION_ZERO_POINT, config=config, launch=launch, **conv)
+    x, wt, epilogue = int_operands(info, batch, w_bits, a_bits, device, gen)
+    run = prepare_conv(*pack_operands(info, w_bits, a_bits, x, wt), config=config,
+                       launch=launch, **epilogue, **conv)
     return Case(key, info, w_bits, a_bits, run, baseline)
+
+
+def fp16_baseline(info, batch: int, device: torch.device, gen: torch.Generator):
+    """(the layer in torch fp16 channels_last, its input, its weights)."""
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float16)
+
+    kh, kw = info.kernel
+    xf = randn(batch, info.in_channels, *info.in_hw).contiguous(memory_format=torch.channels_last)
+    wf = randn(info.out_channels, info.in_channels // info.groups, kh, kw).contiguous(
+        memory_format=torch.channels_last)
+    conv = dict(stride=info.stride, padding=info.padding, groups=info.groups)  # Linear: 1x1
+
+    def baseline():
+        F.conv2d(xf, wf, None, **conv)
+    return baseline, xf, wf
+
+
+def int_operands(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
+                 gen: torch.Generator):
+    """(NHWC activation codes, OHWI weight codes, both unpacked int8; the epilogue's
+    arguments of a `prepare_conv` call: bits, per-channel scale, bias, ReLU, zero point)."""
+    x = _int_values((batch, *info.in_hw, info.in_channels), a_bits, gen).to(device)
+    wt = _int_values((info.out_channels, *info.kernel, info.in_channels // info.groups), w_bits,
+                     gen).to(device)
+    scale = torch.rand(info.out_channels, generator=gen, device=gen.device).to(device) * 1e-3
+    bias = torch.randn(info.out_channels, generator=gen, device=gen.device).to(device)
+    return x, wt, dict(w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias, relu=True,
+                       x_zero_point=ACTIVATION_ZERO_POINT)
+
+
+def pack_operands(info, w_bits: int, a_bits: int, x: torch.Tensor, wt: torch.Tensor):
+    """x and wt as the kernels take them: packed two per byte where `packed_operands` says."""
+    from nas.kernels import pack_int4
+
+    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
+    return (pack_int4(x, dim=3) if x_packed else x), (pack_int4(wt, dim=3) if w_packed else wt)
 
 
 def layer_cases(space, batch: int, device: torch.device, seed: int = 0) -> list[Case]:

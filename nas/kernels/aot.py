@@ -199,10 +199,14 @@ def _candidate_runs(request: dict):
             precision = f"W{w_bits}A{a_bits}"
             if wanted and precision not in wanted:
                 continue
-            for launch in _candidates(layer.info, request["batch"], w_bits, a_bits):
-                yield layer, precision, launch, lambda: make_case(
-                    layer.info, request["batch"], w_bits, a_bits, device, gen,
-                    launch=launch).run()
+            infos = [layer.info]
+            if request.get("prepadded") and any(layer.info.padding):
+                infos.append(layer.info.prepadded())
+            for info in infos:
+                for launch in _candidates(info, request["batch"], w_bits, a_bits):
+                    yield layer, precision, launch, lambda: make_case(
+                        info, request["batch"], w_bits, a_bits, device, gen,
+                        launch=launch).run()
         if request.get("progress", True):
             print(f"compiled layer {i}/{len(layers)} ({layer.name})", file=sys.stderr, flush=True)
 
@@ -262,9 +266,10 @@ def _compiling_env(for_gpu_present: bool = False) -> dict:
 
 def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
                precisions: list[str] | None = None, layers: list[str] | None = None,
-               timeout_s: float = 1800) -> int:
+               prepadded: bool = False, timeout_s: float = 1800) -> int:
     """Compile every kernel a GPU would try for the space's layers (those named in `layers`,
-    where given) at `batch` into Triton's on-disk cache, in `jobs` processes at once, so
+    where given; with `prepadded`, each padded one on a bordered input too) at `batch` into
+    Triton's on-disk cache, in `jobs` processes at once, so
     that autotuning afterwards loads them instead of compiling one after another. `device`
     "cuda" compiles for the GPU present; "cpu" compiles for sm_90 without one. Returns the
     number of distinct kernels."""
@@ -274,7 +279,8 @@ def warm_cache(space: str, batch: int, jobs: int, device: str = "cuda",
     procs = [subprocess.Popen(
         [sys.executable, "-m", "nas.kernels.aot", json.dumps(
             {"mode": "warm", "space": space, "batch": batch, "precisions": precisions or [],
-             "layers": layers or [], "device": device, "shard": k, "shards": jobs})],
+             "layers": layers or [], "prepadded": prepadded, "device": device, "shard": k,
+             "shards": jobs})],
         env=env, stdout=subprocess.PIPE, text=True) for k in range(jobs)]
     kernels: set[str] = set()
     failed = []
