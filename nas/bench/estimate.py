@@ -37,7 +37,7 @@ def table_spaces(spec: DeviceSpec, folder: Path = COST_MODELS_DIR,
     of a built-in space at its batch."""
     files = []
     for path in sorted(folder.glob("*.json")):
-        raw = LatencyTable._read(path)
+        raw = LatencyTable.read_document(path)
         if raw["provenance"].get("device_spec") == spec.name:
             files.append((path, {e["key"] for e in raw["entries"]},
                           int(raw["provenance"].get("batch", 0))))

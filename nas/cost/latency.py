@@ -161,7 +161,7 @@ class LatencyTable:
         wins over an earlier one's)."""
         entries, sources, origin, kernels, baselines = {}, [], {}, {}, {}
         for path in paths:
-            raw = cls._read(path)
+            raw = cls.read_document(path)
             if raw["provenance"].get("device_spec") != device:
                 continue
             entries.update({e["key"]: float(e["us"]) for e in raw["entries"]})
@@ -191,7 +191,8 @@ class LatencyTable:
                 + f"; re-measure on a GPU with `{remeasure}`")
 
     @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
+    def read_document(path: Path) -> dict[str, Any]:
+        """A table file's JSON, checked entry by entry (one-line ConfigError otherwise)."""
         try:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
