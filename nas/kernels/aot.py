@@ -204,9 +204,9 @@ def _candidate_runs(request: dict):
                 infos.append(layer.info.prepadded())
             for info in infos:
                 for launch in _candidates(info, request["batch"], w_bits, a_bits):
-                    yield layer, precision, launch, lambda: make_case(
-                        info, request["batch"], w_bits, a_bits, device, gen,
-                        launch=launch).run()
+                    def run(info=info, launch=launch, w=w_bits, a=a_bits):  # bound now
+                        make_case(info, request["batch"], w, a, device, gen, launch=launch).run()
+                    yield layer, precision, launch, run
         if request.get("progress", True):
             print(f"compiled layer {i}/{len(layers)} ({layer.name})", file=sys.stderr, flush=True)
 
