@@ -6,8 +6,8 @@ import argparse
 import sys
 import traceback
 
+from nas.cmd.checks import seed
 from nas.errors import NasError
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--debug", action="store_true", default=d(False),
                    help="show tracebacks for errors")
-    p.add_argument("--seed", type=int, default=d(0), help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=d(0), help="random seed (default 0)")
     p.add_argument("--runs-dir", default=d("runs"), help="where run folders go (default runs/)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d("auto"),
                    help="compute device (default auto: cuda if available)")
@@ -49,6 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that write run folders (`cost`, `measure` and `spaces` write none).
+_WRITES_RUNS = {"train", "eval", "search", "ptq", "bench"}
+
+
+def _check_globals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks every command needs, before it loads anything."""
+    from pathlib import Path
+
+    from nas.cmd.checks import check_no_empty_values
+    from nas.runs import check_runs_dir
+
+    check_no_empty_values(parser, args)
+    if args.command in _WRITES_RUNS:
+        check_runs_dir(Path(args.runs_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_globals(parser, args)
         return int(args.run(args) or 0)
     except NasError as exc:
         if args.debug:

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nas.datainfo import (  # noqa: F401  (DATASETS, check_data_kwargs: re-exported)
-    DATASETS, SYNTHETIC_DEFAULTS, DataInfo, check_data_kwargs, dataset_info)
+    DATASETS, SYNTHETIC_DEFAULTS, DataInfo, check_data_kwargs, dataset_info, min_train_images,
+    split_sizes)
 from nas.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -198,6 +199,23 @@ def _cifar10(root: Path, part: str, augment: bool) -> ArrayDataset:
                         augment=augment and part == "train")
 
 
+def _read_image(path: str):
+    """torchvision's loader, with a file PIL cannot read reported by name (images are opened
+    only as batches are drawn, so this can come mid-run: a DataError, which the run folder
+    and the CLI handle as bad input)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except UnidentifiedImageError as exc:
+        raise DataError(f"image {path} is not an image PIL can read; replace or remove "
+                        f"it") from exc
+    except (OSError, ValueError) as exc:  # unreadable, or truncated mid-decode
+        reason = getattr(exc, "strerror", None) or str(exc).strip().split("\n")[0]
+        raise DataError(f"image {path} cannot be read ({reason}); replace or remove it") from exc
+
+
 def _imagefolder(root: Path, part: str, image_size: int):
     from torchvision import datasets, transforms
 
@@ -212,9 +230,24 @@ def _imagefolder(root: Path, part: str, image_size: int):
         tf = [transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
     tf += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     try:
-        return datasets.ImageFolder(str(folder), transform=transforms.Compose(tf))
+        return datasets.ImageFolder(str(folder), transform=transforms.Compose(tf),
+                                    loader=_read_image)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"image folder {folder}: {exc}") from exc
+
+
+def _check_classes(root: Path, train, val, num_classes: int) -> None:
+    """Labels are class-folder indices: train/ and val/ must name the same classes (or a
+    label would mean another class in each), and the model needs an output for each."""
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise DataError(f"image folders {root / 'train'} and {root / 'val'} hold different "
+                        f"classes ({', '.join(only[:5])} in only one); give both the same class "
+                        f"subfolders")
+    if len(train.classes) > num_classes:
+        raise DataError(f"image folder {root / 'train'} has {len(train.classes)} class folders "
+                        f"but data.kwargs.num_classes is {num_classes}; set num_classes to at "
+                        f"least {len(train.classes)}")
 
 
 def _synthetic(part: str, n: int, in_channels: int, image_size: int, num_classes: int,
@@ -239,8 +272,24 @@ def default_data_dir(name: str) -> Path:
 
 def _split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_arch = max(1, int(round(n * fraction)))
+    n_arch = split_sizes(n, fraction)[1]
     return order[n_arch:], order[:n_arch]
+
+
+def _check_sizes(name: str, root: Path, n_train: int, n_test: int, fraction: float) -> None:
+    """Refuse data too small to train and select on, or to test, before any run starts (an
+    empty train split never finishes an epoch; an empty test split has no accuracy)."""
+    if name == "imagefolder":
+        train, test = f"image folder {root / 'train'}", f"image folder {root / 'val'}"
+    else:
+        train = test = "synthetic data" if name == "synthetic" else f"{name} in {root}"
+    least = min_train_images(fraction)
+    if n_train < least:
+        raise DataError(f"{train} has {n_train} training image{'s' * (n_train != 1)}; it "
+                        f"needs at least {least}: arch_fraction {fraction:g} holds out at "
+                        f"least one for the arch split and one must be left to train on")
+    if n_test < 1:
+        raise DataError(f"{test} has no test images; give it some to measure accuracy on")
 
 
 def _limit(indices: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -270,6 +319,8 @@ def load_data(name: str, data_dir: str | Path | None = None, seed: int = 0,
     else:
         size = info.image_size[0]
         full_train, test = _imagefolder(root, "train", size), _imagefolder(root, "val", size)
+        _check_classes(root, full_train, test, info.num_classes)
+    _check_sizes(name, root, len(full_train), len(test), fraction)
 
     train_idx, arch_idx = _split_indices(len(full_train), fraction, seed)
     train_idx = _limit(train_idx, kwargs.get("train_subset"))

@@ -5,6 +5,7 @@ Kept apart from nas.data so that a space can be validated and described without 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,39 @@ class DataInfo:
     num_classes: int
 
 
+def split_sizes(n: int, fraction: float) -> tuple[int, int]:
+    """(train, arch) image counts of a training set of `n` split by `fraction`: the arch
+    split always gets at least one image (nas.data splits by exactly this rule)."""
+    n_arch = min(n, max(1, int(round(n * fraction))))
+    return n - n_arch, n_arch
+
+
+def min_train_images(fraction: float) -> int:
+    """The fewest training images that leave both splits at least one image."""
+    n = 2
+    while split_sizes(n, fraction)[0] < 1:
+        n += 1
+    return n
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_whole(kwargs: dict[str, Any], key: str, least: int, why: str = "") -> None:
+    value = kwargs.get(key)
+    if value is not None and (not _whole(value) or value < least):
+        raise ConfigError(f"data.kwargs.{key}: {value!r} must be a whole number of at least "
+                          f"{least}{why}")
+
+
 def check_data_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """Reject an unknown dataset or option before any file is touched."""
+    """Reject an unknown dataset or option, or a value out of range, before any file is
+    touched: one ConfigError naming the key and the values it takes."""
     if name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     for key in kwargs:
@@ -40,12 +72,26 @@ def check_data_kwargs(name: str, kwargs: dict[str, Any]) -> None:
             allowed = ", ".join(sorted(_KWARGS[name] | _COMMON))
             raise ConfigError(f"data.kwargs.{key}: unknown option for {name}; allowed: {allowed}")
     frac = kwargs.get("arch_fraction", 0.2)
-    if not isinstance(frac, (int, float)) or not 0.0 < frac < 1.0:
+    if not _number(frac) or not 0.0 < frac < 1.0:
         raise ConfigError(f"data.kwargs.arch_fraction: {frac!r} must be a number between 0 and 1")
     for key in ("train_subset", "arch_subset", "test_subset"):
         value = kwargs.get(key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
+        if value is not None and (not _whole(value) or value <= 0):
             raise ConfigError(f"data.kwargs.{key}: {value!r} must be a positive whole number")
+    if "augment" in kwargs and not isinstance(kwargs["augment"], bool):
+        raise ConfigError(f"data.kwargs.augment: {kwargs['augment']!r} must be true or false")
+    _check_whole(kwargs, "image_size", 1)
+    _check_whole(kwargs, "in_channels", 1)
+    _check_whole(kwargs, "num_classes", 2, " (a classifier needs two classes)")
+    if name == "synthetic":
+        least = min_train_images(frac)
+        _check_whole(kwargs, "train_size", least,
+                     f" (arch_fraction {frac:g} holds out at least one image for the arch "
+                     f"split and one must be left to train on)")
+        _check_whole(kwargs, "test_size", 1, " (accuracy on no test images means nothing)")
+        noise = kwargs.get("noise", 0.0)
+        if not _number(noise) or noise < 0:
+            raise ConfigError(f"data.kwargs.noise: {noise!r} must be a number of at least 0")
 
 
 def dataset_info(name: str, **kwargs: Any) -> DataInfo:

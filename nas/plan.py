@@ -19,6 +19,7 @@ import yaml
 
 from nas.errors import ConfigError
 from nas.spaces import ALLOWED_BITS, SearchSpace
+from nas.textfiles import parse_yaml, read_text
 
 FORMAT_VERSION = 1
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -79,6 +80,21 @@ def parse_uniform(text: str) -> tuple[int, int]:
         raise ConfigError(f"--uniform {text!r}: write W<bits>A<bits> with bits 2-8, 16 or 32, "
                           f"for example W8A8 or W4A8")
     return bits
+
+
+def uniform_plan(space: SearchSpace, text: str) -> "Plan":
+    """`--uniform W4A8`: every searchable layer at that precision, which must be a choice of
+    each of them, as a plan's must; fixed layers keep theirs."""
+    w_bits, a_bits = parse_uniform(text)
+    searchable = [x for x in space.layers() if not x.fixed]
+    if searchable:
+        valid = [c for c in searchable[0].choices
+                 if all(c in x.choices for x in searchable[1:])]
+        if (w_bits, a_bits) not in {(c.w_bits, c.a_bits) for c in valid}:
+            allowed = ", ".join(str(c) for c in valid) or "none common to all its layers"
+            raise ConfigError(f"--uniform W{w_bits}A{a_bits} is outside space {space.name}; "
+                              f"allowed: {allowed}")
+    return Plan.uniform(space, w_bits, a_bits).resolved(space)
 
 
 @dataclass
@@ -146,6 +162,9 @@ class Plan:
         model = raw.get("model")
         if not isinstance(model, dict) or set(model) != _MODEL_KEYS:
             raise ConfigError(f"{source}: model must have exactly the keys space, name, layer_hash")
+        for key in ("space", "name"):
+            if not isinstance(model[key], str) or not model[key]:
+                raise ConfigError(f"{source}: model.{key} {model[key]!r} must be a name")
         layers_raw = raw.get("layers")
         if not isinstance(layers_raw, dict):
             raise ConfigError(f"{source}: layers must map layer names to precisions")
@@ -175,16 +194,17 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read plan {path}: {exc.strerror}") from exc
-        try:
-            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"plan {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: "
-                              f"{first}") from exc
+        what = f"plan {path}"
+        text = read_text(path, what, "give a plan file (.yaml or .json), such as a run "
+                         "folder's plan.yaml", "give a plan file as nas writes it (YAML or JSON)")
+        if path.suffix != ".json":
+            raw = parse_yaml(text, what)
+        else:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"plan {path} is not valid JSON at line {exc.lineno}, column "
+                                  f"{exc.colno}: {exc.msg}") from exc
         return cls.from_dict(raw, source=f"plan {path}")
 
     # ------------------------------------------------------------ validation
@@ -198,6 +218,11 @@ class Plan:
         """
         space_layers = {x.name: x for x in space.layers()}
         names = list(space_layers)
+        if self.space != space.name and (not set(self.layers) <= set(space_layers)
+                                         or self.layer_hash != layer_hash(space)):
+            # Its layers are another model's: say which space the plan wants.
+            raise ConfigError(f"plan is for space {self.space}, not {space.name}; give "
+                              f"--space {self.space}, or a plan made for {space.name}")
         for name in self.layers:
             if name not in space_layers:
                 listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nas.errors import CheckpointError
+from nas.errors import CheckpointError, ConfigError
 
 PARTIAL = ".partial"
 
@@ -42,14 +43,18 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "space"),
-                    fix: str = "pass the best.pt of a 'nas train' run folder") -> dict[str, Any]:
+                    fix: str = "pass the best.pt of a 'nas train' run folder",
+                    expect: dict[str, str] | None = None) -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint is tensors and plain data, never code.
 
-    `keys` must be present; `fix` tells the user what to pass instead.
+    `keys` must be present and the entries in `expect` have the values given there (format
+    and kind: another nas file has the keys too); `fix` tells the user what to pass instead.
     """
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file; {fix}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
     try:
@@ -58,10 +63,53 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "sp
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); it is corrupt or "
                               f"not a nas checkpoint") from exc
-    if not isinstance(payload, dict) or any(k not in payload for k in keys):
-        raise CheckpointError(f"checkpoint {path} is not a nas checkpoint (no {'/'.join(keys)}); "
-                              f"{fix}")
+    expect = expect or {}
+    wrong = [k for k, v in expect.items() if isinstance(payload, dict) and "format" in payload
+             and payload.get(k) != v]
+    if wrong:  # a nas file of another kind, or of a format this version does not read
+        k = wrong[0]
+        raise CheckpointError(f"checkpoint {path} has {k} {payload.get(k)!r} where "
+                              f"{expect[k]!r} is expected; {fix}")
+    if not isinstance(payload, dict) or any(k not in payload for k in (*keys, *expect)):
+        raise CheckpointError(f"checkpoint {path} is not a nas checkpoint (no "
+                              f"{'/'.join((*keys, *expect))}); {fix}")
     return payload
+
+
+def load_state(module, state: dict[str, Any], source: str, target: str) -> None:
+    """module.load_state_dict(state), refused first with one line naming the first key the
+    two lack or disagree on (torch's own error lists them all, over many lines). `source`
+    and `target` name the two for the message."""
+    own = module.state_dict()
+    problem = next((f"it lacks {k}" for k in own if k not in state), None)
+    problem = problem or next((f"it has {k}, which the model lacks" for k in state
+                               if k not in own), None)
+    problem = problem or next((f"{k} is {tuple(state[k].shape)} in it but "
+                               f"{tuple(own[k].shape)} in the model" for k in own
+                               if hasattr(state[k], "shape") and state[k].shape != own[k].shape),
+                              None)
+    if problem:
+        raise CheckpointError(f"{source} does not fit {target}: {problem}")
+    module.load_state_dict(state)
+
+
+def check_runs_dir(root: Path) -> None:
+    """Refuse a --runs-dir that no run folder can be made in, before any work starts."""
+    fix = "give --runs-dir a folder you can write to"
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError(f"--runs-dir {root} is a file, not a folder; {fix}")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"--runs-dir {root} is not writable; {fix}")
+        return
+    parent = next(p for p in root.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--runs-dir {root} cannot be made: {parent} is a file; {fix}")
+    try:  # root may write anywhere by os.access, yet /proc refuses it: try a real folder
+        os.rmdir(tempfile.mkdtemp(prefix=".nas-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"--runs-dir {root} cannot be made in {parent} ({exc.strerror}); "
+                          f"{fix}") from None
 
 
 def utc_stamp() -> str:
@@ -86,7 +134,6 @@ class RunDir:
 
     def __init__(self, runs_dir: str | Path, space: str, command: str):
         root = Path(runs_dir)
-        root.mkdir(parents=True, exist_ok=True)
         base = f"{utc_stamp()}-{Path(space).stem}-{command}"
         name, n = base, 1
         while (root / name).exists() or (root / (name + PARTIAL)).exists():
@@ -94,7 +141,11 @@ class RunDir:
             name = f"{base}-{n}"
         self.final = root / name
         self.path = root / (name + PARTIAL)
-        self.path.mkdir()
+        try:
+            self.path.mkdir(parents=True)
+        except OSError as exc:  # the CLI checked root; this is what it could not foresee
+            raise ConfigError(f"cannot make run folder {self.path} ({exc.strerror}); give "
+                              f"--runs-dir a folder you can write to") from None
         self.logger = logging.getLogger(f"nas.run.{name}")
         self.logger.setLevel(logging.INFO)
         self._handler = logging.FileHandler(self.path / "log.txt")

@@ -2,7 +2,8 @@
 
 A space is pure data loaded from YAML (`search_spaces/NAME.yaml` or any path). `resolve()`
 builds the model once and matches the layer globs against its Conv2d and Linear modules,
-recording each layer's geometry for the cost models.
+recording each layer's geometry for the cost models. Every Conv2d and Linear is a space
+layer: one that neither `searchable` nor `fixed` names is fixed at float (W32A32).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import math
 import os
 import random
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from nas.errors import ConfigError
 
@@ -37,6 +38,11 @@ class Choice:
 
     def __str__(self) -> str:
         return f"W{self.w_bits}A{self.a_bits}"
+
+
+# A Conv2d / Linear that neither `searchable` nor `fixed` names is held at float: the
+# quantized model leaves it the original module, so sizes and BitOps count it at 32 bits.
+UNMATCHED = Choice(32, 32)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,33 @@ def _section(raw: dict, key: str, allowed: set[str]) -> dict:
     return value
 
 
+def _train_section(raw: dict) -> dict[str, Any]:
+    """The train: defaults a command falls back on, checked here so that a bad value is
+    refused when the space loads (and by 'nas spaces show'), not when training starts."""
+    from nas.budget import parse_budget
+    from nas.errors import BudgetError
+
+    train = {**_TRAIN_DEFAULTS, **_section(raw, "train", set(_TRAIN_DEFAULTS))}
+    try:
+        parse_budget(str(train["budget"]))
+    except BudgetError as exc:
+        raise ConfigError(f"train.budget: {exc}") from None
+    size = train["batch_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ConfigError(f"train.batch_size: {size!r} must be a positive whole number")
+    for key, least, above in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
+        value = train[key]
+        try:  # PyYAML reads 1e-3 (no dot) as a string: numbers written so are accepted
+            number = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not math.isfinite(number) or number < least or (above and number == least):
+            takes = "a number above 0" if above else "a number of at least 0"
+            raise ConfigError(f"train.{key}: {value!r} must be {takes}")
+        train[key] = number
+    return train
+
+
 def _globs(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -129,6 +162,8 @@ class SearchSpace:
     quantizer: dict[str, Any] = field(default_factory=lambda: dict(_QUANTIZER_DEFAULTS))
     train: dict[str, Any] = field(default_factory=lambda: dict(_TRAIN_DEFAULTS))
     description: str = ""
+    # How the user named the space (a shipped name or a path), for hints in messages.
+    origin: str = field(default="", repr=False, compare=False)
     _layers: list[SpaceLayer] | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------ loading
@@ -145,6 +180,7 @@ class SearchSpace:
     def _from_dict(cls, raw: Any) -> "SearchSpace":
         from nas.datainfo import check_data_kwargs
         from nas.models import get_factory, is_known
+        from nas.models.registry import check_model_kwargs
 
         if not isinstance(raw, dict):
             raise ConfigError("the file must hold a mapping with keys name, model, data, ...")
@@ -168,6 +204,7 @@ class SearchSpace:
                 get_factory(model["name"])  # imports a user module; names the choices if unknown
         except Exception as exc:  # ModelError, or an import error in a user module
             raise ConfigError(f"model.name: {exc}") from exc
+        check_model_kwargs(model["name"], model.get("kwargs") or {})
         check_data_kwargs(data["name"], data.get("kwargs") or {})
         choices = _section(raw, "choices", {"w_bits", "a_bits"})
         quantizer = {**_QUANTIZER_DEFAULTS,
@@ -178,7 +215,7 @@ class SearchSpace:
         for key in ("w_symmetric", "a_symmetric"):
             if not isinstance(quantizer[key], bool):
                 raise ConfigError(f"quantizer.{key}: {quantizer[key]!r} must be true or false")
-        train = {**_TRAIN_DEFAULTS, **_section(raw, "train", set(_TRAIN_DEFAULTS))}
+        train = _train_section(raw)
         fixed_raw = raw.get("fixed") or {}
         if not isinstance(fixed_raw, dict):
             raise ConfigError(f"fixed: must map layer globs to {{w_bits, a_bits}}, got {fixed_raw!r}")
@@ -199,17 +236,16 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":
+        from nas.textfiles import parse_yaml, read_text
+
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read search space {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"search space {path} is not valid YAML{where}: {problem}") from exc
-        return cls.from_dict(raw, source=f"search space {path}")
+        what = f"search space {path}"
+        raw = parse_yaml(read_text(path, what, "give a search space .yaml file or a shipped "
+                                   "space's name (see 'nas spaces')",
+                                   "save it as a UTF-8 YAML file"), what)
+        space = cls.from_dict(raw, source=f"search space {path}")
+        space.origin = str(path)
+        return space
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved space as plain data (what run folders save as config)."""
@@ -277,21 +313,23 @@ class SearchSpace:
     def _resolve(self, model) -> list[SpaceLayer]:
         geometry = self.geometry(model)
         names = list(geometry)
+        show = f"to list them, run: nas spaces show {shlex.quote(self.origin or self.name)}"
         for i, glob in enumerate(self.searchable):
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise ConfigError(f"space {self.name}: searchable[{i}] {glob!r} matches no Conv2d "
-                                  f"or Linear layer of {self.model}; "
-                                  f"run 'nas spaces show {self.name}' to list them")
+                                  f"or Linear layer of {self.model}; {show}")
         for glob in self.fixed:
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise ConfigError(f"space {self.name}: fixed.{glob} matches no Conv2d or Linear "
-                                  f"layer of {self.model}")
+                                  f"layer of {self.model}; {show}")
         layers = []
         for name in names:
             fixed = next((c for g, c in self.fixed.items() if fnmatch.fnmatchcase(name, g)), None)
+            if fixed is None and not any(fnmatch.fnmatchcase(name, g) for g in self.searchable):
+                fixed = UNMATCHED  # stays float in the quantized model: every cost counts it so
             if fixed is not None:
                 layers.append(SpaceLayer(geometry[name], (fixed,), True))
-            elif any(fnmatch.fnmatchcase(name, g) for g in self.searchable):
+            else:
                 layers.append(SpaceLayer(geometry[name], self.choices, False))
         return layers
 
@@ -373,14 +411,19 @@ def load_space(name_or_path: str | Path | None = None) -> SearchSpace:
     name_or_path = name_or_path or DEFAULT_SPACE
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"search space file {path} does not exist")
         return SearchSpace.from_yaml(path)
     candidate = _spaces_dir() / f"{name_or_path}.yaml"
     if not candidate.is_file():
+        if path.is_dir():
+            raise ConfigError(f"search space {path} is a directory; give a search space "
+                              f".yaml file or a shipped space's name (see 'nas spaces')")
         raise ConfigError(f"unknown search space {str(name_or_path)!r}; choose one of "
                           f"{', '.join(list_spaces())} (see 'nas spaces') or give a .yaml path")
-    return SearchSpace.from_yaml(candidate)
+    space = SearchSpace.from_yaml(candidate)
+    space.origin = str(name_or_path)
+    return space
 
 
 PLAN_MIXES = ("uniform", "mixed")

@@ -127,6 +127,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compile_is_given_the_users_space_not_a_shipped_one_of_its_name(tmp_path, monkeypatch,
+                                                                       space_file):
+    from nas.cli import main
+    from nas.kernels import aot
+
+    # A .yaml reusing a shipped name, with another model: ResNet-8 at width 8, not 16.
+    path = space_file({"name": "fmnist_resnet8"})
+    given = []
+    monkeypatch.setattr(aot, "compile_report",
+                        lambda space, batch, precisions: given.append(space) or [])
+    assert main(["--runs-dir", str(tmp_path / "runs"), "bench", "compile", "--space", str(path),
+                 "--precision", "W8A8", "--batch", "1"]) == 0
+    # What the compiling process is sent (as JSON) builds the user's layers.
+    request = {"space": json.loads(json.dumps(given[0])), "batch": 1, "precisions": ["W8A8"],
+               "progress": False}
+    stem = next(layer for layer, *_ in aot._candidate_runs(request) if layer.name == "conv1")
+    assert stem.info.out_channels == 8
+
+
 # In a process compiling for sm_90 (no GPU): the autotuned launch of fmnist_resnet8's
 # layer3.0.conv2 at W8A8, batch 1, split in two -- the path `nas measure` takes -- compiling
 # every tile the autotuner keeps and the epilogue kernel; prints the kernels' hashes.

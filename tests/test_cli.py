@@ -3,13 +3,23 @@
 import pytest
 import torch
 
-from tests.conftest import run_nas
+from nas.spaces import SearchSpace
+from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 
 @pytest.fixture
 def bad_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    model = SearchSpace.from_dict(SYNTHETIC_SPACE).build_model().state_dict()
+    good = {"format": "nas-checkpoint/1", "kind": "fp32", "space": SYNTHETIC_SPACE,
+            "state_dict": model}
+    for name, change in [("supernet", {"kind": "supernet"}),
+                         ("future", {"format": "nas-checkpoint/9"}),
+                         ("lacks", {"state_dict": {k: v for k, v in model.items()
+                                                   if k != "layer1.0.conv1.weight"}}),
+                         ("shape", {"state_dict": {**model, "fc.weight": torch.ones(3, 3)}})]:
+        torch.save({**good, **change}, tmp_path / f"{name}.pt")
     (tmp_path / "broken.yaml").write_text("name: x\nmodel: {name: resnet8\n")
     (tmp_path / "bits.yaml").write_text(
         "name: bits\nmodel: {name: resnet8}\ndata: {name: synthetic}\nchoices: {w_bits: [4, 12]}\n")
@@ -36,6 +46,42 @@ CASES = [
     (["train", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["--device", "tpu", "spaces"], "argument --device: invalid choice: 'tpu'"),
+    # Every command refuses a bad value up front, one line naming the flag.
+    (["--seed", "99999999999999999999", "train"], "argument --seed: 99999999999999999999 is "
+     "out of range; give a whole number from 0 to 4294967295 (see 'nas --help')"),
+    (["eval", "--checkpoint", "x.pt", "--seed", "-1"], "argument --seed: -1 is out of range"),
+    (["train", "--lr", "nan"], "nas: error: --lr nan: must be a positive, finite number"),
+    (["train", "--lr", "inf"], "nas: error: --lr inf: must be a positive, finite number"),
+    (["eval", "--checkpoint", "{d}/junk.pt", "--batch-size", "0"],
+     "nas: error: --batch-size 0: must be a positive whole number"),
+    (["ptq", "--checkpoint", "{d}/junk.pt", "--uniform", "W8A8", "--batch-size", "-3"],
+     "nas: error: --batch-size -3: must be a positive whole number"),
+    (["bench", "ptq", "--batch-size", "0"], "nas: error: --batch-size 0: must be a positive"),
+    (["bench", "ptq", "--calib-batches", "0"],
+     "nas: error: --calib-batches 0: must be a positive whole number"),
+    (["bench", "dnas", "--batch-size", "0"], "nas: error: --batch-size 0: must be a positive"),
+    (["bench", "dnas", "--random-plans", "-1"],
+     "nas: error: --random-plans -1: must be 0 or a positive whole number"),
+    (["train", "--space", ""], "nas: error: --space is empty; give a value, or leave --space out"),
+    (["train", "--budget", ""], "nas: error: --budget is empty; give a value, or leave --budget"),
+    (["spaces", "list", "fmnist_resnet8"], "nas: error: 'nas spaces list' takes no space name; "
+                                           "to see fmnist_resnet8, 'nas spaces show fmnist_resnet8'"),
+    (["train", "--runs-dir", "{d}/junk.pt"], "nas: error: --runs-dir {d}/junk.pt is a file, not "
+                                             "a folder; give --runs-dir a folder you can write to"),
+    (["train", "--runs-dir", "{d}/junk.pt/runs"], "nas: error: --runs-dir {d}/junk.pt/runs "
+                                                  "cannot be made: {d}/junk.pt is a file"),
+    (["train", "--runs-dir", "/proc/nas-runs"], "nas: error: --runs-dir /proc/nas-runs cannot "
+                                                "be made in /proc ("),
+    (["eval", "--checkpoint", "{d}"], "nas: error: checkpoint {d} is a directory, not a file; "
+                                      "pass the best.pt of a 'nas train' run folder"),
+    (["eval", "--checkpoint", "{d}/supernet.pt"], "nas: error: checkpoint {d}/supernet.pt has "
+     "kind 'supernet' where 'fp32' is expected; pass the best.pt of a 'nas train' run folder"),
+    (["eval", "--checkpoint", "{d}/future.pt"], "nas: error: checkpoint {d}/future.pt has format "
+     "'nas-checkpoint/9' where 'nas-checkpoint/1' is expected"),
+    (["eval", "--checkpoint", "{d}/lacks.pt"], "nas: error: checkpoint {d}/lacks.pt does not fit "
+     "model resnet8: it lacks layer1.0.conv1.weight"),
+    (["eval", "--checkpoint", "{d}/shape.pt"], "nas: error: checkpoint {d}/shape.pt does not fit "
+     "model resnet8: fc.weight is (3, 3) in it but (10, 32) in the model"),
 ]
 
 
@@ -49,6 +95,14 @@ def test_bad_input_is_one_line_and_exit_2(bad_files, args, message):
     assert message.format(d=bad_files) in lines[0]
     assert "Traceback" not in result.stderr
     assert not runs.exists() or list(runs.iterdir()) == []  # nothing written
+
+
+def test_commands_without_run_folders_ignore_the_runs_dir(bad_files):
+    # `nas spaces`, `cost` and `measure` write no run folder: a --runs-dir that is a file
+    # (or a file named runs/ where one works) is none of their business.
+    result = run_nas("--runs-dir", str(bad_files / "junk.pt"), "spaces", "list")
+    assert result.returncode == 0, result.stderr
+    assert "fmnist_resnet8" in result.stdout
 
 
 def test_debug_shows_the_traceback(bad_files):

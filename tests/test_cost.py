@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from nas.cost import make_cost_model, parse_target
 from nas.cost import latency
@@ -205,3 +206,116 @@ def test_nas_cost_bad_input():
                           (["--uniform", "W8A8", "--space", "nope"], "unknown search space 'nope'")]:
         result = run_nas("cost", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+H200_YAML = (COST_MODELS_DIR / "devices" / "h200.yaml").read_text()
+
+
+def _edited_h200(field: str, value: str | None) -> str:
+    """The h200 spec with one field's line replaced (None: removed)."""
+    lines = [line for line in H200_YAML.splitlines() if not line.startswith(f"{field}:")]
+    return "\n".join(lines + ([f"{field}: {value}"] if value is not None else [])) + "\n"
+
+
+def test_device_spec_fields_are_all_checked():
+    from dataclasses import fields
+
+    assert list(latency._SPEC_FIELDS) == [f.name for f in fields(DeviceSpec)]
+    assert DeviceSpec.load("h200").hbm_tb_s == 4.8
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a: [1,\n", " is not valid YAML at line 2, column 1: expected the node content, but found "
+                 "'<stream end>'"),
+    (_edited_h200("hbm_tb_s", "0"), ": hbm_tb_s 0 must be a positive number"),
+    (_edited_h200("int8_tops", "-5"), ": int8_tops -5 must be a positive number"),
+    (_edited_h200("hbm_tb_s", ".inf"), ": hbm_tb_s inf must be a positive number"),
+    (_edited_h200("fp16_tflops", "fast"), ": fp16_tflops 'fast' must be a positive number"),
+    (_edited_h200("sms", "0"), ": sms 0 must be a positive whole number"),
+    (_edited_h200("sms", "132.5"), ": sms 132.5 must be a positive whole number"),
+    (_edited_h200("tile_m", "true"), ": tile_m True must be a positive whole number"),
+    (_edited_h200("launch_overhead_us", "-1"),
+     ": launch_overhead_us -1 must be a number of microseconds, 0 or more"),
+    (_edited_h200("int4_mma", "maybe"), ": int4_mma 'maybe' must be true or false"),
+    (_edited_h200("name", "''"), ": name '' must be a non-empty string"),
+    (_edited_h200("description", "[1]"), ": description [1] must be a string"),
+    (_edited_h200("bogus", "1"), ": unknown field 'bogus'; known fields: name, sms, int8_tops, "
+                                 "fp16_tflops, tf32_tflops, cuda_core_tops, hbm_tb_s, "
+                                 "launch_overhead_us, tile_m, tile_n, int4_mma, description"),
+    (_edited_h200("sms", None).replace("hbm_tb_s:", "#"),
+     ": missing sms, hbm_tb_s; see cost_models/devices/h200.yaml"),
+    ("", " must be a YAML mapping of the fields name, sms, int8_tops, fp16_tflops, tf32_tflops, "
+         "cuda_core_tops, hbm_tb_s, launch_overhead_us, tile_m, tile_n, int4_mma, description; "
+         "see cost_models/devices/h200.yaml"),
+    ("- 1\n", " must be a YAML mapping of the fields name, sms, int8_tops, fp16_tflops, "
+               "tf32_tflops, cuda_core_tops, hbm_tb_s, launch_overhead_us, tile_m, tile_n, "
+               "int4_mma, description; see cost_models/devices/h200.yaml"),
+])
+def test_device_spec_file_is_checked_field_by_field(tmp_path, content, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        DeviceSpec.load(str(path))
+    assert str(err.value) == f"device spec {path}{message}"
+
+
+def test_device_spec_that_is_not_utf8_or_a_directory(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError) as err:
+        DeviceSpec.load(str(path))
+    assert str(err.value) == (f"device spec {path} is not UTF-8 text (byte 6); save it as UTF-8 "
+                              f"YAML")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError) as err:
+        DeviceSpec.load(str(tmp_path / "dir.yaml"))
+    assert str(err.value) == (f"device spec {tmp_path / 'dir.yaml'} is a directory; give a "
+                              f".yaml file")
+
+
+def test_nas_cost_refuses_a_bad_device_spec_in_one_line(tmp_path, capsys):
+    from nas.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(_edited_h200("hbm_tb_s", "0"))  # was a ZeroDivisionError deep in the roofline
+    assert main(["cost", "--uniform", "W4A8", "--device-spec", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        f"nas: error: device spec {path}: hbm_tb_s 0 must be a positive number\n")
+
+
+def _cost_error(capsys, *args) -> str:
+    from nas.cli import main
+
+    assert main(["cost", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    return out.err.strip()
+
+
+def test_nas_cost_uniform_must_be_a_choice_of_the_space(capsys):
+    # A plan with W3A8 is refused as outside the space; --uniform W3A8 is refused alike.
+    assert _cost_error(capsys, "--uniform", "W3A8") == (
+        "nas: error: --uniform W3A8 is outside space fmnist_resnet8; allowed: W2A4, W2A8, W4A4, "
+        "W4A8, W8A4, W8A8")
+    assert _cost_error(capsys, "--uniform", "w8a32", "--space", "imagenet_resnet18") == (
+        "nas: error: --uniform W8A32 is outside space imagenet_resnet18; allowed: W2A4, W2A8, "
+        "W4A4, W4A8, W8A4, W8A8")
+
+
+def test_nas_cost_of_a_plan_uses_the_plan_s_space(tmp_path, capsys):
+    from nas.cli import main
+
+    path = Plan.uniform(load_space("fmnist_mobilenetv2"), 4, 8).save(tmp_path / "mb_plan.yaml")
+    assert main(["cost", "--plan", str(path)]) == 0  # not the default space, fmnist_resnet8
+    assert capsys.readouterr().out.startswith(f"space fmnist_mobilenetv2, plan {path}, batch 1")
+    assert _cost_error(capsys, "--plan", str(path), "--space", "fmnist_resnet8") == (
+        "nas: error: plan is for space fmnist_mobilenetv2, not fmnist_resnet8; give --space "
+        "fmnist_mobilenetv2, or a plan made for fmnist_resnet8")
+    # A space loaded from a file records only its name: the user must give the file again.
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["space"] = "my_space"
+    path.write_text(yaml.safe_dump(raw))
+    assert _cost_error(capsys, "--plan", str(path)) == (
+        f"nas: error: plan {path} is for space my_space, which is not a shipped space; give its "
+        f"YAML file with --space PATH")

@@ -135,6 +135,8 @@ def test_imagefolder(tmp_path):
     ("synthetic", {"colour": 1}, "data.kwargs.colour: unknown option"),
     ("fashion_mnist", {"arch_fraction": 1.5}, "arch_fraction: 1.5 must be"),
     ("fashion_mnist", {"train_subset": -1}, "train_subset: -1 must be"),
+    ("synthetic", {"test_size": 0}, "test_size: 0 must be a whole number of at least 1"),
+    ("cifar10", {"augment": "maybe"}, "augment: 'maybe' must be true or false"),
 ])
 def test_bad_options(name, kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -148,3 +150,85 @@ def test_real_fashion_mnist():
     assert s.train.images.shape[1:] == (1, 28, 28) and s.train.images.dtype == torch.uint8
     assert sorted(torch.unique(s.train.labels).tolist()) == list(range(10))
     assert str(FMNIST)
+
+
+def _image_folder(root, train_per_class=3, classes=("cat", "dog"), val_classes=None):
+    from PIL import Image
+
+    for part, names, n in (("train", classes, train_per_class),
+                           ("val", val_classes or classes, 2)):
+        for cls in names:
+            (root / part / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (i * 40, 10, 200)).save(root / part / cls / f"{i}.png")
+    return root
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = _image_folder(tmp_path)
+    broken = root / "train" / "cat" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    s = load_data("imagefolder", data_dir=root, image_size=16, num_classes=2)
+    with pytest.raises(DataError) as err:
+        list(make_loader(s.train, 16, shuffle=False)) + list(make_loader(s.arch, 16, shuffle=False))
+    assert str(err.value) == f"image {broken} is not an image PIL can read; replace or remove it"
+
+
+def test_too_few_images_are_refused(tmp_path):
+    root = _image_folder(tmp_path / "one", train_per_class=1, classes=("cat",))
+    with pytest.raises(DataError) as err:
+        load_data("imagefolder", data_dir=root, image_size=16, num_classes=2)
+    assert str(err.value) == (f"image folder {root / 'train'} has 1 training image; it needs at "
+                              f"least 2: arch_fraction 0.2 holds out at least one for the arch "
+                              f"split and one must be left to train on")
+    # arch_fraction 0.5 of 3 images holds out 2: one is left.
+    root = _image_folder(tmp_path / "three", train_per_class=1, classes=("a", "b", "c"))
+    s = load_data("imagefolder", data_dir=root, image_size=16, num_classes=3, arch_fraction=0.5)
+    assert (len(s.train), len(s.arch)) == (1, 2)
+
+
+def test_empty_test_split_is_refused(tiny_fmnist):
+    root, _, _ = tiny_fmnist
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros((0,)))
+    with pytest.raises(DataError) as err:
+        load_data("fashion_mnist", data_dir=root)
+    assert str(err.value) == (f"fashion_mnist in {root} has no test images; give it some to "
+                              f"measure accuracy on")
+
+
+def test_image_folder_classes_must_agree(tmp_path):
+    root = _image_folder(tmp_path / "a", val_classes=("cat", "cow"))
+    with pytest.raises(DataError) as err:
+        load_data("imagefolder", data_dir=root, image_size=16, num_classes=2)
+    assert str(err.value) == (f"image folders {root / 'train'} and {root / 'val'} hold different "
+                              f"classes (cow, dog in only one); give both the same class "
+                              f"subfolders")
+    root = _image_folder(tmp_path / "b", classes=("a", "b", "c"))
+    with pytest.raises(DataError) as err:
+        load_data("imagefolder", data_dir=root, image_size=16, num_classes=2)
+    assert str(err.value) == (f"image folder {root / 'train'} has 3 class folders but "
+                              f"data.kwargs.num_classes is 2; set num_classes to at least 3")
+
+
+def test_train_stops_on_an_unreadable_image_in_one_line(tmp_path):
+    """Images are opened as batches are drawn, so this error comes inside the run: still one
+    line, exit 2, and the run folder is removed."""
+    import yaml
+
+    from tests.conftest import run_nas
+
+    root = _image_folder(tmp_path / "images")
+    broken = root / "train" / "cat" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "folder", "model": {"name": "resnet8", "kwargs": {"width": 4}},
+        "data": {"name": "imagefolder", "kwargs": {"image_size": 16, "num_classes": 2}},
+        "train": {"budget": "1ep", "batch_size": 16}}))  # one batch holds every image
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "train", "--space", str(space), "--data-dir",
+                     str(root), "--no-progress")
+    assert (result.returncode, result.stderr) == (
+        2, f"nas: error: image {broken} is not an image PIL can read; replace or remove it\n")
+    assert not runs.exists() or not any(runs.iterdir())

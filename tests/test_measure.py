@@ -2,6 +2,7 @@
 interpreter runs the kernels; a fake or wall-clock timer stands in for CUDA graphs)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -170,3 +171,41 @@ def test_validate_mixed_counts_are_checked(tmp_path):
     done = run_nas("measure", "--validate-mixed", "-3", "--runs-dir", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip() == "nas: error: --validate-mixed -3: give a number of plans, 0 or more"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reps", "0"], "--reps 0: must be a positive whole number"),
+    (["--batch", "-1"], "--batch -1: must be a positive whole number"),
+    (["--validate", "1"], "--validate 1: give 2 or more plans (Kendall's tau ranks pairs), or 0 "
+                          "for none"),
+    (["--compile-jobs", "-1"], "--compile-jobs -1: give a number of processes, or 0 to compile "
+                               "as timing goes"),
+    (["--output", "{tmp}"], "--output {tmp} is a directory; give a file path, such as "
+                            "{tmp}/table.json"),
+    (["--output", "{tmp}/no/t.json"], "--output {tmp}/no/t.json: folder {tmp}/no does not "
+                                      "exist; create it first or give another path"),
+    (["--output", "{tmp}/f/t.json"], "--output {tmp}/f/t.json: {tmp}/f is a file, not a "
+                                     "folder; give another path"),
+])
+def test_measure_refuses_bad_flags_before_it_needs_a_gpu(tmp_path, capsys, args, message):
+    # Without CUDA the command stops at the GPU check: these errors coming out instead
+    # show they are checked before it, and so before any compiling and timing on a GPU.
+    from nas.cli import main
+
+    (tmp_path / "f").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["--runs-dir", str(tmp_path / "runs"), "measure", *argv]) == 2
+    out = capsys.readouterr()
+    assert out.err == f"nas: error: {message.replace('{tmp}', str(tmp_path))}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing written
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_measure_refuses_an_output_folder_it_cannot_write(tmp_path, capsys):
+    from nas.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["measure", "--output", str(locked / "t.json")]) == 2
+    assert capsys.readouterr().err == (f"nas: error: --output {locked / 't.json'}: folder "
+                                       f"{locked} is not writable; give another path\n")

@@ -1,11 +1,13 @@
+import inspect
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from nas.errors import ModelError
-from nas.models import create_model, list_models, register_model
+from nas.errors import ConfigError, ModelError
+from nas.models import create_model, get_factory, list_models, register_model
+from nas.models.registry import _ARG_RULES, _BUILTIN, _BUILTIN_ARGS, check_model_kwargs
 
 
 def _count(model, kind):
@@ -85,3 +87,37 @@ def test_unknown_model_lists_choices():
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError, match="registered twice"):
         register_model(lambda: nn.Identity(), name="resnet8")
+
+
+@pytest.mark.parametrize("name", sorted(_BUILTIN))
+def test_checked_arguments_are_the_factory_arguments(name):
+    """The torch-free argument table that checks a space's model.kwargs names exactly the
+    built-in factory's parameters, each with a rule."""
+    params = inspect.signature(get_factory(name)).parameters
+    assert set(_BUILTIN_ARGS[name]) == set(params)
+    assert all(key in _ARG_RULES for key in params)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("resnet8", {"width": 0}, "model.kwargs.width: 0 must be a whole number of at least 1"),
+    ("resnet20", {"width": True}, "model.kwargs.width: True must be a whole number of at least 1"),
+    ("resnet18", {"num_classes": 1},
+     "model.kwargs.num_classes: 1 must be a whole number of at least 2"),
+    ("mobilenetv2", {"width_mult": 0}, "model.kwargs.width_mult: 0 must be a number above 0"),
+    ("mobilenetv2", {"dropout": 1.0},
+     "model.kwargs.dropout: 1.0 must be a number from 0 up to (not including) 1"),
+    ("mobilenetv2", {"stem_stride": "2"},
+     "model.kwargs.stem_stride: '2' must be a whole number of at least 1"),
+    ("mobilenet_v2", {"width": 8},
+     "model.kwargs.width: unknown option for mobilenet_v2; allowed: in_channels, num_classes, "
+     "width_mult"),
+])
+def test_builtin_model_arguments_are_checked(name, kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        check_model_kwargs(name, kwargs)
+    assert str(err.value) == message
+
+
+def test_good_and_user_model_arguments_pass():
+    check_model_kwargs("mobilenetv2", {"width_mult": 0.5, "dropout": 0.0, "stem_stride": 2})
+    check_model_kwargs("mymodels:tiny", {"anything": -1})  # a user factory checks its own

@@ -7,7 +7,7 @@ from torch import nn
 
 from nas.cost.size import plan_size_bytes
 from nas.errors import ConfigError
-from nas.plan import LayerPrecision, Plan, layer_hash, parse_uniform
+from nas.plan import LayerPrecision, Plan, layer_hash, parse_uniform, uniform_plan
 from nas.quant.modules import QuantConv2d, QuantLinear, calibrate, quant_layers, quantize_model
 from nas.spaces import load_space
 
@@ -88,6 +88,57 @@ def test_parse_uniform():
     for bad in ("8/8", "W9A8", "W8"):
         with pytest.raises(ConfigError, match="write W<bits>A<bits>"):
             parse_uniform(bad)
+
+
+def test_uniform_plan_takes_only_a_choice_of_every_searchable_layer(space):
+    assert uniform_plan(space, "w4a8") == Plan.uniform(space, 4, 8).resolved(space)
+    for text in ("W3A8", "W8A32", "W2A2"):
+        with pytest.raises(ConfigError) as err:
+            uniform_plan(space, text)
+        assert str(err.value) == (f"--uniform {text.upper()} is outside space fmnist_resnet8; "
+                                  f"allowed: W2A4, W2A8, W4A4, W4A8, W8A4, W8A8")
+
+
+def test_plan_for_another_space_says_which(space):
+    other = Plan.uniform(load_space("fmnist_mobilenetv2"), 4, 8)
+    with pytest.raises(ConfigError) as err:
+        other.resolved(space)
+    assert str(err.value) == ("plan is for space fmnist_mobilenetv2, not fmnist_resnet8; give "
+                              "--space fmnist_mobilenetv2, or a plan made for fmnist_resnet8")
+    # Another space's name over the same layers (a copy of the space's file) still fits.
+    renamed = Plan.uniform(space, 4, 8)
+    renamed.space = "my_resnet8"
+    assert renamed.resolved(space).layers == Plan.uniform(space, 4, 8).layers
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.yaml", b"\xff\xfe", "is not UTF-8 text (byte 0); give a plan file as nas writes it "
+                            "(YAML or JSON)"),
+    ("p.yaml", b"layers: [1,\n", "is not valid YAML at line 2, column 1: expected the node "
+                                 "content, but found '<stream end>'"),
+    ("p.json", b'{"layers": }', "is not valid JSON at line 1, column 12: Expecting value"),
+])
+def test_unreadable_plan_file_is_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        Plan.load(path)
+    assert str(err.value) == f"plan {path} {message}"
+
+
+def test_plan_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Plan.load(tmp_path)
+    assert str(err.value) == (f"plan {tmp_path} is a directory; give a plan file (.yaml or "
+                              f".json), such as a run folder's plan.yaml")
+
+
+def test_plan_model_names_must_be_names(space):
+    raw = Plan.uniform(space, 4, 8).to_dict()
+    raw["model"]["space"] = ["fmnist_resnet8"]
+    with pytest.raises(ConfigError) as err:
+        Plan.from_dict(raw)
+    assert str(err.value) == "plan: model.space ['fmnist_resnet8'] must be a name"
 
 
 def test_size_in_bytes(space):

@@ -79,7 +79,11 @@ def test_other_bad_ptq_input(trained, tmp_path):
         (["--uniform", "W8A8", "--calibration", "median"], "invalid choice: 'median'"),
         (["--uniform", "W8A8", "--calib-batches", "0"], "--calib-batches 0: must be a positive"),
         (["--uniform", "W8A8", "--space", "fmnist_resnet8"],
-         "holds resnet8 {'width': 8}, but space fmnist_resnet8 uses resnet8"),
+         f"nas: error: checkpoint {checkpoint} was trained for space synthetic_resnet8 (resnet8 "
+         f"{{'width': 8}}), but space fmnist_resnet8 uses resnet8; leave --space out to use "
+         f"synthetic_resnet8, or give a space of the same model"),
+        (["--uniform", "W8A8", "--batch-size", "0"],
+         "nas: error: --batch-size 0: must be a positive whole number"),
         (["--plan", str(tmp_path / "none.yaml")], "cannot read plan"),
         ([], "one of the arguments --plan --uniform is required"),
     ]
@@ -88,6 +92,7 @@ def test_other_bad_ptq_input(trained, tmp_path):
                          str(checkpoint), *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

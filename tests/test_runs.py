@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from nas.errors import CheckpointError, ConfigError
-from nas.runs import RunDir, load_checkpoint, save_checkpoint
+from nas.runs import RunDir, check_runs_dir, load_checkpoint, load_state, save_checkpoint
 
 
 def test_run_folder_is_partial_until_finished(tmp_path):
@@ -71,3 +71,40 @@ def test_checkpoint_refuses_code_and_garbage(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "none.pt")
+
+
+def test_checkpoint_of_another_kind_or_format_is_named(tmp_path):
+    path = tmp_path / "x.pt"
+    save_checkpoint(path, {"format": "nas-supernet/1", "space": {}, "supernet": {}})
+    expect = {"format": "nas-checkpoint/1", "kind": "fp32"}
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, expect=expect, fix="pass a best.pt")
+    assert str(err.value) == (f"checkpoint {path} has format 'nas-supernet/1' where "
+                              f"'nas-checkpoint/1' is expected; pass a best.pt")
+    with pytest.raises(CheckpointError, match="is a directory, not a file; pass a best.pt"):
+        load_checkpoint(tmp_path, fix="pass a best.pt")
+
+
+def test_load_state_names_the_first_mismatch():
+    model = torch.nn.Linear(2, 3)
+    state = model.state_dict()
+    cases = [({"weight": state["weight"]}, "it lacks bias"),
+             ({**state, "extra": torch.ones(1)}, "it has extra, which the model lacks"),
+             ({**state, "bias": torch.ones(4)}, "bias is (4,) in it but (3,) in the model")]
+    for bad, problem in cases:
+        with pytest.raises(CheckpointError) as err:
+            load_state(model, bad, "checkpoint c.pt", "model m")
+        assert str(err.value) == f"checkpoint c.pt does not fit model m: {problem}"
+    moved = {k: v + 1 for k, v in state.items()}
+    load_state(model, moved, "c", "m")
+    assert torch.equal(model.bias, moved["bias"])
+
+
+def test_runs_dir_is_checked_without_being_made(tmp_path):
+    check_runs_dir(tmp_path / "new" / "runs")  # can be made: nothing is left behind
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_runs_dir(tmp_path / "file")
+    with pytest.raises(ConfigError, match=f"cannot be made: {tmp_path / 'file'} is a file"):
+        check_runs_dir(tmp_path / "file" / "runs")

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from nas.cost import make_cost_model
 from nas.plan import Plan
@@ -70,20 +71,101 @@ def test_time_budget_is_respected(trained, tmp_path):
     (["--budget", "forever"], "budget 'forever' is not understood"),
     (["--cost", "latency", "--target", "size=9KB"], "--cost latency but --target size=9KB"),
     (["--cost", "bitops"], "the additive loss needs a --target for bitops"),
-    (["--tau0", "0.1", "--tau-min", "1"], "tau-min <= tau0"),
+    (["--tau0", "0.1", "--tau-min", "1"], "--tau-min 1.0 is above --tau0 0.1: the temperature "
+                                          "anneals down, so give tau-min <= tau0"),
+    (["--tau0", "nan"], "--tau0 nan: must be a positive, finite number"),
+    (["--tau-min", "inf"], "--tau-min inf: must be a positive, finite number"),
+    (["--warmup", "nan"], "--warmup nan: must be at least 0 and below 1"),
+    (["--warmup", "1"], "--warmup 1.0: must be at least 0 and below 1"),
+    (["--samples", "-1"], "--samples -1: must be 0 or a positive whole number"),
+    (["--batch-size", "0"], "--batch-size 0: must be a positive whole number"),
     (["--latency-batch", "0"], "--latency-batch 0: must be a positive whole number"),
     (["--latency-batch", "8"], "--latency-batch and --device-spec apply to a latency cost "
                                "only, and this search's cost is size"),
     (["--target", "latency=1ms", "--device-spec", "tpu9"], "device spec 'tpu9' not found"),
-    (["--resume", "/nonexistent/run"], "checkpoint /nonexistent/run/supernet.pt does not exist"),
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run does not exist; pass the run "
+                                       "folder of an earlier 'nas search'"),
+    (["--resume", "{ck}"], "--resume {ck} is a file; pass the run folder of an earlier 'nas "
+                           "search'"),
+    (["--resume", "{ck_dir}"], "--resume {ck_dir} holds no supernet.pt; pass the run folder"),
+    (["--resume", ""], "--resume is empty; give a value, or leave --resume out"),
+    (["--target", ""], "--target is empty; give a value, or leave --target out"),
+    (["--space", "fmnist_resnet8", "--checkpoint", "{ck}"],
+     "checkpoint {ck} was trained for space synthetic_resnet8 (resnet8 {{'width': 8}}), but "
+     "space fmnist_resnet8 uses resnet8; leave --space out to use synthetic_resnet8, or give a "
+     "space of the same model"),
 ])
 def test_bad_search_input(trained, tmp_path, args, message):
-    space_path, _ = trained
+    space_path, checkpoint = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), *args)
+    paths = {"ck": checkpoint, "ck_dir": checkpoint.parent}
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path),
+                     *[a.format(**paths) for a in args])
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("nas: error: ") and message in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nas: error: "), result.stderr
+    assert message.format(**paths) in lines[0]
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def searched(trained, tmp_path_factory):
+    """One short search (not factored) from the trained checkpoint: its run folder."""
+    space_path, checkpoint = trained
+    runs = tmp_path_factory.mktemp("searched")
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                     "1ep", "--checkpoint", str(checkpoint), "--samples", "0", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return _folder(runs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--factored"], "--factored but run {run} searched with one logit per choice; leave "
+                     "--factored out to resume it"),
+    (["--space", "fmnist_resnet8"], "--space fmnist_resnet8 but run {run} searched space "
+                                    "synthetic_resnet8; leave --space out to resume it"),
+    (["--checkpoint", "{ck}"], "--checkpoint does not apply to --resume: run {run} goes on from "
+                               "the weights in its supernet.pt; leave --checkpoint out"),
+])
+def test_resume_refuses_flags_that_change_the_search(trained, searched, tmp_path, args, message):
+    paths = {"run": searched, "ck": trained[1]}
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "search", "--resume", str(searched),
+                     *[a.format(**paths) for a in args])
+    assert result.returncode == 2
+    assert result.stderr == f"nas: error: {message.format(**paths)}\n"
+    assert not runs.exists()
+
+
+@pytest.mark.slow
+def test_a_factored_run_resumes_factored_without_the_flag(trained, tmp_path):
+    space_path, _ = trained
+    first = run_nas("--runs-dir", str(tmp_path / "a"), "search", "--space", str(space_path),
+                    "--budget", "1ep", "--factored", "--samples", "0", "--no-progress")
+    assert first.returncode == 0, first.stderr
+    run = _folder(tmp_path / "a")
+    resumed = run_nas("--runs-dir", str(tmp_path / "b"), "search", "--resume", str(run),
+                      "--budget", "2ep", "--samples", "0", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"run {run} searched with factored logits: resuming it factored" in resumed.stdout
+    config = yaml.safe_load((_folder(tmp_path / "b") / "config.yaml").read_text())
+    assert config["factored"] is True
+
+
+@pytest.mark.parametrize("space, message", [
+    ("nosuch", "unknown search space 'nosuch'; choose one of"),
+    ("fmnist_resnet8", "checkpoint {ck} was trained for space synthetic_resnet8 (resnet8 "
+                       "{{'width': 8}}), but space fmnist_resnet8 uses resnet8; leave --space out"),
+])
+def test_bench_dnas_refuses_a_space_the_checkpoint_does_not_fit(trained, tmp_path, space,
+                                                                message):
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "bench", "dnas", "--checkpoint", str(trained[1]),
+                     "--space", space)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"nas: error: {message.format(ck=trained[1])}")
+    assert not runs.exists()
 
 
 @pytest.mark.slow

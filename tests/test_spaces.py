@@ -1,8 +1,12 @@
+import copy
+import fnmatch
+
 import pytest
 import yaml
 
 from nas.errors import ConfigError
-from nas.spaces import DEFAULT_SPACE, Choice, SearchSpace, list_spaces, load_space
+from nas.spaces import DEFAULT_SPACE, UNMATCHED, Choice, SearchSpace, list_spaces, load_space
+from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 SHIPPED = ["cifar10_resnet20", "fmnist_mobilenetv2", "fmnist_resnet8", "imagenet_mobilenetv2",
            "imagenet_resnet18"]
@@ -78,8 +82,21 @@ def test_glob_matching_no_layer():
 
 def test_searchable_globs_select_layers():
     space = SearchSpace.from_dict(_space({"searchable": ["layer3.*"], "fixed": {}}))
-    assert [layer.name for layer in space.layers()] == [
-        "layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"]
+    searchable = [layer.name for layer in space.layers() if not layer.fixed]
+    assert searchable == ["layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"]
+    # The layers no glob names stay float: fixed W32A32 (tests/test_unquantized_layers.py).
+    assert len(space.layers()) == 10
+    assert all(layer.choices == (UNMATCHED,) for layer in space.layers() if layer.fixed)
+
+
+def test_shipped_spaces_name_every_layer():
+    """No shipped space leaves a layer to the implicit float default: their costs are as
+    their globs say."""
+    for name in SHIPPED:
+        space = load_space(name)
+        for layer in space.layers():
+            assert layer.fixed == any(fnmatch.fnmatchcase(layer.name, g)
+                                      for g in space.fixed), layer.name
 
 
 def test_bad_yaml_and_unknown_space(tmp_path):
@@ -148,3 +165,121 @@ def test_random_plans_uniform_and_mixed():
     assert spread(mixed) > 2 * spread(random_plans(space, 200, 7))
     with pytest.raises(ConfigError, match="plan mix 'wild': choose one of uniform, mixed"):
         random_plans(space, 1, 0, "wild")
+
+
+def _synthetic(data=None, model=None, train=None, dataset="synthetic"):
+    raw = copy.deepcopy(SYNTHETIC_SPACE)
+    if dataset != "synthetic":
+        raw["data"] = {"name": dataset, "kwargs": {}}
+    raw["data"]["kwargs"].update(data or {})
+    raw["model"]["kwargs"].update(model or {})
+    raw["train"].update(train or {})
+    return raw
+
+
+_HOLD_OUT = (" (arch_fraction 0.2 holds out at least one image for the arch split and one must "
+             "be left to train on)")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data": {"train_size": 0}}, "data.kwargs.train_size: 0 must be a whole number of at least 2"
+                                  + _HOLD_OUT),
+    ({"data": {"train_size": 1}}, "data.kwargs.train_size: 1 must be a whole number of at least 2"
+                                  + _HOLD_OUT),
+    ({"data": {"train_size": -5}}, "data.kwargs.train_size: -5 must be a whole number of at "
+                                   "least 2" + _HOLD_OUT),
+    ({"data": {"train_size": 1.5}}, "data.kwargs.train_size: 1.5 must be a whole number of at "
+                                    "least 2" + _HOLD_OUT),
+    # At arch_fraction 0.9 four images would all go to the arch split.
+    ({"data": {"train_size": 4, "arch_fraction": 0.9}},
+     "data.kwargs.train_size: 4 must be a whole number of at least 5 (arch_fraction 0.9 holds "
+     "out at least one image for the arch split and one must be left to train on)"),
+    ({"data": {"test_size": 0}}, "data.kwargs.test_size: 0 must be a whole number of at least 1 "
+                                 "(accuracy on no test images means nothing)"),
+    ({"data": {"num_classes": 0}}, "data.kwargs.num_classes: 0 must be a whole number of at "
+                                   "least 2 (a classifier needs two classes)"),
+    ({"data": {"in_channels": 0}}, "data.kwargs.in_channels: 0 must be a whole number of at "
+                                   "least 1"),
+    ({"data": {"image_size": 0}}, "data.kwargs.image_size: 0 must be a whole number of at least 1"),
+    ({"data": {"image_size": -5}}, "data.kwargs.image_size: -5 must be a whole number of at "
+                                   "least 1"),
+    ({"data": {"image_size": "abc"}}, "data.kwargs.image_size: 'abc' must be a whole number of "
+                                      "at least 1"),
+    ({"data": {"noise": -1}}, "data.kwargs.noise: -1 must be a number of at least 0"),
+    ({"data": {"image_size": 0}, "dataset": "imagefolder"},
+     "data.kwargs.image_size: 0 must be a whole number of at least 1"),
+    ({"data": {"image_size": "abc"}, "dataset": "imagefolder"},
+     "data.kwargs.image_size: 'abc' must be a whole number of at least 1"),
+    ({"data": {"augment": "maybe"}, "dataset": "cifar10"},
+     "data.kwargs.augment: 'maybe' must be true or false"),
+    ({"model": {"width": 0}}, "model.kwargs.width: 0 must be a whole number of at least 1"),
+    ({"model": {"width": -1}}, "model.kwargs.width: -1 must be a whole number of at least 1"),
+    ({"model": {"depth": 9}}, "model.kwargs.depth: unknown option for resnet8; allowed: "
+                              "in_channels, num_classes, width"),
+    ({"train": {"batch_size": "x"}}, "train.batch_size: 'x' must be a positive whole number"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: 0 must be a positive whole number"),
+    ({"train": {"lr": "fast"}}, "train.lr: 'fast' must be a number above 0"),
+    ({"train": {"lr": 0}}, "train.lr: 0 must be a number above 0"),
+    ({"train": {"weight_decay": -1}}, "train.weight_decay: -1 must be a number of at least 0"),
+    ({"train": {"budget": "soon"}}, "train.budget: budget 'soon' is not understood; use '90s', "
+                                    "'5m', '2h' (time) or '3ep' / '3 epochs' (epochs)"),
+])
+def test_out_of_range_options_are_refused_at_load(changes, message):
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.from_dict(_synthetic(**changes), source="search space s.yaml")
+    assert str(err.value) == f"search space s.yaml: {message}"
+
+
+def test_train_numbers_written_without_a_dot_are_numbers():
+    # PyYAML reads 1e-3 as a string; the space keeps it as the number it means.
+    space = SearchSpace.from_dict(yaml.safe_load(
+        yaml.safe_dump(_synthetic()).replace("lr: 0.05", "lr: 1e-3")))
+    assert space.train["lr"] == 0.001 and space.train["weight_decay"] == 5e-4
+
+
+def test_unreadable_space_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as err:
+        load_space(bad)
+    assert str(err.value) == (f"search space {bad} is not UTF-8 text (byte 0); save it as a "
+                              f"UTF-8 YAML file")
+    folder = tmp_path / "x.yaml"
+    folder.mkdir()
+    for given in (folder, tmp_path):  # named like a file, or not
+        with pytest.raises(ConfigError) as err:
+            load_space(given)
+        assert str(err.value) == (f"search space {given} is a directory; give a search space "
+                                  f".yaml file or a shipped space's name (see 'nas spaces')")
+
+
+def test_no_match_hint_names_the_space_as_given(space_file):
+    path = space_file({"searchable": ["head.*"]}, name="my space.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_space(path).layers()
+    assert str(err.value) == (f"space synthetic_resnet8: searchable[0] 'head.*' matches no "
+                              f"Conv2d or Linear layer of resnet8; to list them, run: nas "
+                              f"spaces show '{path}'")
+    with pytest.raises(ConfigError, match="to list them, run: nas spaces show fmnist_resnet8$"):
+        SearchSpace.from_dict(_space({"fixed": {"head": {"w_bits": 8, "a_bits": 8}}})).layers()
+
+
+def test_cli_refuses_bad_space_in_one_line(space_file, tmp_path):
+    """`spaces show` and `train` refuse at load: exit 2, one line, no run folder (an empty
+    train split used to spin through epochs forever)."""
+    path = space_file({"data": {"name": "synthetic", "kwargs": {"train_size": 1}}})
+    runs = tmp_path / "runs"
+    for args in (["spaces", "show", str(path)],
+                 ["train", "--space", str(path), "--budget", "1ep", "--no-progress"]):
+        result = run_nas("--runs-dir", str(runs), *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (f"nas: error: search space {path}: data.kwargs.train_size: 1 "
+                                 f"must be a whole number of at least 2{_HOLD_OUT}\n")
+    assert not runs.exists() or not any(runs.iterdir())
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe")
+    result = run_nas("--runs-dir", str(runs), "train", "--space", str(bad))
+    assert (result.returncode, result.stderr) == (2, f"nas: error: search space {bad} is not "
+                                                     f"UTF-8 text (byte 0); save it as a UTF-8 "
+                                                     f"YAML file\n")
+    assert not runs.exists() or not any(runs.iterdir())

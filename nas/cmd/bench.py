@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from nas.cmd.checks import check_flags, checkpoint_space
 from nas.cmd.common import (add_compile_jobs_option, add_data_options, check_compile_jobs,
                              compile_ahead, now_iso)
 from nas.table import format_table
@@ -31,7 +32,8 @@ def add_parser(sub, parents) -> None:
                               description="Supernet step time and memory over the float model; "
                                           "DNAS at three size targets beside uniform plans; DNAS "
                                           "against random plans of equal size.")
-    dnas.add_argument("--space", help="search space (default: the embedded default)")
+    dnas.add_argument("--space", help="search space (default: the --checkpoint's, else the "
+                                      "embedded default)")
     dnas.add_argument("--checkpoint", help="trained float checkpoint to start every search from "
                                            "(default: train one first)")
     dnas.add_argument("--train-budget", help="budget for the float model trained here "
@@ -136,6 +138,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
+    check_flags(args, calib_batches="positive", batch_size="positive")
     given = _checkpoints(args.checkpoint)
     device = resolve_device(args.device)
     budget = parse_budget(args.train_budget) if args.train_budget else None
@@ -194,6 +197,7 @@ def run_dnas(args: argparse.Namespace) -> int:
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
+    check_flags(args, samples="count", random_plans="count", batch_size="positive")
     budget = parse_budget(args.budget)
     try:
         fractions = tuple(float(f) for f in args.targets.split(","))
@@ -203,7 +207,8 @@ def run_dnas(args: argparse.Namespace) -> int:
         raise ConfigError(f"--targets {args.targets!r}: give three fractions in (0, 1], e.g. 0.35,0.5,0.7")
     device = resolve_device(args.device)
     if args.checkpoint:
-        space, model, _ = load_model(args.checkpoint)
+        ck_space, model, _ = load_model(args.checkpoint)
+        space = checkpoint_space(args.space, args.checkpoint, ck_space)
     else:
         space, model = load_space(args.space), None
     splits = load_space_data(space, args)
@@ -233,14 +238,10 @@ def run_kernels(args: argparse.Namespace) -> int:
     from nas.bench.kernels import run_bench, tables, warm_targets
     from nas.cost.latency import DeviceSpec
     from nas.cost.measure import CudaGraphTimer, provenance, require_cuda
-    from nas.errors import ConfigError
     from nas.runs import RunDir
     from nas.spaces import load_space
 
-    for name in ("large_batch", "small_batch"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a "
-                              f"positive whole number")
+    check_flags(args, large_batch="positive", small_batch="positive", reps="positive")
     check_compile_jobs(args.compile_jobs)
     space = load_space(args.space)
     spec = DeviceSpec.load(args.device_spec)
@@ -275,20 +276,19 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from nas.bench.compile import parse_precisions, summarize, tables
     from nas.cost.latency import kernel_fingerprint
-    from nas.errors import ConfigError
     from nas.kernels.aot import ARCH, compile_report
     from nas.runs import RunDir
     from nas.spaces import load_space
 
-    if args.batch <= 0:
-        raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
+    check_flags(args, batch="positive")
     space = load_space(args.space)
     precisions = parse_precisions(args.precision, space)
     started = time.monotonic()
     with RunDir(args.runs_dir, space.name, "bench-compile") as run_dir:
         run_dir.write_config({"command": "bench compile", "space": space.name,
                               "batch": args.batch, "precisions": precisions})
-        kernels = compile_report(space.name, args.batch, precisions)
+        # The space itself, not its name: a .yaml's space may share a shipped one's name.
+        kernels = compile_report(space.to_dict(), args.batch, precisions)
         results = {"space": space.name, "batch": args.batch, "arch": ARCH,
                    "precisions": precisions, "triton": triton.__version__,
                    "kernel_source": kernel_fingerprint(), "date": now_iso(),

@@ -61,6 +61,28 @@ def check_compile_jobs(jobs: int) -> None:
                           f"as timing goes")
 
 
+def check_output_file(path, flag: str) -> None:
+    """Refuse an output file the command could not write when its work is done, before that
+    work starts: not a directory, in an existing folder it may write in."""
+    import os
+    from pathlib import Path
+
+    from nas.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path, such as "
+                          f"{path / 'table.json'}")
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: {folder} is a file, not a folder; give another path")
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: folder {folder} does not exist; create it first or "
+                          f"give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: folder {folder} is not writable; give another path")
+
+
 def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None,
                   layers=None, prepadded: bool = False) -> None:
     """Compile the kernels a GPU would try for `space` at each batch (only `precisions` and

@@ -14,7 +14,8 @@ def add_parser(sub, parents) -> None:
                                    "where a table under cost_models/ has the layer, and "
                                    "estimated (labelled) elsewhere: the roofline, calibrated "
                                    "on the device's measured tables.")
-    p.add_argument("--space", help="search space (default: the embedded default)")
+    p.add_argument("--space", help="search space (default: the plan's, else the embedded "
+                                   "default)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--plan", help="plan.yaml / plan.json")
     group.add_argument("--uniform", help="one precision for every searchable layer, e.g. W4A8")
@@ -27,16 +28,20 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.cmd.ptq import resolve_plan
     from nas.cost import format_cost, make_cost_model
     from nas.errors import ConfigError
+    from nas.plan import Plan, uniform_plan
     from nas.spaces import load_space
 
     if args.batch is not None and args.batch <= 0:
         raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
-    space = load_space(args.space)
-    args.w_granularity = None
-    plan = resolve_plan(args, space)
+    if args.plan:
+        plan = Plan.load(args.plan)
+        space = load_space(args.space or _recorded_space(plan, args.plan))
+        plan = plan.resolved(space)
+    else:
+        space = load_space(args.space)
+        plan = uniform_plan(space, args.uniform)
     # A plan from a latency search records what it was costed for (`nas search`).
     batch = args.batch or _recorded(plan, "latency_batch", "--batch", args.plan) or 1
     device_spec = (args.device_spec or _recorded(plan, "device_spec", "--device-spec", args.plan)
@@ -76,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note)
     return 0
+
+
+def _recorded_space(plan, source: str) -> str:
+    """The shipped space a plan records; a space loaded from a file records only its name,
+    which the user must point at again."""
+    from nas.errors import ConfigError
+    from nas.spaces import list_spaces
+
+    if plan.space not in list_spaces():
+        raise ConfigError(f"plan {source} is for space {plan.space}, which is not a shipped "
+                          f"space; give its YAML file with --space PATH")
+    return plan.space
 
 
 def _recorded(plan, key: str, flag: str, source: str):

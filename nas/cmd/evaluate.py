@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from nas.cmd.checks import check_flags
 from nas.cmd.common import add_data_options, load_space_data
 from nas.table import format_table
 
@@ -21,19 +22,14 @@ def add_parser(sub, parents) -> None:
 
 def load_model(checkpoint: str):
     """Rebuild the space and model a checkpoint was trained with and load its weights."""
-    from nas.errors import CheckpointError
-    from nas.runs import load_checkpoint
+    from nas.cmd.train import CHECKPOINT_FORMAT
+    from nas.runs import load_checkpoint, load_state
     from nas.spaces import SearchSpace
 
-    payload = load_checkpoint(checkpoint)
+    payload = load_checkpoint(checkpoint, expect={"format": CHECKPOINT_FORMAT, "kind": "fp32"})
     space = SearchSpace.from_dict(payload["space"], source=f"checkpoint {checkpoint}")
     model = space.build_model()
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit model {space.model}: "
-                              f"{first}") from exc
+    load_state(model, payload["state_dict"], f"checkpoint {checkpoint}", f"model {space.model}")
     return space, model, payload
 
 
@@ -43,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from nas.runs import RunDir
     from nas.train import evaluate
 
+    check_flags(args, batch_size="positive")
     space, model, payload = load_model(args.checkpoint)
     device = resolve_device(args.device)
     splits = load_space_data(space, args)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from nas.cmd.common import add_compile_jobs_option, check_compile_jobs, compile_ahead
+from nas.cmd.common import (add_compile_jobs_option, check_compile_jobs, check_output_file,
+                            compile_ahead)
 
 
 def add_parser(sub, parents) -> None:
@@ -48,14 +49,22 @@ def run(args: argparse.Namespace) -> int:
     from nas.table import format_table
 
     device_name = "cuda" if args.device in (None, "auto") else args.device
-    if args.batch <= 0:
-        raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
+    # Everything a user can get wrong is refused here, before the GPU check and the
+    # compiling and timing: a bad flag must not cost a measurement.
+    for flag, n in (("--batch", args.batch), ("--reps", args.reps)):
+        if n <= 0:
+            raise ConfigError(f"{flag} {n}: must be a positive whole number")
     check_compile_jobs(args.compile_jobs)
     for flag, n in (("--validate", args.validate), ("--validate-mixed", args.validate_mixed)):
         if n < 0:
             raise ConfigError(f"{flag} {n}: give a number of plans, 0 or more")
+        if n == 1:
+            raise ConfigError(f"{flag} 1: give 2 or more plans (Kendall's tau ranks pairs), "
+                              f"or 0 for none")
     space = load_space(args.space)
     spec = DeviceSpec.load(args.device_spec)
+    output = Path(args.output or COST_MODELS_DIR / f"{spec.name}-{space.name}-b{args.batch}.json")
+    check_output_file(output, "--output")
     device = require_cuda(device_name)
     compile_ahead(args.space, [args.batch], args.compile_jobs, device)
     import torch
@@ -64,14 +73,12 @@ def run(args: argparse.Namespace) -> int:
     # search runs on each case's first call, outside the timed graph).
     torch.backends.cudnn.benchmark = True
     timer = CudaGraphTimer(reps=args.reps, marginal=args.timing == "marginal")
-    output = Path(args.output or COST_MODELS_DIR / f"{spec.name}-{space.name}-b{args.batch}.json")
 
     cases = layer_cases(space, args.batch, device, seed=args.seed)
     print(f"measuring {len(cases)} (layer, precision) cases of {space.name} at batch "
           f"{args.batch} on {device}", flush=True)
     entries = measure(cases, args.batch, timer, spec, say=lambda s: print(s, flush=True))
     doc = table_document(entries, provenance(device, spec, args.batch, timer.method))
-    output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, json.dumps(doc, indent=1) + "\n")
     print(format_table(["layer geometry and precision", "us", "fp16 cuDNN us", "speed-up",
                         "of roofline", "of INT8 peak"],

@@ -7,6 +7,7 @@ import csv
 import io
 from pathlib import Path
 
+from nas.cmd.checks import check_flags, checkpoint_space
 from nas.cmd.common import add_data_options, load_space_data, now_iso
 from nas.table import format_table
 
@@ -51,21 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from nas.cost.size import plan_size_bytes
     from nas.data import make_loader
     from nas.device import resolve_device
-    from nas.errors import CheckpointError, ConfigError
     from nas.plan import Plan
     from nas.quant.ptq import per_layer_sqnr, prepare_ptq
     from nas.runs import RunDir
-    from nas.spaces import load_space
     from nas.train import evaluate
 
-    if args.calib_batches <= 0:
-        raise ConfigError(f"--calib-batches {args.calib_batches}: must be a positive whole number")
+    check_flags(args, calib_batches="positive", batch_size="positive")
     ck_space, model, _ = load_model(args.checkpoint)
-    space = load_space(args.space) if args.space else ck_space
-    if space.model != ck_space.model or space.model_kwargs != ck_space.model_kwargs:
-        raise CheckpointError(f"checkpoint {args.checkpoint} holds {ck_space.model} "
-                              f"{ck_space.model_kwargs or ''}, but space {space.name} uses "
-                              f"{space.model} {space.model_kwargs or ''}")
+    space = checkpoint_space(args.space, args.checkpoint, ck_space)
     plan = resolve_plan(args, space)
     device = resolve_device(args.device)
     splits = load_space_data(space, args)

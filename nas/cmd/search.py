@@ -7,10 +7,12 @@ import csv
 import io
 import time
 
+from nas.cmd.checks import check_flags, checkpoint_space
 from nas.cmd.common import add_data_options, add_latency_options, load_space_data, now_iso
 from nas.table import format_table
 
 DEFAULT_BUDGET = "5m"
+SUPERNET_FORMAT = "nas-supernet/1"
 SEARCH_SHARE = 0.9  # of a time budget; the rest derives and evaluates the candidate plans
 
 
@@ -19,7 +21,8 @@ def add_parser(sub, parents) -> None:
                        description="DNAS: a supernet with one branch per (w_bits, a_bits) per "
                                    "layer, Gumbel-softmax architecture parameters, a cost "
                                    "penalty against a target; ends with plan.yaml.")
-    p.add_argument("--space", help="search space (default: the embedded default)")
+    p.add_argument("--space", help="search space (default: the --checkpoint's, else the "
+                                   "embedded default)")
     p.add_argument("--method", choices=("dnas",), default="dnas")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help=f"90s, 10m, 2h or '3 epochs' (default {DEFAULT_BUDGET})")
@@ -60,14 +63,48 @@ def _settings(args):
     if target and args.cost and args.cost != target.cost:
         raise ConfigError(f"--cost {args.cost} but --target {target.text} is a {target.cost} target; "
                           f"give one of the same kind")
-    if args.latency_batch is not None and args.latency_batch <= 0:
-        raise ConfigError(f"--latency-batch {args.latency_batch}: must be a positive whole number")
-    if args.samples < 0 or args.batch_size <= 0 or not 0 <= args.warmup < 1:
-        raise ConfigError("--samples must be >= 0, --batch-size > 0 and --warmup in [0, 1)")
-    if args.tau0 <= 0 or args.tau_min <= 0 or args.tau_min > args.tau0:
-        raise ConfigError("--tau0 and --tau-min must be positive with tau-min <= tau0")
+    check_flags(args, latency_batch="positive", samples="count", batch_size="positive",
+                tau0="rate", tau_min="rate", warmup="fraction")
+    if args.tau_min > args.tau0:
+        raise ConfigError(f"--tau-min {args.tau_min} is above --tau0 {args.tau0}: the "
+                          f"temperature anneals down, so give tau-min <= tau0")
     search_budget = budget if budget.kind == "epochs" else Budget("seconds", budget.value * SEARCH_SHARE)
     return budget, search_budget, target
+
+
+def _resumed(args):
+    """The supernet.pt of the run --resume names, and its space; the flags that would change
+    what was searched are checked against the run (or, --factored, taken from it)."""
+    from pathlib import Path
+
+    from nas.errors import ConfigError
+    from nas.runs import load_checkpoint
+    from nas.spaces import SearchSpace, load_space
+
+    folder, fix = Path(args.resume), "pass the run folder of an earlier 'nas search'"
+    if not folder.is_dir():
+        raise ConfigError(f"--resume {folder} " + ("is a file" if folder.exists() else
+                                                   "does not exist") + f"; {fix}")
+    if not (folder / "supernet.pt").exists():
+        raise ConfigError(f"--resume {folder} holds no supernet.pt; {fix}")
+    resumed = load_checkpoint(folder / "supernet.pt", ("supernet", "space"), fix,
+                              expect={"format": SUPERNET_FORMAT})
+    space = SearchSpace.from_dict(resumed["space"], source=f"run {folder}")
+    if args.checkpoint:
+        raise ConfigError(f"--checkpoint does not apply to --resume: run {folder} goes on from "
+                          f"the weights in its supernet.pt; leave --checkpoint out")
+    if args.space and load_space(args.space).name != space.name:
+        raise ConfigError(f"--space {args.space} but run {folder} searched space {space.name}; "
+                          f"leave --space out to resume it")
+    # Runs before the key was saved: a factored supernet has theta_w and theta_a per layer.
+    factored = resumed.get("factored", any(k.endswith(".theta_w") for k in resumed["supernet"]))
+    if args.factored and not factored:
+        raise ConfigError(f"--factored but run {folder} searched with one logit per choice; "
+                          f"leave --factored out to resume it")
+    if factored and not args.factored:
+        print(f"run {folder} searched with factored logits: resuming it factored", flush=True)
+    args.factored = factored
+    return resumed, space
 
 
 def _spec_reference(device_spec: str | None) -> str | None:
@@ -87,29 +124,28 @@ def run(args: argparse.Namespace) -> int:
     from nas.cost import make_cost_model
     from nas.cost.targets import Target, format_cost
     from nas.device import resolve_device
-    from nas.errors import CheckpointError, ConfigError
+    from nas.errors import ConfigError
     from nas.plan import Plan
-    from nas.runs import RunDir, atomic_write_text, load_checkpoint
+    from nas.runs import RunDir, atomic_write_text, load_state
     from nas.search.derive import check_feasible
     from nas.search.dnas import DnasConfig, SearchState, derive, one_shot_accuracy, search
-    from nas.spaces import SearchSpace, load_space
+    from nas.spaces import load_space
     from nas.supernet import Supernet
 
     started = time.monotonic()
     budget, search_budget, target = _settings(args)
-    resumed = None
+    resumed, model = None, None
     if args.resume:
-        from pathlib import Path
-
-        resumed = load_checkpoint(Path(args.resume) / "supernet.pt", ("supernet", "space"),
-                                  "pass the run folder of an earlier 'nas search'")
-        space = SearchSpace.from_dict(resumed["space"], source=f"run {args.resume}")
+        resumed, space = _resumed(args)
         args.seed = resumed.get("seed", args.seed)  # same splits and batch order as before
         target = target or (Target(**resumed["target"]) if resumed.get("target") else None)
         if target and args.cost and args.cost != target.cost:
             raise ConfigError(f"--cost {args.cost} but run {args.resume} searched for the "
                               f"{target.cost} target {target.text}; give a --target of the same "
                               f"kind")
+    elif args.checkpoint:
+        ck_space, model, _ = load_model(args.checkpoint)
+        space = checkpoint_space(args.space, args.checkpoint, ck_space)
     else:
         space = load_space(args.space)
     cost_name = args.cost or (target.cost if target else "size")
@@ -136,12 +172,7 @@ def run(args: argparse.Namespace) -> int:
         check_feasible(table, target)
     device = resolve_device(args.device)
     splits = load_space_data(space, args)
-    if args.checkpoint:
-        ck_space, model, _ = load_model(args.checkpoint)
-        if ck_space.model != space.model or ck_space.model_kwargs != space.model_kwargs:
-            raise CheckpointError(f"checkpoint {args.checkpoint} holds {ck_space.model}, not "
-                                  f"{space.model} of space {space.name}")
-    else:
+    if model is None:
         torch.manual_seed(args.seed)
         model = space.build_model()
     cfg = DnasConfig(budget=search_budget, target=target, loss=args.loss, tau0=args.tau0,
@@ -152,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
                         seed=args.seed)
     state, optim_state = None, None
     if resumed:
-        supernet.load_state_dict(resumed["supernet"])
+        load_state(supernet, resumed["supernet"], f"run {args.resume}'s supernet.pt",
+                   "this search's supernet")
         supernet.generator.set_state(resumed["gumbel_state"])
         state = SearchState(**resumed["search_state"])
         optim_state = resumed["optimizers"]
@@ -193,10 +225,11 @@ def run(args: argparse.Namespace) -> int:
         if interrupted:
             print("interrupted: deriving the plan from the search so far", flush=True)
         run_dir.save_checkpoint("supernet.pt", {
-            "format": "nas-supernet/1", "space": space.to_dict(), "supernet": supernet.state_dict(),
+            "format": SUPERNET_FORMAT, "space": space.to_dict(), "supernet": supernet.state_dict(),
             "gumbel_state": supernet.generator.get_state(), "optimizers": optim_state,
             "search_state": {"step": state.step, "elapsed": state.elapsed, "history": []},
             "target": target.__dict__ if target else None, "latency": latency,
+            "factored": args.factored,
             "seed": args.seed, "created": now_iso()})
 
         deadline = started + budget.value if budget.kind == "seconds" else None

@@ -11,7 +11,7 @@ def add_parser(sub, parents) -> None:
     p = sub.add_parser("spaces", parents=parents, help="list search spaces or show one",
                        description="List the shipped search spaces, or show one resolved.")
     p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
-    p.add_argument("name", nargs="?", help="space name or .yaml path (for 'show')")
+    p.add_argument("name", nargs="?", metavar="NAME", help="space name or .yaml path (for 'show')")
     p.set_defaults(run=run)
 
 
@@ -19,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
     from nas.errors import ConfigError
     from nas.spaces import DEFAULT_SPACE, list_spaces, load_space
 
+    if args.action == "list" and args.name is not None:
+        raise ConfigError(f"'nas spaces list' takes no space name; to see {args.name}, "
+                          f"'nas spaces show {args.name}'")
     if args.action == "list":
         rows = []
         for name in list_spaces():

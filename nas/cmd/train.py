@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from nas.cmd.checks import check_flags
 from nas.cmd.common import add_data_options, load_space_data, now_iso
 from nas.table import format_table
 
@@ -28,20 +29,17 @@ def add_parser(sub, parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from nas.budget import parse_budget
     from nas.device import resolve_device
-    from nas.errors import ConfigError
     from nas.runs import RunDir
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
-    budget = parse_budget(args.budget) if args.budget else None  # cheap checks first
+    # Cheap checks first; the space's own train values are checked when it loads.
+    check_flags(args, batch_size="positive", lr="rate")
+    budget = parse_budget(args.budget) if args.budget else None
     space = load_space(args.space)
     budget = budget or parse_budget(space.train["budget"])
-    batch_size = args.batch_size if args.batch_size is not None else int(space.train["batch_size"])
-    if batch_size <= 0:
-        raise ConfigError(f"--batch-size {batch_size}: must be a positive whole number")
-    lr = args.lr if args.lr is not None else float(space.train["lr"])
-    if lr <= 0:
-        raise ConfigError(f"--lr {lr}: must be positive")
+    batch_size = args.batch_size or int(space.train["batch_size"])
+    lr = args.lr or float(space.train["lr"])
     device = resolve_device(args.device)
     splits = load_space_data(space, args)
     model = space.build_model()

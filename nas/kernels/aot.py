@@ -182,9 +182,10 @@ def _candidate_runs(request: dict):
     import torch
 
     from nas.cost.measure import make_case
-    from nas.spaces import FLOAT_BITS, load_space
+    from nas.spaces import FLOAT_BITS, SearchSpace, load_space
 
-    space = load_space(request["space"])
+    given = request["space"]  # a name or .yaml path, or a space as SearchSpace.to_dict gives it
+    space = SearchSpace.from_dict(given) if isinstance(given, dict) else load_space(given)
     wanted = set(request.get("precisions") or [])
     names = set(request.get("layers") or [])
     device = torch.device(request.get("device", "cpu"))
@@ -310,7 +311,7 @@ def _constants(kernel) -> dict:
     return out
 
 
-def compile_report(space: str, batch: int, precisions: list[str] | None = None,
+def compile_report(space: str | dict, batch: int, precisions: list[str] | None = None,
                    timeout_s: float = 3600) -> list[dict]:
     """Compile every kernel a GPU would try for the space's layers at `batch` (every
     autotuning tile and launch variant), for sm_90, in a process of its own; one dict per

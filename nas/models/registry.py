@@ -10,7 +10,7 @@ import importlib
 import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
-from nas.errors import ModelError
+from nas.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,6 +23,51 @@ _BUILTIN = {
     "mobilenetv2": "nas.models.mobilenetv2",
     "resnet18": "nas.models.tv", "mobilenet_v2": "nas.models.tv",
 }
+
+# Each built-in factory's arguments (tests check them against the signatures), so that a
+# space's model.kwargs are checked when it loads, before torch is imported.
+_RESNET_ARGS = ("num_classes", "in_channels", "width")
+_BUILTIN_ARGS = {
+    "resnet8": _RESNET_ARGS, "resnet20": _RESNET_ARGS, "resnet32": _RESNET_ARGS,
+    "resnet56": _RESNET_ARGS,
+    "mobilenetv2": ("num_classes", "in_channels", "width_mult", "dropout", "stem_stride"),
+    "resnet18": ("num_classes", "in_channels"),
+    "mobilenet_v2": ("num_classes", "in_channels", "width_mult"),
+}
+
+
+def _whole_from(least: int):
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+    return ok, f"a whole number of at least {least}"
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+# argument -> (accepts, the values it takes, for the message)
+_ARG_RULES = {
+    "num_classes": _whole_from(2), "in_channels": _whole_from(1), "width": _whole_from(1),
+    "stem_stride": _whole_from(1),
+    "width_mult": (lambda v: _real(v) and 0 < v < float("inf"), "a number above 0"),
+    "dropout": (lambda v: _real(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
+}
+
+
+def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse a built-in model's unknown or out-of-range argument with one line naming it;
+    a user's factory (`pkg.mod:fn`) checks its own arguments."""
+    allowed = _BUILTIN_ARGS.get(name)
+    if allowed is None:
+        return
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ConfigError(f"model.kwargs.{key}: unknown option for {name}; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+        accepts, takes = _ARG_RULES[key]
+        if not accepts(value):
+            raise ConfigError(f"model.kwargs.{key}: {value!r} must be {takes}")
 
 
 def register_model(fn: Callable[..., "nn.Module"] | None = None, *, name: str | None = None):
@@ -87,6 +132,7 @@ def _accepted(factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, 
 def create_model(name: str, *, defaults: dict[str, Any] | None = None, **kwargs: Any) -> "nn.Module":
     """Build a model. `defaults` (for example num_classes and in_channels from the data) are
     passed only where the factory accepts them; explicit `kwargs` always are."""
+    check_model_kwargs(name, kwargs)  # a bad width would fail only at the first forward
     factory = get_factory(name)
     args = {**_accepted(factory, defaults or {}), **kwargs}
     try:
