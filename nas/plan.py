@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from nas.errors import ConfigError
-from nas.spaces import ALLOWED_BITS, SearchSpace
+from nas.spaces import ALLOWED_BITS, FLOAT_BITS, SearchSpace
 from nas.textfiles import parse_yaml, read_text
 
 FORMAT_VERSION = 1
@@ -84,9 +84,12 @@ def parse_uniform(text: str) -> tuple[int, int]:
 
 def uniform_plan(space: SearchSpace, text: str) -> "Plan":
     """`--uniform W4A8`: every searchable layer at that precision, which must be a choice of
-    each of them, as a plan's must; fixed layers keep theirs."""
+    each of them, as a plan's must, or else float (the baseline: W16A16, W32A32); fixed
+    layers keep theirs."""
     w_bits, a_bits = parse_uniform(text)
     searchable = [x for x in space.layers() if not x.fixed]
+    if w_bits in FLOAT_BITS and a_bits in FLOAT_BITS:
+        return Plan.uniform(space, w_bits, a_bits).resolved(space, within_choices=False)
     if searchable:
         valid = [c for c in searchable[0].choices
                  if all(c in x.choices for x in searchable[1:])]
@@ -221,8 +224,12 @@ class Plan:
         if self.space != space.name and (not set(self.layers) <= set(space_layers)
                                          or self.layer_hash != layer_hash(space)):
             # Its layers are another model's: say which space the plan wants.
+            from nas.spaces import list_spaces
+
+            wanted = (self.space if self.space in list_spaces()
+                      else f"PATH (the YAML file of space {self.space})")
             raise ConfigError(f"plan is for space {self.space}, not {space.name}; give "
-                              f"--space {self.space}, or a plan made for {space.name}")
+                              f"--space {wanted}, or a plan made for {space.name}")
         for name in self.layers:
             if name not in space_layers:
                 listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

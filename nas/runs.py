@@ -129,6 +129,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# What a run folder holds before its command has made anything.
+_SET_UP = {"config.yaml", "log.txt"}
+
+
 class RunDir:
     """One command's output folder. Use as a context manager around the command's work."""
 
@@ -136,16 +140,21 @@ class RunDir:
         root = Path(runs_dir)
         base = f"{utc_stamp()}-{Path(space).stem}-{command}"
         name, n = base, 1
-        while (root / name).exists() or (root / (name + PARTIAL)).exists():
+        while True:
+            if not (root / name).exists():
+                try:  # another run started in the same second may take the name first
+                    (root / (name + PARTIAL)).mkdir(parents=True)
+                    break
+                except FileExistsError:
+                    pass
+                except OSError as exc:  # the CLI checked root; this it could not foresee
+                    raise ConfigError(f"cannot make run folder {root / (name + PARTIAL)} "
+                                      f"({exc.strerror}); give --runs-dir a folder you can "
+                                      f"write to") from None
             n += 1
             name = f"{base}-{n}"
         self.final = root / name
         self.path = root / (name + PARTIAL)
-        try:
-            self.path.mkdir(parents=True)
-        except OSError as exc:  # the CLI checked root; this is what it could not foresee
-            raise ConfigError(f"cannot make run folder {self.path} ({exc.strerror}); give "
-                              f"--runs-dir a folder you can write to") from None
         self.logger = logging.getLogger(f"nas.run.{name}")
         self.logger.setLevel(logging.INFO)
         self._handler = logging.FileHandler(self.path / "log.txt")
@@ -166,7 +175,11 @@ class RunDir:
             self.logger.error("stopped: %s: %s", exc_type.__name__, exc)
             self._close_log()
             if issubclass(exc_type, NasError):
-                shutil.rmtree(self.path, ignore_errors=True)  # bad input: leave nothing behind
+                made = [p for p in self.path.iterdir() if p.name not in _SET_UP]
+                if not made:
+                    shutil.rmtree(self.path, ignore_errors=True)  # bad input: nothing behind
+                else:  # found mid-run (an unreadable image): keep checkpoints and metrics
+                    exc.args = (f"{exc} (the run so far is kept in {self.path})",)
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -2,8 +2,9 @@
 
 A space is pure data loaded from YAML (`search_spaces/NAME.yaml` or any path). `resolve()`
 builds the model once and matches the layer globs against its Conv2d and Linear modules,
-recording each layer's geometry for the cost models. Every Conv2d and Linear is a space
-layer: one that neither `searchable` nor `fixed` names is fixed at float (W32A32).
+recording each layer's geometry for the cost models. A Conv2d or Linear that neither
+`searchable` nor `fixed` names is no space layer: it stays float and outside every cost
+(`unnamed_layers` lists them, and `nas cost` / `nas search` say so).
 """
 
 from __future__ import annotations
@@ -38,11 +39,6 @@ class Choice:
 
     def __str__(self) -> str:
         return f"W{self.w_bits}A{self.a_bits}"
-
-
-# A Conv2d / Linear that neither `searchable` nor `fixed` names is held at float: the
-# quantized model leaves it the original module, so sizes and BitOps count it at 32 bits.
-UNMATCHED = Choice(32, 32)
 
 
 @dataclass(frozen=True)
@@ -284,6 +280,13 @@ class SearchSpace:
             self._layers = self._resolve(model)
         return self._layers
 
+    def unnamed_layers(self) -> list[str]:
+        """The Conv2d and Linear layers neither `searchable` nor `fixed` names: they stay
+        float in the quantized model and are in no cost table (a partial space's totals
+        leave them out; `fixed: {NAME: {w_bits: 32, a_bits: 32}}` counts one)."""
+        named = {layer.name for layer in self.layers()}
+        return [name for name in self.geometry() if name not in named]
+
     def geometry(self, model=None) -> dict[str, "LayerInfo"]:
         """Every Conv2d / Linear of the model with its geometry; cached on disk for built-in
         models, so that describing a space or costing a plan needs no torch import."""
@@ -326,7 +329,7 @@ class SearchSpace:
         for name in names:
             fixed = next((c for g, c in self.fixed.items() if fnmatch.fnmatchcase(name, g)), None)
             if fixed is None and not any(fnmatch.fnmatchcase(name, g) for g in self.searchable):
-                fixed = UNMATCHED  # stays float in the quantized model: every cost counts it so
+                continue  # stays float, outside the space: see unnamed_layers
             if fixed is not None:
                 layers.append(SpaceLayer(geometry[name], (fixed,), True))
             else:

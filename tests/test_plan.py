@@ -97,6 +97,10 @@ def test_uniform_plan_takes_only_a_choice_of_every_searchable_layer(space):
             uniform_plan(space, text)
         assert str(err.value) == (f"--uniform {text.upper()} is outside space fmnist_resnet8; "
                                   f"allowed: W2A4, W2A8, W4A4, W4A8, W8A4, W8A8")
+    # Float throughout is the baseline every space is compared with: always allowed.
+    baseline = uniform_plan(space, "W32A32")
+    assert {str(p) for n, p in baseline.layers.items()
+            if not next(x for x in space.layers() if x.name == n).fixed} == {"W32A32"}
 
 
 def test_plan_for_another_space_says_which(space):
@@ -105,6 +109,12 @@ def test_plan_for_another_space_says_which(space):
         other.resolved(space)
     assert str(err.value) == ("plan is for space fmnist_mobilenetv2, not fmnist_resnet8; give "
                               "--space fmnist_mobilenetv2, or a plan made for fmnist_resnet8")
+    other.space = "my_mobilenet"  # a space of the user's: only its file can be given
+    with pytest.raises(ConfigError) as err:
+        other.resolved(space)
+    assert str(err.value) == ("plan is for space my_mobilenet, not fmnist_resnet8; give "
+                              "--space PATH (the YAML file of space my_mobilenet), or a plan "
+                              "made for fmnist_resnet8")
     # Another space's name over the same layers (a copy of the space's file) still fits.
     renamed = Plan.uniform(space, 4, 8)
     renamed.space = "my_resnet8"

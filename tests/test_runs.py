@@ -37,6 +37,38 @@ def test_user_error_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_same_second_race_takes_the_next_name(tmp_path, monkeypatch):
+    # Another process makes the name between the existence check and mkdir.
+    import nas.runs
+
+    monkeypatch.setattr(nas.runs, "utc_stamp", lambda: "20261201T000000Z")
+    real_mkdir, raced = type(tmp_path).mkdir, []
+
+    def mkdir(self, *args, **kwargs):
+        if not raced:
+            raced.append(self)
+            real_mkdir(self, *args, **kwargs)  # the other process wins the name
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", mkdir)
+    run = RunDir(tmp_path, "s", "train")
+    assert run.path.name == "20261201T000000Z-s-train-2.partial" and raced[0].is_dir()
+
+
+def test_user_error_found_mid_run_keeps_what_the_run_made(tmp_path):
+    # An unreadable image is found only when its batch loads: the checkpoints made so far
+    # stay, and the one-line message says where.
+    with pytest.raises(ConfigError) as err:
+        with RunDir(tmp_path, "s", "train") as run:
+            run.write_config({"a": 1})
+            run.log_metrics({"epoch": 1})
+            raise ConfigError("image x.jpg cannot be read")
+    (folder,) = tmp_path.iterdir()
+    assert str(err.value) == f"image x.jpg cannot be read (the run so far is kept in {folder})"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "log.txt",
+                                                        "metrics.jsonl"]
+
+
 def test_crash_keeps_the_partial_folder_with_its_log(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with RunDir(tmp_path, "s", "train"):

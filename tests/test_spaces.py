@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from nas.errors import ConfigError
-from nas.spaces import DEFAULT_SPACE, UNMATCHED, Choice, SearchSpace, list_spaces, load_space
+from nas.spaces import DEFAULT_SPACE, Choice, SearchSpace, list_spaces, load_space
 from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 SHIPPED = ["cifar10_resnet20", "fmnist_mobilenetv2", "fmnist_resnet8", "imagenet_mobilenetv2",
@@ -82,11 +82,10 @@ def test_glob_matching_no_layer():
 
 def test_searchable_globs_select_layers():
     space = SearchSpace.from_dict(_space({"searchable": ["layer3.*"], "fixed": {}}))
-    searchable = [layer.name for layer in space.layers() if not layer.fixed]
-    assert searchable == ["layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"]
-    # The layers no glob names stay float: fixed W32A32 (tests/test_unquantized_layers.py).
-    assert len(space.layers()) == 10
-    assert all(layer.choices == (UNMATCHED,) for layer in space.layers() if layer.fixed)
+    assert [layer.name for layer in space.layers()] == [
+        "layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"]
+    # The layers no glob names stay float, outside the space (tests/test_unquantized_layers.py).
+    assert len(space.unnamed_layers()) == 7
 
 
 def test_shipped_spaces_name_every_layer():
@@ -94,6 +93,7 @@ def test_shipped_spaces_name_every_layer():
     their globs say."""
     for name in SHIPPED:
         space = load_space(name)
+        assert space.unnamed_layers() == [], name
         for layer in space.layers():
             assert layer.fixed == any(fnmatch.fnmatchcase(layer.name, g)
                                       for g in space.fixed), layer.name

@@ -1,17 +1,18 @@
-"""Layers that neither `searchable` nor `fixed` names stay float in the quantized model, so
-every cost counts them as float: a space holds them fixed at W32A32 (nas.spaces.UNMATCHED)."""
+"""Layers that neither `searchable` nor `fixed` names stay float in the quantized model and
+outside the space, so no cost counts them: `nas cost` and `nas search` say so in one note,
+and listing them under `fixed:` at W32A32 counts them."""
 
 import copy
 
 import pytest
-import torch
+import yaml
 from torch import nn
 
 from nas.cost import make_cost_model
 from nas.cost.size import weight_count
 from nas.plan import Plan
 from nas.quant.modules import QUANT_TYPES, quantize_model
-from nas.spaces import UNMATCHED, Choice, SearchSpace
+from nas.spaces import SearchSpace
 from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 PARTIAL = {**SYNTHETIC_SPACE, "searchable": ["layer1.*"],
@@ -25,37 +26,10 @@ def partial():
     return SearchSpace.from_dict(copy.deepcopy(PARTIAL))
 
 
-def test_unnamed_layers_are_fixed_at_float(partial):
-    layers = {layer.name: layer for layer in partial.layers()}
-    assert len(layers) == 10  # every Conv2d and Linear of resnet8
-    assert [n for n, x in layers.items() if x.choices == (UNMATCHED,)] == FLOAT
-    assert all(layers[n].fixed for n in FLOAT) and layers["conv1"].choices == (Choice(8, 8),)
-    assert not layers["layer1.0.conv1"].fixed
-
-
-def test_costs_count_float_layers_at_32_bits(partial):
-    plan = Plan.uniform(partial, 8, 8)
-    assert {n: str(plan.layers[n]) for n in FLOAT} == {n: "W32A32" for n in FLOAT}
-    infos = {layer.name: layer.info for layer in partial.layers()}
-    size = make_cost_model("size")
-    for name in FLOAT:  # float32 weights, float32 biases, no scales
-        info = infos[name]
-        expected = 4 * weight_count(info) + 4 * info.out_channels
-        assert size.layer_cost(info, plan.layers[name]) == expected
-    bitops = make_cost_model("bitops")
-    assert bitops.plan_cost(plan, partial) == sum(
-        infos[n].macs * (32 * 32 if n in FLOAT else 8 * 8) for n in infos)
-    # The float layers hold most of this model: the audit's 536 B was a fraction of it.
-    assert size.plan_cost(plan, partial) > 4 * sum(weight_count(infos[n]) for n in FLOAT)
-
-
-def test_same_costs_as_listing_them_fixed_at_float(partial):
-    """Leaving a layer out is the same space as fixing it at W32A32, for every cost model."""
-    fixed = {**PARTIAL["fixed"], **{n: {"w_bits": 32, "a_bits": 32} for n in FLOAT}}
-    listed = SearchSpace.from_dict({**copy.deepcopy(PARTIAL), "fixed": fixed})
-    for cost in ("size", "bitops", "latency"):
-        model = make_cost_model(cost)
-        assert model.table(partial).values == model.table(listed).values, cost
+def test_unnamed_layers_are_outside_the_space(partial):
+    assert [layer.name for layer in partial.layers()] == [
+        "conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    assert partial.unnamed_layers() == FLOAT
 
 
 def test_quantized_model_keeps_them_float(partial):
@@ -66,26 +40,28 @@ def test_quantized_model_keeps_them_float(partial):
     assert all(isinstance(modules[n], QUANT_TYPES) for n in ("conv1", "layer1.0.conv1"))
 
 
-def test_supernet_runs_them_as_one_float_branch(partial):
-    from nas.supernet import Supernet
+def test_listing_them_fixed_at_float_counts_them(partial):
+    fixed = {**PARTIAL["fixed"], **{n: {"w_bits": 32, "a_bits": 32} for n in FLOAT}}
+    listed = SearchSpace.from_dict({**copy.deepcopy(PARTIAL), "fixed": fixed})
+    assert listed.unnamed_layers() == []
+    size = make_cost_model("size")
+    infos = {layer.name: layer.info for layer in listed.layers()}
+    extra = sum(4 * weight_count(infos[n]) + 4 * infos[n].out_channels for n in FLOAT)
+    assert (size.plan_cost(Plan.uniform(listed, 8, 8), listed)
+            == size.plan_cost(Plan.uniform(partial, 8, 8), partial) + extra)
 
-    supernet = Supernet(partial.build_model(), partial, mode="soft")
-    # theta only where there is a choice: layer1's two convolutions
-    assert len(supernet.arch_parameters()) == 2
-    supernet(torch.randn(4, 1, 12, 12)).sum().backward()
 
-
-def test_cost_command_counts_them(tmp_path):
-    """The audit's case: `searchable: 'conv*'` matches only the stem."""
-    import yaml
-
+def test_cost_command_notes_them(tmp_path):
+    """The audit's case: `searchable: 'conv*'` names only the stem; the totals are the
+    stem's, and the output says which layers they leave out."""
     space = tmp_path / "conv.yaml"
-    raw = {**SYNTHETIC_SPACE, "searchable": "conv*", "fixed": {}}
-    space.write_text(yaml.safe_dump(raw))
-    loaded = SearchSpace.from_dict(raw)
-    expected = make_cost_model("size").plan_cost(Plan.uniform(loaded, 8, 8), loaded)
-    assert expected == 78384  # 136 B for the W8A8 stem, the rest float32
+    space.write_text(yaml.safe_dump({**SYNTHETIC_SPACE, "searchable": "conv*", "fixed": {}}))
     result = run_nas("cost", "--space", str(space), "--uniform", "W8A8")
     assert result.returncode == 0, result.stderr
     total = next(line for line in result.stdout.splitlines() if line.startswith("total"))
-    assert total.split()[1] == "78384"
+    assert total.split()[1] == "136"  # the W8A8 stem alone
+    assert result.stdout.strip().splitlines()[-1] == (
+        "note: 9 Conv2d/Linear layers of resnet8 that space synthetic_resnet8 does not name "
+        "(layer1.0.conv1, layer1.0.conv2, layer2.0.conv1, layer2.0.conv2, ...) stay float and "
+        "are in none of these costs; list them under fixed: with w_bits: 32, a_bits: 32 to "
+        "count them")

@@ -73,12 +73,10 @@ def check_output_file(path, flag: str) -> None:
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; give a file path, such as "
                           f"{path / 'table.json'}")
-    folder = path.parent
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{flag} {path}: {folder} is a file, not a folder; give another path")
+    # Its folder is made when the file is written: the nearest one that exists must take it.
+    folder = next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
-        raise ConfigError(f"{flag} {path}: folder {folder} does not exist; create it first or "
-                          f"give another path")
+        raise ConfigError(f"{flag} {path}: {folder} is a file, not a folder; give another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: folder {folder} is not writable; give another path")
 
@@ -107,3 +105,16 @@ def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None
         return
     print(f"compiled {count} candidate kernels in {time.monotonic() - started:.1f} s with "
           f"{jobs} processes (Triton's cache; autotuning loads them)", flush=True)
+
+
+def unnamed_note(space) -> str | None:
+    """One line naming the layers a partial space leaves float and out of every cost (None
+    when it names them all)."""
+    names = space.unnamed_layers()
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (f"note: {len(names)} Conv2d/Linear layer{'s' if len(names) > 1 else ''} of "
+            f"{space.model} that space {space.name} does not name ({shown}) stay float and "
+            f"are in none of these costs; list them under fixed: with w_bits: 32, a_bits: 32 "
+            f"to count them")

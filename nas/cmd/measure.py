@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.batch} on {device}", flush=True)
     entries = measure(cases, args.batch, timer, spec, say=lambda s: print(s, flush=True))
     doc = table_document(entries, provenance(device, spec, args.batch, timer.method))
+    output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, json.dumps(doc, indent=1) + "\n")
     print(format_table(["layer geometry and precision", "us", "fp16 cuDNN us", "speed-up",
                         "of roofline", "of INT8 peak"],

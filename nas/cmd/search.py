@@ -8,7 +8,8 @@ import io
 import time
 
 from nas.cmd.checks import check_flags, checkpoint_space
-from nas.cmd.common import add_data_options, add_latency_options, load_space_data, now_iso
+from nas.cmd.common import (add_data_options, add_latency_options, load_space_data, now_iso,
+                             unnamed_note)
 from nas.table import format_table
 
 DEFAULT_BUDGET = "5m"
@@ -193,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
           + (f" ({cost_model.spec.name}, batch {latency['batch']})" if latency else "")
           + (f", target {target.text} ({format_cost(target.cost, target.value)})" if target else "")
           + f"; budget {budget}; device {device}", flush=True)
+    if unnamed_note(space):
+        print(unnamed_note(space), flush=True)
     if cost_name == "latency":
         note = cost_model.table_.stale_note(cost_model.sources(space), f"nas measure --space "
                                             f"{space.name} --batch {cost_model.batch}")
