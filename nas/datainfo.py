@@ -5,11 +5,11 @@ Kept apart from nas.data so that a space can be validated and described without 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from nas.errors import ConfigError
+from nas.values import is_finite, is_whole
 
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder", "synthetic")
 SYNTHETIC_DEFAULTS = {"train_size": 2048, "test_size": 512, "in_channels": 1, "image_size": 16,
@@ -47,17 +47,9 @@ def min_train_images(fraction: float) -> int:
     return n
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_whole(kwargs: dict[str, Any], key: str, least: int, why: str = "") -> None:
     value = kwargs.get(key)
-    if value is not None and (not _whole(value) or value < least):
+    if value is not None and (not is_whole(value) or value < least):
         raise ConfigError(f"data.kwargs.{key}: {value!r} must be a whole number of at least "
                           f"{least}{why}")
 
@@ -72,11 +64,11 @@ def check_data_kwargs(name: str, kwargs: dict[str, Any]) -> None:
             allowed = ", ".join(sorted(_KWARGS[name] | _COMMON))
             raise ConfigError(f"data.kwargs.{key}: unknown option for {name}; allowed: {allowed}")
     frac = kwargs.get("arch_fraction", 0.2)
-    if not _number(frac) or not 0.0 < frac < 1.0:
+    if not is_finite(frac) or not 0.0 < frac < 1.0:
         raise ConfigError(f"data.kwargs.arch_fraction: {frac!r} must be a number between 0 and 1")
     for key in ("train_subset", "arch_subset", "test_subset"):
         value = kwargs.get(key)
-        if value is not None and (not _whole(value) or value <= 0):
+        if value is not None and (not is_whole(value) or value <= 0):
             raise ConfigError(f"data.kwargs.{key}: {value!r} must be a positive whole number")
     if "augment" in kwargs and not isinstance(kwargs["augment"], bool):
         raise ConfigError(f"data.kwargs.augment: {kwargs['augment']!r} must be true or false")
@@ -90,7 +82,7 @@ def check_data_kwargs(name: str, kwargs: dict[str, Any]) -> None:
                      f"split and one must be left to train on)")
         _check_whole(kwargs, "test_size", 1, " (accuracy on no test images means nothing)")
         noise = kwargs.get("noise", 0.0)
-        if not _number(noise) or noise < 0:
+        if not is_finite(noise) or noise < 0:
             raise ConfigError(f"data.kwargs.noise: {noise!r} must be a number of at least 0")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.errors import ConfigError
+from nas.values import is_whole
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 FLOAT_BITS = (16, 32)
@@ -121,7 +122,7 @@ def _train_section(raw: dict) -> dict[str, Any]:
     except BudgetError as exc:
         raise ConfigError(f"train.budget: {exc}") from None
     size = train["batch_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    if not is_whole(size) or size <= 0:
         raise ConfigError(f"train.batch_size: {size!r} must be a positive whole number")
     for key, least, above in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
         value = train[key]

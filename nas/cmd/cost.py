@@ -100,13 +100,13 @@ def _recorded(plan, key: str, flag: str, source: str):
     """The latency batch or device spec a plan's search recorded (None if none), checked:
     plan files are YAML that people edit."""
     from nas.errors import ConfigError
+    from nas.values import is_whole
 
     value = plan.costs.get(key)
     if value is None:
         return None
     if key == "latency_batch":
-        ok, kind = (isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                    "a positive whole number")
+        ok, kind = is_whole(value) and value > 0, "a positive whole number"
     else:
         ok, kind = isinstance(value, str) and bool(value), "a device spec name or .yaml path"
     if not ok:

@@ -35,6 +35,7 @@ from typing import Any
 from nas.cost.base import CostModel
 from nas.errors import ConfigError
 from nas.textfiles import parse_yaml, read_text
+from nas.values import is_finite, is_number, is_whole
 from nas.kernels.configs import propose_split_k
 from nas.spaces import ALLOWED_BITS, FLOAT_BITS, LayerInfo
 
@@ -98,8 +99,8 @@ def _spec_value_ok(kind: str, value: Any) -> bool:
     if kind == "flag":
         return isinstance(value, bool)
     if kind == "count":
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-    if not (_is_number(value) and math.isfinite(value)):
+        return is_whole(value) and value > 0
+    if not is_finite(value):
         return False
     return value > 0 if kind == "rate" else value >= 0
 
@@ -248,7 +249,7 @@ class LatencyTable:
                 raw.get("entries"), list) or not isinstance(raw.get("provenance"), dict):
             raise ConfigError(f"latency table {path} is not a {TABLE_FORMAT} file")
         batch = raw["provenance"].get("batch")
-        if batch is not None and not (isinstance(batch, int) and _is_number(batch) and batch > 0):
+        if batch is not None and not (is_whole(batch) and batch > 0):
             raise ConfigError(f"latency table {path}: provenance batch {batch!r} is not a "
                               f"positive whole number; fix it or re-measure the table")
         for i, entry in enumerate(raw["entries"]):
@@ -257,16 +258,12 @@ class LatencyTable:
                                   f"fix it or re-measure the table with `nas measure`")
             for name in ("us", "fp16_cudnn_us"):  # the baseline column is optional
                 value = entry.get(name, 1.0 if name == "fp16_cudnn_us" else None)
-                if not (_is_number(value) and 0 < value < math.inf):
+                if not (is_number(value) and 0 < value < math.inf):
                     raise ConfigError(f"latency table {path}: entry {entry['key']!r} has "
                                       f"{name} {value!r}, not a positive number of "
                                       f"microseconds; fix it or re-measure the table with "
                                       f"`nas measure`")
         return raw
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_float(bits: int) -> bool:

@@ -11,6 +11,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 from nas.errors import ConfigError, ModelError
+from nas.values import is_finite, is_whole
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,21 +38,15 @@ _BUILTIN_ARGS = {
 
 
 def _whole_from(least: int):
-    def ok(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
-    return ok, f"a whole number of at least {least}"
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    return (lambda v: is_whole(v) and v >= least), f"a whole number of at least {least}"
 
 
 # argument -> (accepts, the values it takes, for the message)
 _ARG_RULES = {
     "num_classes": _whole_from(2), "in_channels": _whole_from(1), "width": _whole_from(1),
     "stem_stride": _whole_from(1),
-    "width_mult": (lambda v: _real(v) and 0 < v < float("inf"), "a number above 0"),
-    "dropout": (lambda v: _real(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "width_mult": (lambda v: is_finite(v) and v > 0, "a number above 0"),
+    "dropout": (lambda v: is_finite(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
 }
 
 
