@@ -21,7 +21,8 @@ from nas.errors import ConfigError
 from nas.spaces import ALLOWED_BITS, FLOAT_BITS, SearchSpace
 from nas.textfiles import parse_yaml, read_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # 1: layer_hash without padding and input size
 GRANULARITIES = ("per_channel", "per_tensor")
 _TOP_KEYS = {"format_version", "model", "default", "layers", "costs", "provenance"}
 _MODEL_KEYS = {"space", "name", "layer_hash"}
@@ -65,10 +66,16 @@ class LayerPrecision:
         return cls(**raw)
 
 
-def layer_hash(space: SearchSpace) -> str:
-    """Identity of a space's quantizable layers: names, types and shapes."""
-    rows = [[x.info.name, x.info.type, x.info.in_channels, x.info.out_channels,
-             list(x.info.kernel), list(x.info.stride), x.info.groups] for x in space.layers()]
+def layer_hash(space: SearchSpace, version: int = FORMAT_VERSION) -> str:
+    """Identity of a space's quantizable layers: names, types, shapes and (format 2 on) the
+    padding and input size, which the BitOps and latency of a layer depend on: a plan from a
+    space file that changed image_size under a shipped name must not pass as the shipped one."""
+    rows = []
+    for x in space.layers():
+        i = x.info
+        row = [i.name, i.type, i.in_channels, i.out_channels, list(i.kernel), list(i.stride),
+               i.groups]
+        rows.append(row if version == 1 else row + [list(i.padding), list(i.in_hw)])
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
@@ -159,9 +166,9 @@ class Plan:
             if key not in _TOP_KEYS:
                 raise ConfigError(f"{source}: unknown key {key!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READS_VERSIONS or isinstance(version, bool):
             raise ConfigError(f"{source}: format_version {version!r} is not supported; this nas "
-                              f"reads version {FORMAT_VERSION}")
+                              f"reads versions {', '.join(map(str, READS_VERSIONS))}")
         model = raw.get("model")
         if not isinstance(model, dict) or set(model) != _MODEL_KEYS:
             raise ConfigError(f"{source}: model must have exactly the keys space, name, layer_hash")
@@ -222,7 +229,7 @@ class Plan:
         space_layers = {x.name: x for x in space.layers()}
         names = list(space_layers)
         if self.space != space.name and (not set(self.layers) <= set(space_layers)
-                                         or self.layer_hash != layer_hash(space)):
+                                         or self.layer_hash != layer_hash(space, self.format_version)):
             # Its layers are another model's: say which space the plan wants.
             from nas.spaces import list_spaces
 
@@ -248,10 +255,12 @@ class Plan:
                 raise ConfigError(f"plan layer {name!r}: {prec} is outside space {space.name}; "
                                   f"{kind} {text}")
             layers[name] = prec
-        expected = layer_hash(space)
+        expected = layer_hash(space, self.format_version)
         if self.layer_hash != expected:
             raise ConfigError(f"plan was made for other layers (layer_hash {self.layer_hash}) than "
-                              f"space {space.name} has ({expected}): same names, other shapes")
+                              f"space {space.name} has ({expected}): same names, other shapes, "
+                              f"padding or input size; if it came from a changed copy of "
+                              f"{space.name}, give that file with --space PATH")
         return Plan(self.space, self.model, self.layer_hash, layers, self.default,
                     dict(self.costs), dict(self.provenance), self.format_version)
 

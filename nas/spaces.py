@@ -338,6 +338,17 @@ class SearchSpace:
         return layers
 
 
+def _numeric_padding(conv) -> tuple[int, int]:
+    """A Conv2d's padding as numbers per side: 'valid' is 0, and 'same' pads (dilation *
+    (kernel - 1)) / 2, the larger half of an odd total, which torch puts on the right and
+    bottom (so an even kernel's cost counts one extra row and column of border)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        return tuple((d * (k - 1) + 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+    return tuple(conv.padding)
+
+
 def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
     """Run one batch of zeros through `model` and record every Conv2d and Linear it calls."""
     import torch
@@ -351,7 +362,7 @@ def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
             x = inputs[0]
             if isinstance(module, nn.Conv2d):
                 kernel, stride = tuple(module.kernel_size), tuple(module.stride)
-                padding = module.padding if isinstance(module.padding, tuple) else (0, 0)
+                padding = _numeric_padding(module)
                 in_hw, out_hw = tuple(x.shape[-2:]), tuple(output.shape[-2:])
                 macs = (output.shape[-1] * output.shape[-2] * module.out_channels
                         * (module.in_channels // module.groups) * kernel[0] * kernel[1])

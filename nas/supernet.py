@@ -25,8 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.quant.fake import fake_quantize, is_float, qparams, quant_range, tensor_minmax
-from nas.errors import ConfigError
-from nas.quant.qinput import quant_input_layer, supports
+from nas.quant.qinput import quant_input_layer
 from nas.spaces import Choice
 
 MODES = ("hard", "soft")
@@ -196,10 +195,6 @@ class Supernet(nn.Module):
         self.names: list[str] = []
         for layer in space.layers(model):
             module = self.net.get_submodule(layer.name)
-            if not supports(module):
-                raise ConfigError(f"layer {layer.name} of {space.model} is {module!r}; the "
-                                  "supernet handles Linear layers and Conv2d layers with zero "
-                                  "padding given as numbers")
             mixed = MixedLayer(module, layer.choices, q["w_granularity"], q["w_symmetric"],
                                q["a_symmetric"], factored)
             self.net.set_submodule(layer.name, mixed)

@@ -20,7 +20,7 @@ def space():
 def _mixed(space):
     plan = Plan.uniform(space, 4, 8)
     plan.layers["layer2.0.conv2"] = LayerPrecision(2, 4, "per_tensor", False, True)
-    plan.costs = {"size_bytes": 1234.5}
+    plan.costs = {"size": 1234.5, "unit": "bytes"}
     plan.provenance = {"method": "test", "run_id": "r1", "seed": 3, "date": "2026-11-28"}
     return plan
 
@@ -44,7 +44,7 @@ def test_yaml_and_json_hold_the_same_content(space, tmp_path):
     plan = _mixed(space)
     as_yaml = yaml.safe_load(plan.save(tmp_path / "p.yaml").read_text())
     as_json = json.loads(plan.save(tmp_path / "p.json").read_text())
-    assert as_yaml == as_json and as_yaml["format_version"] == 1
+    assert as_yaml == as_json and as_yaml["format_version"] == 2
     assert as_yaml["model"] == {"space": "fmnist_resnet8", "name": "resnet8",
                                 "layer_hash": layer_hash(space)}
 
@@ -101,6 +101,37 @@ def test_uniform_plan_takes_only_a_choice_of_every_searchable_layer(space):
     baseline = uniform_plan(space, "W32A32")
     assert {str(p) for n, p in baseline.layers.items()
             if not next(x for x in space.layers() if x.name == n).fixed} == {"W32A32"}
+
+
+def test_a_plan_from_a_changed_copy_of_a_space_is_not_taken_for_the_shipped_one(space):
+    # Same name, same layers and shapes, another input size: every layer's BitOps and latency
+    # differ, so costing the plan on the shipped space would be silently wrong.
+    raw = space.to_dict()
+    raw["data"] = {"name": "synthetic", "kwargs": {"image_size": 32}}
+    bigger = type(space).from_dict(raw)
+    assert bigger.name == space.name
+    plan = Plan.uniform(bigger, 4, 8)
+    assert plan.resolved(bigger) == plan
+    with pytest.raises(ConfigError) as err:
+        plan.resolved(space)
+    assert str(err.value) == (
+        f"plan was made for other layers (layer_hash {layer_hash(bigger)}) than space "
+        f"fmnist_resnet8 has ({layer_hash(space)}): same names, other shapes, padding or input "
+        f"size; if it came from a changed copy of fmnist_resnet8, give that file with "
+        f"--space PATH")
+
+
+def test_format_1_plans_still_load_and_check_their_layers(space, tmp_path):
+    # Format 1 hashed names, types and shapes only; its plans still resolve on that hash.
+    raw = Plan.uniform(space, 4, 8).to_dict()
+    raw.update({"format_version": 1})
+    raw["model"]["layer_hash"] = layer_hash(space, 1)
+    assert layer_hash(space, 1) != layer_hash(space)
+    plan = Plan.from_dict(raw).resolved(space)
+    assert plan.format_version == 1 and plan.layers == Plan.uniform(space, 4, 8).layers
+    raw["model"]["layer_hash"] = layer_hash(space)
+    with pytest.raises(ConfigError, match="plan was made for other layers"):
+        Plan.from_dict(raw).resolved(space)
 
 
 def test_plan_for_another_space_says_which(space):

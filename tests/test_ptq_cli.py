@@ -30,7 +30,7 @@ def test_uniform_w8a8_keeps_accuracy(trained, tmp_path):
     assert abs(summary["accuracy_drop"]) <= 2.0
     assert summary["size_bytes"] < summary["fp32_size_bytes"] / 3
     plan = Plan.load(folder / "plan.yaml")
-    assert plan.costs["size_bytes"] == summary["size_bytes"]
+    assert plan.costs["size"] == summary["size_bytes"] and "size_bytes" not in plan.costs
     assert plan.provenance["command"] == "ptq" and plan.provenance["calibration"] == "minmax"
     assert "compression" in result.stdout and f"run folder: {folder}" in result.stdout
 
@@ -73,7 +73,12 @@ def test_bad_plans_exit_2(trained, tmp_path, edit, message):
 
 
 def test_other_bad_ptq_input(trained, tmp_path):
-    _, checkpoint = trained
+    space_path, checkpoint = trained
+    # The checkpoint's model and kwargs, but data with other classes: its fc does not fit.
+    other_data = tmp_path / "other_data.yaml"
+    raw = yaml.safe_load(space_path.read_text())
+    raw["data"]["kwargs"]["num_classes"] = 5
+    other_data.write_text(yaml.safe_dump(raw))
     cases = [
         (["--uniform", "W9A8"], "--uniform 'W9A8': write W<bits>A<bits>"),
         (["--uniform", "W8A8", "--calibration", "median"], "invalid choice: 'median'"),
@@ -82,6 +87,11 @@ def test_other_bad_ptq_input(trained, tmp_path):
          f"nas: error: checkpoint {checkpoint} was trained for space synthetic_resnet8 (resnet8 "
          f"{{'width': 8}}), but space fmnist_resnet8 uses resnet8; leave --space out to use "
          f"synthetic_resnet8, or give a space of the same model"),
+        (["--uniform", "W8A8", "--space", str(other_data)],
+         f"nas: error: checkpoint {checkpoint} was trained for 10 classes and 1 input channel "
+         f"(space synthetic_resnet8), but space synthetic_resnet8 has 5 classes and 1 input "
+         f"channel; leave --space out to use synthetic_resnet8, or give a space with the "
+         f"checkpoint's data"),
         (["--uniform", "W8A8", "--batch-size", "0"],
          "nas: error: --batch-size 0: must be a positive whole number"),
         (["--plan", str(tmp_path / "none.yaml")], "cannot read plan"),

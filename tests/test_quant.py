@@ -175,7 +175,9 @@ def test_per_channel_state_dict_loads_into_a_fresh_quantizer():
     assert torch.equal(fresh(x), q(x))
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv_s2_groups", "linear"])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the reference's
+@pytest.mark.parametrize("kind", ["conv", "conv_s2_groups", "conv_same_even", "conv_reflect",
+                                  "conv_valid_dilated", "linear"])
 def test_quant_input_layer_matches_autograd_through_fake_quant(kind):
     """The memory-saving op (keeps x, recomputes Q(x) in backward) gives the same output and
     gradients as fake_quantize followed by the layer."""
@@ -190,7 +192,11 @@ def test_quant_input_layer_matches_autograd_through_fake_quant(kind):
         op = F.linear
     else:
         groups, stride = (3, 2) if kind == "conv_s2_groups" else (1, 1)
-        layer = torch.nn.Conv2d(6, 9, 3, stride=stride, padding=1, groups=groups)
+        layer = {  # the op pads these itself, before quantizing: an uneven border, copies
+            "conv_same_even": lambda: torch.nn.Conv2d(6, 9, 4, padding="same"),
+            "conv_reflect": lambda: torch.nn.Conv2d(6, 9, 3, padding=2, padding_mode="reflect"),
+            "conv_valid_dilated": lambda: torch.nn.Conv2d(6, 9, 3, padding="valid", dilation=2),
+        }.get(kind, lambda: torch.nn.Conv2d(6, 9, 3, stride=stride, padding=1, groups=groups))()
         x = torch.randn(2, 6, 7, 7).contiguous(memory_format=torch.channels_last) * 2
 
         def op(xq, w, b):

@@ -45,9 +45,10 @@ def test_search_writes_a_plan_that_meets_the_target(trained, tmp_path):
                   str(folder / "plan.yaml"), "--calib-batches", "2")
     assert ptq.returncode == 0, ptq.stderr
 
-    # And the search can continue from its checkpoint.
+    # And the search can continue from its checkpoint (naming its unchanged space is allowed).
     resumed = run_nas("--runs-dir", str(tmp_path / "runs2"), "search", "--resume", str(folder),
-                      "--budget", "3ep", "--samples", "0", "--no-progress")
+                      "--space", str(space_path), "--budget", "3ep", "--samples", "0",
+                      "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     summary2 = json.loads((_folder(tmp_path / "runs2") / "summary.json").read_text())
     assert summary2["steps"] == summary["steps"] * 3 // 2
@@ -126,9 +127,16 @@ def searched(trained, tmp_path_factory):
                                     "synthetic_resnet8; leave --space out to resume it"),
     (["--checkpoint", "{ck}"], "--checkpoint does not apply to --resume: run {run} goes on from "
                                "the weights in its supernet.pt; leave --checkpoint out"),
+    (["--space", "{changed}"], "--space {changed} is not the space run {run} searched: "
+                               "synthetic_resnet8 has changed since; leave --space out to resume "
+                               "the run on the space it recorded"),
 ])
 def test_resume_refuses_flags_that_change_the_search(trained, searched, tmp_path, args, message):
-    paths = {"run": searched, "ck": trained[1]}
+    # The same space name with other choices: resuming on it would mix two searches.
+    changed = tmp_path / "changed.yaml"
+    raw = yaml.safe_load(trained[0].read_text())
+    changed.write_text(yaml.safe_dump({**raw, "choices": {"w_bits": [4, 8], "a_bits": [8]}}))
+    paths = {"run": searched, "ck": trained[1], "changed": changed}
     runs = tmp_path / "runs"
     result = run_nas("--runs-dir", str(runs), "search", "--resume", str(searched),
                      *[a.format(**paths) for a in args])

@@ -108,6 +108,52 @@ def test_fixed_branch_matches_quantized_model(space):
         assert torch.allclose(net(x), q(x), atol=1e-5)
 
 
+class PaddedNet(torch.nn.Module):
+    """Convolutions padded each way torch allows: 'same' with an even kernel (an uneven
+    border), reflect, and 'valid' with dilation."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels, 4, 4, padding="same")
+        self.mid = torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+        self.last = torch.nn.Conv2d(6, 6, 3, padding="valid", dilation=2)
+        self.fc = torch.nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.mid(torch.relu(self.stem(x))))
+        return self.fc(self.last(x).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_a_supernet_of_a_model_with_any_padding_matches_its_quantized_model():
+    from nas.quant.modules import quantize_model
+
+    padded = SearchSpace.from_dict({**SYNTHETIC_SPACE, "name": "padded",
+                                    "model": {"name": "tests.test_supernet:PaddedNet"},
+                                    "fixed": {"stem": {"w_bits": 8, "a_bits": 8}}})
+    info = {x.name: x.info for x in padded.layers()}
+    # 'same' counts the larger half of the border (torch puts it right / bottom); 'valid' none.
+    assert info["stem"].padding == (2, 2) and info["stem"].out_hw == info["stem"].in_hw == (12, 12)
+    assert info["last"].padding == (0, 0) and info["last"].out_hw == (8, 8)
+    torch.manual_seed(0)
+    model = padded.build_model().eval()
+    net = Supernet(model, padded, tau=1.0)
+    x = torch.randn(8, 1, 12, 12)
+    net.train()
+    net(x).sum().backward()  # trains through every padding: theta learns
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
+    indices = [min(1, len(m.choices) - 1) for m in net.mixed()]  # W2A8; the fixed stem W8A8
+    net.fix(indices)
+    with torch.no_grad():
+        net(x)  # records the input ranges of the plan's branches
+    net.eval()
+    q = quantize_model(model, net.plan_for(indices).resolved(padded), calibration="minmax").eval()
+    for name, mixed in zip(net.names, net.mixed()):
+        q.get_submodule(name).input_quantizer.set_range(mixed.act_lo, mixed.act_hi)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), q(x), rtol=1e-5, atol=1e-5)
+
+
 def test_tau_schedule():
     assert tau_at(0.0) == pytest.approx(5.0) and tau_at(1.0) == pytest.approx(0.2)
     assert tau_at(0.5) == pytest.approx(1.0)  # geometric mean of 5 and 0.2

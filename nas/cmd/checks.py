@@ -83,7 +83,19 @@ def checkpoint_space(space_flag: str | None, checkpoint: str, ck_space):
                               f"({_model(ck_space)}), but space {space.name} uses "
                               f"{_model(space)}; leave --space out to use {ck_space.name}, or "
                               f"give a space of the same model")
+    # The same model for other data can still differ in its first and last layers.
+    have, want = space.data_info(), ck_space.data_info()
+    if (have.num_classes, have.in_channels) != (want.num_classes, want.in_channels):
+        raise CheckpointError(f"checkpoint {checkpoint} was trained for {_data(want)} (space "
+                              f"{ck_space.name}), but space {space.name} has {_data(have)}; "
+                              f"leave --space out to use {ck_space.name}, or give a space with "
+                              f"the checkpoint's data")
     return space
+
+
+def _data(info) -> str:
+    return (f"{info.num_classes} classes and {info.in_channels} input "
+            f"channel{'s' if info.in_channels != 1 else ''}")
 
 
 def _model(space) -> str:

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     test = make_loader(splits.test, 512, shuffle=False)
     fp_size = plan_size_bytes(Plan.uniform(space, 32, 32, include_fixed=True), space)
     size = plan_size_bytes(plan, space)
-    plan.costs["size_bytes"] = size
+    plan.costs.pop("size_bytes", None)  # the key ptq wrote before it wrote `size`, as search does
+    plan.costs["size"] = size  # bytes, the size of this plan as quantized here
     plan.provenance.update({"command": "ptq", "checkpoint": args.checkpoint, "seed": args.seed,
                             "calibration": args.calibration, "date": now_iso()})
 

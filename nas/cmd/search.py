@@ -94,9 +94,14 @@ def _resumed(args):
     if args.checkpoint:
         raise ConfigError(f"--checkpoint does not apply to --resume: run {folder} goes on from "
                           f"the weights in its supernet.pt; leave --checkpoint out")
-    if args.space and load_space(args.space).name != space.name:
+    given = load_space(args.space) if args.space else None
+    if given and given.name != space.name:
         raise ConfigError(f"--space {args.space} but run {folder} searched space {space.name}; "
                           f"leave --space out to resume it")
+    if given and given.to_dict() != space.to_dict():
+        raise ConfigError(f"--space {args.space} is not the space run {folder} searched: "
+                          f"{space.name} has changed since; leave --space out to resume the "
+                          f"run on the space it recorded")
     # Runs before the key was saved: a factored supernet has theta_w and theta_a per layer.
     factored = resumed.get("factored", any(k.endswith(".theta_w") for k in resumed["supernet"]))
     if args.factored and not factored:

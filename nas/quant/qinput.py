@@ -21,11 +21,22 @@ from torch.nn import functional as F
 from nas.quant.fake import mask_as, quantize_with_mask
 
 
-def supports(layer: nn.Module) -> bool:
-    """Plain Linear layers and zero-padded Conv2d layers with numeric padding."""
-    if isinstance(layer, nn.Conv2d):
-        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
-    return isinstance(layer, nn.Linear)
+def _border(layer: nn.Conv2d) -> list[int] | None:
+    """F.pad's (left, right, top, bottom) for a conv whose padding the op cannot pass to
+    convolution_backward as symmetric numbers ('same', which may be uneven, or a padding_mode
+    other than zeros); None where it can. Padding x before Q(x) is exact: quantization is
+    elementwise, the border copies values (or is zero, which quantizes to zero)."""
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return None
+    if layer.padding == "valid":
+        pads = [(0, 0), (0, 0)]
+    elif layer.padding == "same":  # as torch pads it: the odd pixel on the right / bottom
+        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in layer.padding]
+    (top, bottom), (left, right) = pads
+    return [left, right, top, bottom]
 
 
 def qparams_row(qparams: tuple | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -92,10 +103,16 @@ def quant_input_layer(layer: nn.Module, x: torch.Tensor, qparams: tuple | None,
     probes: (a_gates, a_candidates, w_gates, w_candidates) - zero-valued gate vectors, the
     qparams of every input candidate (the chosen one being the `qparams` object itself) and
     the weight of every weight candidate; the gates receive the gradients described above.
-    `layer` must pass `supports`.
+    `layer` is a Linear or a Conv2d with any padding ('same', 'valid', numbers, any mode).
     """
-    conv = ((layer.stride, layer.padding, layer.dilation, layer.groups)
-            if isinstance(layer, nn.Conv2d) else None)
+    conv = None
+    if isinstance(layer, nn.Conv2d):
+        border = _border(layer)
+        if border is not None:
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            x = F.pad(x, border, mode=mode)
+        padding = layer.padding if border is None else (0, 0)
+        conv = (layer.stride, padding, layer.dilation, layer.groups)
     qp = qparams_row(qparams, x)
     a_gates = a_rows = w_gates = w_alts = None
     if probes is not None:
