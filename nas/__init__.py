@@ -1,7 +1,7 @@
 """nas: mixed-precision architecture search for quantized convolutional networks.
 
-`import nas` stays light: heavy parts (torch models, data) load on first use, and ray,
-optuna, triton and matplotlib only where a command needs them.
+`import nas` stays light: heavy parts (torch models, data) load on first use, and triton
+only where a command needs it.
 """
 
 from nas.errors import NasError

@@ -31,7 +31,8 @@ class Budget:
 
     def __str__(self) -> str:
         if self.kind == "epochs":
-            return f"{int(self.value)} epochs"
+            n = int(self.value)
+            return f"{n} epoch{'' if n == 1 else 's'}"
         return f"{self.value:g}s"
 
 

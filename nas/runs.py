@@ -57,12 +57,20 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "sp
         raise CheckpointError(f"checkpoint {path} is a directory, not a file; {fix}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # what torch.save writes; torch's own error would advise
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (a zip file); it is "
+                              f"corrupt or not a nas checkpoint; {fix}")  # weights_only=False
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in unpickling
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if "weights_only" in text:  # torch advises weights_only=False, which runs its code
+            first = "it holds Python objects, not only tensors and plain data"
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); it is corrupt or "
-                              f"not a nas checkpoint") from exc
+                              f"not a nas checkpoint; {fix}") from exc
     expect = expect or {}
     wrong = [k for k, v in expect.items() if isinstance(payload, dict) and "format" in payload
              and payload.get(k) != v]

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -317,7 +316,8 @@ class SearchSpace:
     def _resolve(self, model) -> list[SpaceLayer]:
         geometry = self.geometry(model)
         names = list(geometry)
-        show = f"to list them, run: nas spaces show {shlex.quote(self.origin or self.name)}"
+        listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        show = f"its {len(names)} layers: {listed}"
         for i, glob in enumerate(self.searchable):
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise ConfigError(f"space {self.name}: searchable[{i}] {glob!r} matches no Conv2d "

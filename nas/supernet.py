@@ -281,16 +281,22 @@ def recalibrate_bn(model: nn.Module, loader, batches: int, device) -> None:
     shared weights were trained under a mix of precisions, so the running statistics belong
     to no single plan."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
+    # Each module's own mode (a model may hold a BatchNorm in eval inside one in train), and
+    # momentum, come back even if a batch raises (Ctrl-C): the statistics are then the partial
+    # estimate, which the caller's saved state replaces.
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
-    was_training = model.training
     model.train()
-    for i, (x, _) in enumerate(loader):
-        if i >= batches:
-            break
-        model(x.to(device))
-    for m, (momentum, _) in zip(bns, saved):
-        m.momentum = momentum
-    model.train(was_training)
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training

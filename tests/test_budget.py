@@ -13,12 +13,27 @@ def test_accepted_forms(text, kind, value):
     assert parse_budget(text) == Budget(kind, value)
 
 
-@pytest.mark.parametrize("text", ["", "5", "ten minutes", "5 parsecs", "-3ep", "0s", "2.5ep",
-                                  "5m30s", "3 trials"])
-def test_rejected_forms_list_what_is_accepted(text):
+ACCEPTED = "use '90s', '5m', '2h' (time) or '3ep' / '3 epochs' (epochs)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "budget '' is not understood"),
+    ("5", "budget '5' is not understood"),
+    ("ten minutes", "budget 'ten minutes' is not understood"),
+    ("5 parsecs", "budget '5 parsecs' is not understood"),
+    ("-3ep", "budget '-3ep' is not understood"),
+    ("5m30s", "budget '5m30s' is not understood"),
+    ("3 trials", "budget '3 trials' is not understood"),
+    ("0s", "budget '0s' must be positive"),
+    ("0.0h", "budget '0.0h' must be positive"),
+    ("0ep", "budget '0ep' must be positive"),
+    ("2.5ep", "budget '2.5ep': epochs must be a whole number"),
+    ("0.5 epochs", "budget '0.5 epochs': epochs must be a whole number"),
+])
+def test_rejected_forms_say_why_and_list_what_is_accepted(text, message):
     with pytest.raises(BudgetError) as err:
         parse_budget(text)
-    assert "'90s', '5m', '2h'" in str(err.value) and "'3 epochs'" in str(err.value)
+    assert str(err.value) == f"{message}; {ACCEPTED}"
 
 
 def test_epoch_clock_counts_steps():

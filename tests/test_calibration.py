@@ -105,15 +105,16 @@ def test_the_fit_recovers_the_law_of_the_tables():
     assert calibration.integer.entries == len(LAYERS) * 2 * len(PRECISIONS)
     assert calibration.floating.entries == len(LAYERS) * 2  # one baseline per geometry, batch
     # Unmeasured geometries and a batch between the measured ones. The fit is exact least
-    # squares but for the ridge (1e-2 against hundreds of rows), which moves a factor by
-    # well under 1 %.
+    # squares but for the ridge (1e-2), which biases the factors slightly: against 432
+    # integer rows by at most 7.2e-5 here, against the 72 float baselines by at most 6.2e-4
+    # (the fit is deterministic); a few times that.
     for info, batch, (w, a) in itertools.product(
             [conv(16, 24, 3, 12), conv(48, 16, 1, 8), conv(16, 16, 3, 12, groups=16)], (2,),
             PRECISIONS):
         assert calibration.estimate_us(info, w, a, batch, SPEC) == pytest.approx(
-            law(info, w, a, batch), rel=0.01)
+            law(info, w, a, batch), rel=3e-4)
         assert calibration.estimate_us(info, 16, 16, batch, SPEC) == pytest.approx(
-            float_law(info, batch), rel=0.01)
+            float_law(info, batch), rel=2e-3)
 
 
 def test_depthwise_and_odd_channels_run_unpacked_whatever_the_bits():

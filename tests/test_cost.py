@@ -132,6 +132,16 @@ def test_latency_cost_names_the_stale_tables_a_space_uses(tmp_path, monkeypatch)
         f"with `nas measure --space s`")
 
 
+def test_the_remeasure_command_names_a_space_file_by_its_path(tmp_path):
+    from nas.cmd.common import remeasure_command
+
+    path = tmp_path / "my space.yaml"
+    path.write_text(yaml.safe_dump(load_space("fmnist_resnet8").to_dict()))
+    assert remeasure_command(load_space(path), 64) == f"nas measure --space '{path}' --batch 64"
+    assert remeasure_command(load_space("fmnist_resnet8"), 1) == (
+        "nas measure --space fmnist_resnet8 --batch 1")
+
+
 def test_cost_table_and_differentiable_expectation():
     space = load_space("fmnist_resnet8")
     table = make_cost_model("size").table(space)
@@ -145,10 +155,13 @@ def test_cost_table_and_differentiable_expectation():
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in logits[1:-1])
     # The plan that picks the cheapest choice everywhere costs the sum of row minima.
     cheapest = [min(range(len(r)), key=r.__getitem__) for r in table.values]
-    assert table.index_cost(cheapest) == pytest.approx(sum(min(r) for r in table.values))
+    # Sizes are whole bytes plus weights * bits / 8: multiples of 1/8 far below 2**53, so
+    # every sum of them is exact in floating point, in any order.
+    assert all((8 * v).is_integer() for row in table.values for v in row)
+    assert table.index_cost(cheapest) == sum(min(r) for r in table.values)
     w8a8 = [[(c.w_bits, c.a_bits) for c in choices].index((8, 8)) for choices in table.choices]
     plan = Plan.uniform(space, 8, 8)
-    assert make_cost_model("size").plan_cost(plan, space) == pytest.approx(table.index_cost(w8a8))
+    assert make_cost_model("size").plan_cost(plan, space) == table.index_cost(w8a8)
 
 
 @pytest.mark.parametrize("text, cost, value", [
@@ -161,11 +174,25 @@ def test_targets(text, cost, value):
     assert (t.cost, t.value) == (cost, pytest.approx(value))
 
 
-@pytest.mark.parametrize("text", ["size 60KB", "speed=3ms", "latency=3KB", "size=-1KB",
-                                  "bitops=2.1Gb", "size=0KB", "latency=5"])
-def test_bad_targets(text):
-    with pytest.raises(ConfigError, match="size=60KB .* bitops=2.1G .* latency=1.2ms"):
+TARGET_FORMS = ("use size=60KB (B, KB, MB, KiB, MiB), bitops=2.1G (K, M, G, T) or "
+                "latency=1.2ms (us, ms, s)")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("size 60KB", "target 'size 60KB' is not understood"),
+    ("speed=3ms", "target 'speed=3ms' is not understood"),
+    ("latency=3KB", "target 'latency=3KB' is not understood"),
+    ("size=-1KB", "target 'size=-1KB' is not understood"),
+    ("bitops=2.1Gb", "target 'bitops=2.1Gb' is not understood"),
+    ("latency=5", "target 'latency=5' is not understood"),
+    ("size=0KB", "target 'size=0KB' must be positive"),
+    ("bitops=0", "target 'bitops=0' must be positive"),
+    ("latency=0.0ms", "target 'latency=0.0ms' must be positive"),
+])
+def test_bad_targets(text, message):
+    with pytest.raises(ConfigError) as err:
         parse_target(text)
+    assert str(err.value) == f"{message}; {TARGET_FORMS}"
 
 
 def test_nas_cost_cli_is_light_and_labelled():

@@ -17,11 +17,18 @@ from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 TINY = {**SYNTHETIC_SPACE, "searchable": ["layer1.0.conv1"],
         "choices": {"w_bits": [4, 8], "a_bits": [8]}}
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # a `nas` subprocess that sees no GPU, on any machine
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """In this process, CUDA is not available, even on a machine with a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def test_measure_without_cuda_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "table.json"
-    result = run_nas("measure", "--output", str(out))
+    result = run_nas("measure", "--output", str(out), env=NO_GPU)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "nas: error: nas measure times kernels on a CUDA GPU and none is available here "
@@ -185,7 +192,8 @@ def test_validate_mixed_counts_are_checked(tmp_path):
     (["--output", "{tmp}/f/t.json"], "--output {tmp}/f/t.json: {tmp}/f is a file, not a "
                                      "folder; give another path"),
 ])
-def test_measure_refuses_bad_flags_before_it_needs_a_gpu(tmp_path, capsys, args, message):
+def test_measure_refuses_bad_flags_before_it_needs_a_gpu(tmp_path, capsys, no_cuda, args,
+                                                         message):
     # Without CUDA the command stops at the GPU check: these errors coming out instead
     # show they are checked before it, and so before any compiling and timing on a GPU.
     from nas.cli import main
@@ -198,7 +206,7 @@ def test_measure_refuses_bad_flags_before_it_needs_a_gpu(tmp_path, capsys, args,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing written
 
 
-def test_measure_output_in_a_folder_still_to_make_passes_the_checks(tmp_path, capsys):
+def test_measure_output_in_a_folder_still_to_make_passes_the_checks(tmp_path, capsys, no_cuda):
     # The folder is made when the table is written; here the run stops at the GPU check.
     from nas.cli import main
 
@@ -207,12 +215,25 @@ def test_measure_output_in_a_folder_still_to_make_passes_the_checks(tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
-def test_measure_refuses_an_output_folder_it_cannot_write(tmp_path, capsys):
+def test_measure_refuses_an_output_folder_it_cannot_write(tmp_path, capsys, monkeypatch,
+                                                         no_cuda):
+    # Root may write in any folder, so a chmod alone proves nothing where the tests run as
+    # root: the permission check itself answers "no" for this one folder.
     from nas.cli import main
 
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+    locked.mkdir()
+    access = os.access
+    asked = []
+
+    def no_write_in_locked(path, mode, *args, **kwargs):
+        if os.path.abspath(path) == str(locked) and mode & os.W_OK:
+            asked.append(path)
+            return False
+        return access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", no_write_in_locked)
     assert main(["measure", "--output", str(locked / "t.json")]) == 2
     assert capsys.readouterr().err == (f"nas: error: --output {locked / 't.json'}: folder "
                                        f"{locked} is not writable; give another path\n")
+    assert asked and list(locked.iterdir()) == []

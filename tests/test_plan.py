@@ -4,10 +4,12 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torch.nn import functional as F
 
 from nas.cost.size import plan_size_bytes
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan, layer_hash, parse_uniform, uniform_plan
+from nas.quant.fake import fake_quantize, quant_range
 from nas.quant.modules import QuantConv2d, QuantLinear, calibrate, quant_layers, quantize_model
 from nas.spaces import load_space
 
@@ -211,8 +213,29 @@ def test_quantize_model_swaps_by_name(space):
     assert not any(isinstance(m, QuantConv2d) for m in model.modules())  # original untouched
     x = torch.randn(8, 1, 28, 28)
     calibrate(q, [(x, None)], batches=1)
+    seen = {}
+    hooks = [layers[n].register_forward_hook(
+        lambda m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())}))
+        for n in ("layer2.0.conv1", "fc")]
     with torch.no_grad():
         assert q(x).shape == (8, 10)
+    for h in hooks:
+        h.remove()
+    # Each swapped layer computes the float op on its fake-quantized input (8-bit, unsigned)
+    # and fake-quantized weight (4-bit, per output channel): the same kernels on the same
+    # tensors, so bit for bit; and not the float op on the raw tensors.
+    for name, op in (("layer2.0.conv1", lambda m, xq, wq: F.conv2d(
+            xq, wq, m.bias, m.stride, m.padding, m.dilation, m.groups)),
+                     ("fc", lambda m, xq, wq: F.linear(xq, wq, m.bias))):
+        layer, (inp, out) = layers[name], seen[name]
+        iq, wq = layer.input_quantizer, layer.weight_quantizer
+        assert (iq.bits, iq.symmetric, wq.bits, wq.axis) == (8, False, 4 if name != "fc" else 8, 0)
+        with torch.no_grad():
+            x_q = fake_quantize(inp, iq.scale, iq.zero_point, 0, 255)
+            w_q = fake_quantize(layer.weight, wq.scale, wq.zero_point,
+                                *quant_range(wq.bits, True), axis=0)
+            assert torch.equal(out, op(layer, x_q, w_q))
+            assert not torch.equal(out, op(layer, inp, layer.weight))
     bad = Plan.uniform(space, 4, 8)
     bad.layers["layer1.0.bn1"] = LayerPrecision(8, 8)
     with pytest.raises(ConfigError, match="plan layer 'layer1.0.bn1': BatchNorm2d, expected Conv2d"):
@@ -220,10 +243,20 @@ def test_quantize_model_swaps_by_name(space):
 
 
 def test_grouped_and_depthwise_convs_quantize():
-    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-    q = QuantConv2d.from_float(conv, LayerPrecision(4, 8))
+    torch.manual_seed(0)
+    # 5x5 depthwise: 25 weights per channel, more than the 16 levels of 4 bits.
+    conv = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+    q = QuantConv2d.from_float(conv, LayerPrecision(4, 8)).eval()
     q.weight_quantizer.observe_tensor(q.weight.detach())
-    x = torch.relu(torch.randn(2, 8, 5, 5))
-    out = q(x)
-    assert out.shape == (2, 8, 5, 5)
-    assert torch.unique(q.weight_quantizer(q.weight)[0]).numel() <= 16
+    x = torch.relu(torch.randn(2, 8, 6, 6))
+    q.input_quantizer.observe_tensor(x)
+    wq, iq = q.weight_quantizer, q.input_quantizer
+    assert wq.scale.shape == (8,) and (wq.qmin, wq.qmax, iq.qmin, iq.qmax) == (-8, 7, 0, 255)
+    with torch.no_grad():
+        out = q(x)
+        w_q = fake_quantize(conv.weight, wq.scale, wq.zero_point, -8, 7, axis=0)
+        x_q = fake_quantize(x, iq.scale, iq.zero_point, 0, 255)
+        assert torch.equal(out, F.conv2d(x_q, w_q, conv.bias, padding=2, groups=8))
+        assert not torch.equal(out, conv(x))
+    assert all(torch.unique(w_q[c]).numel() <= 16 < torch.unique(conv.weight[c]).numel()
+               for c in range(8))

@@ -4,10 +4,16 @@ import csv
 import json
 
 import pytest
+import torch
 import yaml
 
+from nas.cmd.evaluate import load_model
+from nas.cost.size import plan_size_bytes
+from nas.data import load_data, make_loader
 from nas.plan import Plan
+from nas.quant.ptq import prepare_ptq
 from nas.spaces import load_space
+from nas.train import evaluate
 from tests.conftest import needs_fmnist, run_nas
 
 
@@ -121,3 +127,47 @@ def test_bench_ptq_small(tmp_path):
     assert sorted(p.name for p in folder.glob("*.pt")) == ["fmnist_mobilenetv2.pt", "fmnist_resnet8.pt"]
     for title in ("W8A8 per-channel PTQ", "Weight-only 8-bit", "W4A8 accuracy by calibration"):
         assert title in result.stdout
+
+
+def test_no_fold_and_per_tensor_weights(trained, tmp_path):
+    space_path, checkpoint = trained
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
+                     "--uniform", "W4A8", "--calibration", "minmax", "--calib-batches", "2",
+                     "--no-fold", "--w-granularity", "per_tensor")
+    assert result.returncode == 0, result.stderr
+    folder = _run_folder(runs)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert yaml.safe_load((folder / "config.yaml").read_text())["fold_bn"] is False
+    # The plan records per-tensor weights, and its size counts one scale per weight tensor
+    # instead of one per output channel.
+    plan = Plan.load(folder / "plan.yaml")
+    assert {p.w_granularity for p in plan.layers.values()} == {"per_tensor"}
+    space = load_space(space_path)
+    per_channel = Plan.uniform(space, 4, 8).resolved(space, within_choices=False)
+    assert {p.w_granularity for p in per_channel.layers.values()} == {"per_channel"}
+    per_tensor = per_channel.with_overrides(w_granularity="per_tensor")
+    assert summary["size_bytes"] == plan.costs["size"] == plan_size_bytes(per_tensor, space)
+    assert summary["size_bytes"] < plan_size_bytes(per_channel, space)
+    # The accuracy is that of the model quantized without folding BN, as done here in process
+    # (same data, calibration batches and seed); folding gives another.
+    _, model, _ = load_model(str(checkpoint))
+    splits = load_data(space.data, seed=0, **space.data_kwargs)
+    test = make_loader(splits.test, 512, shuffle=False)
+
+    def accuracy(fold):
+        calib = make_loader(splits.train, 128, shuffle=True, seed=0)
+        qmodel = prepare_ptq(model, plan, calib, 2, "minmax", fold=fold)
+        return evaluate(qmodel, test, torch.device("cpu"))["accuracy"]
+
+    assert summary["quant_accuracy"] == accuracy(fold=False) != accuracy(fold=True)
+
+
+def test_bench_dnas_rejects_bad_targets(tmp_path):
+    for targets in ("0.35,0.5", "0,0.5,0.7", "0.35,0.5,x"):
+        result = run_nas("--runs-dir", str(tmp_path / "runs"), "bench", "dnas", "--targets",
+                         targets)
+        assert result.returncode == 2, (targets, result.stderr)
+        assert result.stderr == (f"nas: error: --targets '{targets}': give three fractions in "
+                                 f"(0, 1], e.g. 0.35,0.5,0.7\n")
+        assert not (tmp_path / "runs").exists()

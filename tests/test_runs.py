@@ -93,11 +93,18 @@ class Evil:
 def test_checkpoint_refuses_code_and_garbage(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"space": {}, "state_dict": {}, "x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="cannot be loaded .*corrupt or not a nas checkpoint"):
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
+    # Not torch's advice to load with weights_only=False, which would run the file's code.
+    assert str(err.value) == (f"checkpoint {path} cannot be loaded (it holds Python objects, "
+                              f"not only tensors and plain data); it is corrupt or not a nas "
+                              f"checkpoint; pass the best.pt of a 'nas train' run folder")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="junk.pt cannot be loaded"):
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "junk.pt")
+    assert str(err.value) == (f"checkpoint {tmp_path / 'junk.pt'} is not a torch checkpoint (a "
+                              f"zip file); it is corrupt or not a nas checkpoint; pass the best.pt "
+                              f"of a 'nas train' run folder")
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a nas checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

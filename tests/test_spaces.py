@@ -111,13 +111,31 @@ def test_bad_yaml_and_unknown_space(tmp_path):
 
 
 def test_geometry_cache_roundtrip(tmp_path, monkeypatch):
+    import json
+
+    import nas.spaces
+
     monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
     computed = load_space("cifar10_resnet20").layers()
     (cached_file,) = (tmp_path / "geometry").iterdir()
     assert cached_file.name.startswith("resnet20-")
-    assert load_space("cifar10_resnet20").layers() == computed  # now read from the file
-    cached_file.write_text("{broken")
-    assert load_space("cifar10_resnet20").layers() == computed  # damaged entry is rebuilt
+    written = json.loads(cached_file.read_text())
+    assert [row["name"] for row in written] == list(load_space("cifar10_resnet20").geometry())
+
+    # A second load reads the file: with the geometry computation broken it still works.
+    def no_computing(*args, **kwargs):
+        raise AssertionError("geometry recomputed instead of read from the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(nas.spaces, "layer_geometry", no_computing)
+        m.setattr(SearchSpace, "build_model", no_computing)
+        assert load_space("cifar10_resnet20").layers() == computed
+        cached_file.write_text("{broken")
+        with pytest.raises(AssertionError, match="recomputed"):  # damaged: not trusted
+            load_space("cifar10_resnet20").layers()
+    # A damaged entry is recomputed and rewritten as valid JSON, equal to the first.
+    assert load_space("cifar10_resnet20").layers() == computed
+    assert json.loads(cached_file.read_text()) == written
 
 
 def test_user_models_are_not_cached(tmp_path, monkeypatch):
@@ -253,14 +271,18 @@ def test_unreadable_space_files(tmp_path):
                                   f".yaml file or a shipped space's name (see 'nas spaces')")
 
 
-def test_no_match_hint_names_the_space_as_given(space_file):
+def test_a_glob_that_matches_no_layer_is_refused_with_the_layers(space_file):
+    # The layers are in the message: the space cannot be shown to list them while it fails.
     path = space_file({"searchable": ["head.*"]}, name="my space.yaml")
     with pytest.raises(ConfigError) as err:
         load_space(path).layers()
-    assert str(err.value) == (f"space synthetic_resnet8: searchable[0] 'head.*' matches no "
-                              f"Conv2d or Linear layer of resnet8; to list them, run: nas "
-                              f"spaces show '{path}'")
-    with pytest.raises(ConfigError, match="to list them, run: nas spaces show fmnist_resnet8$"):
+    assert str(err.value) == (
+        "space synthetic_resnet8: searchable[0] 'head.*' matches no Conv2d or Linear layer of "
+        "resnet8; its 10 layers: conv1, layer1.0.conv1, layer1.0.conv2, layer2.0.conv1, "
+        "layer2.0.conv2, layer2.0.downsample.0, layer3.0.conv1, layer3.0.conv2, "
+        "layer3.0.downsample.0, fc")
+    with pytest.raises(ConfigError, match="fixed.head matches no Conv2d or Linear layer of "
+                                          "resnet8; its 10 layers: conv1, "):
         SearchSpace.from_dict(_space({"fixed": {"head": {"w_bits": 8, "a_bits": 8}}})).layers()
 
 
@@ -282,4 +304,20 @@ def test_cli_refuses_bad_space_in_one_line(space_file, tmp_path):
     assert (result.returncode, result.stderr) == (2, f"nas: error: search space {bad} is not "
                                                      f"UTF-8 text (byte 0); save it as a UTF-8 "
                                                      f"YAML file\n")
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_every_command_refuses_a_glob_that_matches_no_layer(space_file, tmp_path):
+    """Before any output or training: `train` used to train on such a space for its whole
+    budget, and `spaces show` printed its header first."""
+    path = space_file({"fixed": {"nolayer": {"w_bits": 8, "a_bits": 8}}})
+    runs = tmp_path / "runs"
+    for args in (["spaces", "show", str(path)], ["cost", "--space", str(path), "--uniform", "W8A8"],
+                 ["train", "--space", str(path), "--budget", "1ep", "--no-progress"]):
+        result = run_nas("--runs-dir", str(runs), *args)
+        assert (result.returncode, result.stdout) == (2, ""), args
+        assert result.stderr.startswith("nas: error: space synthetic_resnet8: fixed.nolayer "
+                                        "matches no Conv2d or Linear layer of resnet8; its 10 "
+                                        "layers: conv1, "), args
+        assert len(result.stderr.splitlines()) == 1
     assert not runs.exists() or not any(runs.iterdir())

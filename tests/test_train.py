@@ -1,11 +1,15 @@
 """Real, short training runs through the CLI, as a user would start them."""
 
 import json
+import types
 
 import pytest
+import torch
 
-from nas.train import lr_at
-from tests.conftest import needs_fmnist, run_nas
+from nas.budget import parse_budget
+from nas.data import load_data
+from nas.train import TrainConfig, lr_at, train
+from tests.conftest import SYNTHETIC_SPACE, needs_fmnist, run_nas
 
 
 def test_lr_schedule():
@@ -48,15 +52,56 @@ def test_train_then_eval_on_synthetic(tmp_path, space_file):
         summary["test_accuracy"])
 
 
+def ticking_clock(monkeypatch, dataset, seconds_per_batch=1.0):
+    """A scripted clock for the budget: it stands still except that every training batch
+    drawn from `dataset` takes `seconds_per_batch`. Returns the list holding the time."""
+    now = [1000.0]
+    monkeypatch.setattr("nas.budget.time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    draw = dataset.batch
+
+    def slow_batch(*args, **kwargs):
+        now[0] += seconds_per_batch
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "batch", slow_batch)
+    return now
+
+
+@pytest.mark.parametrize("budget, steps", [("2.5s", 3), ("3s", 3), ("10.5s", 11), ("16s", 16)])
+def test_time_budget_stops_at_the_first_step_past_it(monkeypatch, budget, steps):
+    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
+    per_epoch = len(splits.train) // 64
+    assert per_epoch == 8  # so 10.5 s stops inside the second epoch, 16 s at its very end
+    ticking_clock(monkeypatch, splits.train)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12 * 12, 10))
+    records = []
+    result = train(model, splits, TrainConfig(parse_budget(budget), batch_size=64, progress=False),
+                   torch.device("cpu"), on_epoch=lambda record, improved: records.append(record))
+    # One second a step: the clock reads k s after step k and the loop stops at the first
+    # step that reaches the budget, even inside an epoch, and starts no other epoch.
+    assert (result.steps, result.seconds) == (steps, float(steps))
+    assert result.epochs == pytest.approx(steps / per_epoch)
+    assert [(r["epoch"], r["steps"], r["seconds"]) for r in records] == [
+        (e + 1, min(steps, (e + 1) * per_epoch), float(min(steps, (e + 1) * per_epoch)))
+        for e in range(-(-steps // per_epoch))]
+
+
 @pytest.mark.slow
-def test_time_budget_is_respected(tmp_path, space_file):
+def test_time_budget_ends_a_cli_run(tmp_path, space_file):
     runs = tmp_path / "runs"
     result = run_nas("--runs-dir", str(runs), "train", "--space", str(space_file()),
-                     "--budget", "4s", "--no-progress")
+                     "--budget", "3s", "--no-progress")
     assert result.returncode == 0, result.stderr
-    summary = json.loads((_single_run(runs) / "summary.json").read_text())
-    # The loop checks the clock after every step; a step here takes well under a second.
-    assert 4.0 <= summary["train_seconds"] < 5.5
+    folder = _single_run(runs)
+    summary = json.loads((folder / "summary.json").read_text())
+    metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert summary["budget"] == "3s" and "budget 3s" in result.stdout
+    # The run ended on the clock, not on a count of epochs: it had spent the budget when it
+    # stopped (a slow machine only makes that later), and its last record is the end.
+    assert summary["train_seconds"] >= 3.0 and metrics[-1]["seconds"] >= 3.0
+    assert summary["steps"] == metrics[-1]["steps"] > 0
+    assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
 
 
 @pytest.mark.slow

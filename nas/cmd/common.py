@@ -118,3 +118,11 @@ def unnamed_note(space) -> str | None:
             f"{space.model} that space {space.name} does not name ({shown}) stay float and "
             f"are in none of these costs; list them under fixed: with w_bits: 32, a_bits: 32 "
             f"to count them")
+
+
+def remeasure_command(space, batch: int) -> str:
+    """The `nas measure` line that re-measures `space`: by the path it was loaded from where it
+    came from a file (its name alone would not load)."""
+    import shlex
+
+    return f"nas measure --space {shlex.quote(space.origin or space.name)} --batch {batch}"

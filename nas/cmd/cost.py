@@ -28,7 +28,7 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.cmd.common import unnamed_note
+    from nas.cmd.common import remeasure_command, unnamed_note
     from nas.cost import format_cost, make_cost_model
     from nas.errors import ConfigError
     from nas.plan import Plan, uniform_plan
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
           f"latency {format_cost('latency', totals['latency'])}"
           + (f" (estimated: {latency.estimate_method}" if estimated else " (measured")
           + f"; {source})")
-    notes = [latency.table_.stale_note(used, f"nas measure --space {space.name} --batch "
-                                             f"{batch}"), unnamed_note(space)]
+    notes = [latency.table_.stale_note(used, remeasure_command(space, batch)),
+             unnamed_note(space)]
     for note in filter(None, notes):
         print(note)
     return 0

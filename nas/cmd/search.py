@@ -9,7 +9,7 @@ import time
 
 from nas.cmd.checks import check_flags, checkpoint_space
 from nas.cmd.common import (add_data_options, add_latency_options, load_space_data, now_iso,
-                             unnamed_note)
+                             remeasure_command, unnamed_note)
 from nas.table import format_table
 
 DEFAULT_BUDGET = "5m"
@@ -26,13 +26,15 @@ def add_parser(sub, parents) -> None:
                                    "embedded default)")
     p.add_argument("--method", choices=("dnas",), default="dnas")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
-                   help=f"90s, 10m, 2h or '3 epochs' (default {DEFAULT_BUDGET})")
+                   help=f"90s, 10m, 2h, 3ep or '3 epochs' (default {DEFAULT_BUDGET})")
     p.add_argument("--target", help="size=60KB, bitops=2.1G or latency=1.2ms (default: size at "
                                     "half of the space's uniform W8A8 size)")
     p.add_argument("--cost", choices=("size", "bitops", "latency"),
                    help="cost to penalise (default: the target's)")
     add_latency_options(p, "--latency-batch", "the resumed run")
-    p.add_argument("--loss", choices=("additive", "multiplicative"), default="additive")
+    p.add_argument("--loss", choices=("additive", "multiplicative"), default="additive",
+                   help="cost term: additive CE + penalty above the target, or FBNet's "
+                        "multiplicative (default %(default)s)")
     p.add_argument("--checkpoint", help="start from the weights of a 'nas train' checkpoint")
     p.add_argument("--resume", metavar="RUN", help="continue the search of an earlier run folder "
                                                    "(--budget is then the total, done part included)")
@@ -43,11 +45,15 @@ def add_parser(sub, parents) -> None:
                    help="forward of the theta step: soft (default) is the exact gradient of "
                         "the relaxed mixture; hard is a cheaper first-order estimate")
     p.add_argument("--factored", action="store_true", help="separate weight and activation logits")
-    p.add_argument("--samples", type=int, default=8, help="plans sampled for one-shot evaluation")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--tau0", type=float, default=5.0)
-    p.add_argument("--tau-min", type=float, default=0.2)
-    p.add_argument("--warmup", type=float, default=0.2, help="share of the budget for weights only")
+    p.add_argument("--samples", type=int, default=8,
+                   help="plans sampled for one-shot evaluation (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default %(default)s)")
+    p.add_argument("--tau0", type=float, default=5.0,
+                   help="Gumbel-softmax temperature at the start (default %(default)s)")
+    p.add_argument("--tau-min", type=float, default=0.2,
+                   help="temperature at the end, reached geometrically (default %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.2,
+                   help="share of the budget for weights only (default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     add_data_options(p)
     p.set_defaults(run=run)
@@ -202,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
     if unnamed_note(space):
         print(unnamed_note(space), flush=True)
     if cost_name == "latency":
-        note = cost_model.table_.stale_note(cost_model.sources(space), f"nas measure --space "
-                                            f"{space.name} --batch {cost_model.batch}")
+        note = cost_model.table_.stale_note(cost_model.sources(space),
+                                            remeasure_command(space, cost_model.batch))
         if note:
             print(note, flush=True)
         if table.any_estimated:

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def show(space) -> None:
+    layers = space.layers()  # a glob that matches no layer fails here, before any output
     print(f"space: {space.name}" + (f" - {space.description}" if space.description else ""))
     info = space.data_info()
     print(f"model: {space.model} {space.model_kwargs or ''}".rstrip())
@@ -51,7 +52,6 @@ def show(space) -> None:
     print(f"quantizer: weights {q['w_granularity']}, "
           f"{'symmetric' if q['w_symmetric'] else 'asymmetric'}; activations "
           f"{'symmetric' if q['a_symmetric'] else 'asymmetric'}")
-    layers = space.layers()
     rows = []
     for layer in layers:
         i = layer.info

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     splits = load_space_data(space, args)
     model = space.build_model()
+    space.layers(model)  # a glob naming no layer fails now, as in the other commands
     params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(budget=budget, batch_size=batch_size, lr=lr,
                       weight_decay=float(space.train["weight_decay"]), seed=args.seed,

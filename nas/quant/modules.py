@@ -107,9 +107,11 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str = "cpu") -> int:
-    """Run `batches` batches through the float path to set every activation range.
+    """Run `batches` batches through the model to set every activation range.
 
-    Returns the number of batches used. Weight ranges were set by quantize_model.
+    While observing, activations pass unquantized but weights are already quantized (their
+    ranges were set by quantize_model), so each layer's range is that of the input the
+    quantized-weight network feeds it, not the float model's. Returns the batches used.
     """
     layers = quant_layers(model)
     for layer in layers.values():

@@ -47,6 +47,13 @@ class Observer:
         self.bits, self.symmetric, self.axis = bits, symmetric, axis
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
+        # Sampled observers draw from their own stream, not torch's global one: the same
+        # calibration batches give the same ranges in every run.
+        self.generator = torch.Generator().manual_seed(0)
+
+    def _sample(self, rows: torch.Tensor, keep: int) -> torch.Tensor:
+        """`keep` columns of `rows` drawn at random without replacement."""
+        return rows[:, torch.randperm(rows.shape[1], generator=self.generator)[:keep]]
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = _amin_amax(x.detach().float(), self.axis)
@@ -90,7 +97,7 @@ class PercentileObserver(Observer):
     def update(self, x: torch.Tensor) -> None:
         rows = _per_channel_rows(x.detach().float(), self.axis)
         if rows.shape[1] > _SAMPLE_MAX:  # torch.quantile has a size limit; a sample suffices
-            rows = rows[:, torch.randperm(rows.shape[1])[:_SAMPLE_MAX]]
+            rows = self._sample(rows, _SAMPLE_MAX)
         lo, hi = torch.quantile(rows, 1.0 - self.q, dim=1), torch.quantile(rows, self.q, dim=1)
         if self.axis is None:
             lo, hi = lo[0], hi[0]
@@ -114,7 +121,7 @@ class _SampleObserver(Observer):
         super().update(x)
         rows = _per_channel_rows(x.detach().float(), self.axis)
         if self.axis is None and rows.shape[1] > _SAMPLE_PER_BATCH and self.kept < _SAMPLE_MAX:
-            rows = rows[:, torch.randperm(rows.shape[1])[:_SAMPLE_PER_BATCH]]
+            rows = self._sample(rows, _SAMPLE_PER_BATCH)
         self.samples.append(rows)
         self.kept += rows.shape[1]
 
