@@ -166,7 +166,7 @@ class Plan:
             if key not in _TOP_KEYS:
                 raise ConfigError(f"{source}: unknown key {key!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
         version = raw.get("format_version")
-        if version not in READS_VERSIONS or isinstance(version, bool):
+        if type(version) is not int or version not in READS_VERSIONS:
             raise ConfigError(f"{source}: format_version {version!r} is not supported; this nas "
                               f"reads versions {', '.join(map(str, READS_VERSIONS))}")
         model = raw.get("model")

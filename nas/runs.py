@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,12 +65,11 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "sp
         raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (a zip file); it is "
                               f"corrupt or not a nas checkpoint; {fix}")  # weights_only=False
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on odd files: the error says it in one line
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in unpickling
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        if "weights_only" in text:  # torch advises weights_only=False, which runs its code
-            first = "it holds Python objects, not only tensors and plain data"
+        first = _load_error(exc)
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); it is corrupt or "
                               f"not a nas checkpoint; {fix}") from exc
     expect = expect or {}
@@ -82,6 +83,26 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "sp
         raise CheckpointError(f"checkpoint {path} is not a nas checkpoint (no "
                               f"{'/'.join((*keys, *expect))}); {fix}")
     return payload
+
+
+def _load_error(exc: Exception) -> str:
+    """What torch.load's error says is wrong, without its advice to load with
+    weights_only=False (which would run the file's code)."""
+    text = str(exc).strip()
+    _, marker, after = text.partition("WeightsUnpickler error:")
+    if marker:
+        reason = after.strip().splitlines()[0] if after.strip() else "unreadable"
+        match = re.match(r"Unsupported global: GLOBAL (\S+)", reason)
+        if match:
+            return f"it holds a Python object, {match.group(1)}, not only tensors and plain data"
+        return _first_sentence(reason)
+    if text.startswith("Weights only load failed"):
+        return "torch cannot read it as tensors and plain data"
+    return _first_sentence(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[a-z0-9])\. ", text)[0]
 
 
 def load_state(module, state: dict[str, Any], source: str, target: str) -> None:

@@ -339,9 +339,9 @@ class SearchSpace:
 
 
 def _numeric_padding(conv) -> tuple[int, int]:
-    """A Conv2d's padding as numbers per side: 'valid' is 0, and 'same' pads (dilation *
-    (kernel - 1)) / 2, the larger half of an odd total, which torch puts on the right and
-    bottom (so an even kernel's cost counts one extra row and column of border)."""
+    """A Conv2d's padding as numbers per side: 'valid' is 0, and 'same' pads half of
+    dilation * (kernel - 1); where that total is odd, the larger half, which torch puts on the
+    right and bottom (so the cost counts one extra row and column of border)."""
     if conv.padding == "valid":
         return (0, 0)
     if conv.padding == "same":
@@ -385,7 +385,7 @@ def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each its own, as it was
     model.eval()
     try:
         with torch.no_grad():
@@ -393,7 +393,8 @@ def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     order = [n for n, m in model.named_modules() if n in found]
     return {n: found[n] for n in order}
 

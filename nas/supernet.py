@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.quant.fake import fake_quantize, is_float, qparams, quant_range, tensor_minmax
-from nas.quant.qinput import quant_input_layer
+from nas.quant.qinput import padded_input, quant_input_layer, quant_input_op
 from nas.spaces import Choice
 
 MODES = ("hard", "soft")
@@ -132,11 +132,12 @@ class MixedLayer(nn.Module):
         is linear in its weight, so branches sharing an input quantizer share one conv of
         their gate-weighted quantized weights."""
         lo, hi = self._input_range(x)
+        xp, conv = padded_input(self.layer, x)  # once: a padded copy is shared by the groups
         out = None
         for a_bits, js in self.a_groups.items():
             w = sum(gates[j] * self._quant_weight(self.choices[j].w_bits) for j in js)
             bias = self.layer.bias * gates[js].sum() if self.layer.bias is not None else None
-            y = quant_input_layer(self.layer, x, self._input_qparams(a_bits, lo, hi), w, bias)
+            y = quant_input_op(xp, conv, self._input_qparams(a_bits, lo, hi), w, bias)
             out = y if out is None else out + y
         return out
 

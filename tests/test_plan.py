@@ -75,6 +75,8 @@ def test_default_fills_unlisted_layers(space):
     (lambda r: r["layers"].update({"fc": {"w_bits": 8, "a_bits": 8, "colour": 1}}),
      "layers.fc.colour: unknown key"),
     (lambda r: r.update({"format_version": 7}), "format_version 7 is not supported"),
+    (lambda r: r.update({"format_version": 2.0}), "format_version 2.0 is not supported; this nas "
+                                                  "reads versions 1, 2"),
     (lambda r: r["model"].update({"layer_hash": "0" * 16}), "plan was made for other layers"),
     (lambda r: r.update({"pickle": 1}), "unknown key 'pickle'"),
 ])

@@ -160,3 +160,14 @@ def test_sampled_observers_give_the_same_range_whatever_the_global_random_state(
             observer.update(batch)
         ranges.append(observer.range())
     assert all(torch.equal(a, b) for a, b in zip(*ranges))
+
+
+@pytest.mark.parametrize("method", ["mse", "kl"])
+def test_sampled_observers_keep_a_sample_of_every_batch_however_many(method):
+    # Past the eighth batch they used to keep whole batches: memory grew with every one.
+    from nas.quant.observers import _SAMPLE_PER_BATCH, make_observer
+
+    observer = make_observer(method, 8, False)
+    for _ in range(12):
+        observer.update(torch.randn(4, 8, 32, 32))  # 32768 values, twice what a batch keeps
+    assert [s.shape for s in observer.samples] == [(1, _SAMPLE_PER_BATCH)] * 12

@@ -1,4 +1,6 @@
+import io
 import json
+import warnings
 
 import pytest
 import torch
@@ -96,9 +98,20 @@ def test_checkpoint_refuses_code_and_garbage(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     # Not torch's advice to load with weights_only=False, which would run the file's code.
-    assert str(err.value) == (f"checkpoint {path} cannot be loaded (it holds Python objects, "
-                              f"not only tensors and plain data); it is corrupt or not a nas "
-                              f"checkpoint; pass the best.pt of a 'nas train' run folder")
+    assert str(err.value) == (f"checkpoint {path} cannot be loaded (it holds a Python object, "
+                              f"print, not only tensors and plain data); it is corrupt "
+                              f"or not a nas checkpoint; pass the best.pt of a 'nas train' run "
+                              f"folder")
+    # Bytes before a zip's end pass as a zip: torch's own reason, first sentence only.
+    good = io.BytesIO()
+    torch.save({"w": torch.ones(1)}, good)
+    glued = tmp_path / "glued.pt"
+    glued.write_bytes(b"\x80" * 64 + good.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about the odd pickle stays inside
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(glued)
+    assert "weights_only" not in str(err.value) and "it is corrupt or not a nas" in str(err.value)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "junk.pt")

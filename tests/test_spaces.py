@@ -321,3 +321,14 @@ def test_every_command_refuses_a_glob_that_matches_no_layer(space_file, tmp_path
                                         "layers: conv1, "), args
         assert len(result.stderr.splitlines()) == 1
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_layer_geometry_leaves_each_module_in_its_mode():
+    import torch
+
+    from nas.spaces import layer_geometry
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).train()
+    net[1].eval()  # a frozen BatchNorm inside a model in training
+    layer_geometry(net, (1, 1, 5, 5))
+    assert [m.training for m in net.modules()] == [True, True, False]

@@ -273,3 +273,18 @@ def test_search_moves_toward_the_target(space):
     uniform = table.expected([torch.full((len(r),), 1 / len(r)) for r in table.values]).item()
     # A 4 KB target is below the uniform mix: the penalty must have pulled E[cost] down.
     assert expected < uniform
+
+
+def test_soft_mode_pads_a_reflect_padded_input_once_for_all_its_branches(monkeypatch):
+    # Each padded copy is kept for the backward pass: one per activation precision would
+    # multiply the layer's activation memory.
+    from nas.quant import qinput
+
+    calls = []
+    pad = qinput.F.pad
+    monkeypatch.setattr(qinput.F, "pad", lambda *a, **k: calls.append(1) or pad(*a, **k))
+    choices = [Choice(w, a) for w in (2, 4, 8) for a in (4, 8)]
+    layer = MixedLayer(torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), choices)
+    layer.train()
+    layer.soft(torch.randn(2, 3, 6, 6), torch.full((6,), 1 / 6))
+    assert len(layer.a_groups) == 2 and len(calls) == 1

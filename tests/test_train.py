@@ -50,6 +50,14 @@ def test_train_then_eval_on_synthetic(tmp_path, space_file):
     (eval_folder,) = [p for p in runs.iterdir() if p.name.endswith("-eval")]
     assert json.loads((eval_folder / "summary.json").read_text())["accuracy"] == pytest.approx(
         summary["test_accuracy"])
+    # The arch split is the one training selected best.pt on: its best validation accuracy.
+    arch = run_nas("--runs-dir", str(tmp_path / "runs_arch"), "--seed", "1", "eval",
+                   "--checkpoint", str(folder / "best.pt"), "--split", "arch")
+    assert arch.returncode == 0, arch.stderr
+    assert f"arch accuracy: {summary['val_accuracy']:.2f}%" in arch.stdout
+    (arch_folder,) = (tmp_path / "runs_arch").iterdir()
+    # 20 % of the 640 training images are held out as the arch split; the test split has 256.
+    assert json.loads((arch_folder / "summary.json").read_text())["samples"] == 128
 
 
 def ticking_clock(monkeypatch, dataset, seconds_per_batch=1.0):

@@ -19,7 +19,7 @@ from nas.quant.fake import qparams, quant_range, tensor_minmax
 from nas.quant import METHODS  # noqa: E402  (one list for the CLI and the code)
 
 _SAMPLE_PER_BATCH = 1 << 14  # activation values kept per batch for the MSE / KL searches
-_SAMPLE_MAX = 1 << 17
+_SAMPLE_MAX = 1 << 17  # values per batch for the percentile (torch.quantile has a size limit)
 
 
 def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...] | None:
@@ -110,20 +110,19 @@ class PercentileObserver(Observer):
 
 
 class _SampleObserver(Observer):
-    """Keeps the exact min/max plus a random sample of values for a search at the end."""
+    """Keeps the exact min/max plus a random sample of each batch's values (at most
+    _SAMPLE_PER_BATCH of an activation) for a search at the end."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.samples: list[torch.Tensor] = []
-        self.kept = 0
 
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
         rows = _per_channel_rows(x.detach().float(), self.axis)
-        if self.axis is None and rows.shape[1] > _SAMPLE_PER_BATCH and self.kept < _SAMPLE_MAX:
+        if self.axis is None and rows.shape[1] > _SAMPLE_PER_BATCH:
             rows = self._sample(rows, _SAMPLE_PER_BATCH)
         self.samples.append(rows)
-        self.kept += rows.shape[1]
 
     def values(self) -> torch.Tensor:
         return torch.cat(self.samples, dim=1)

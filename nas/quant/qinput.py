@@ -4,7 +4,9 @@ backward pass, and can report how the loss would see other input and weight prec
 Memory: the float layer saves its input x for the weight gradient, and x is usually alive
 anyway (a ReLU keeps its output). Autograd through fake_quantize + conv would also keep Q(x),
 one more activation-sized tensor per layer. Here Q(x) is recomputed from x in the backward
-pass (four in-place passes), so the extra memory is only the 1-byte clip mask.
+pass (four in-place passes), so the extra memory is only the 1-byte clip mask (plus, for
+a conv with an uneven 'same' border or a padding_mode other than zeros, the padded copy of
+x that the op keeps instead of x).
 
 Probes (for DNAS): with candidate input quantizers Q_i and candidate weights W_j, the op
 returns zero-valued gates whose gradients are <dL/dQ(x), Q_i(x)> and <dL/dW, W_j>, i.e.
@@ -21,22 +23,30 @@ from torch.nn import functional as F
 from nas.quant.fake import mask_as, quantize_with_mask
 
 
-def _border(layer: nn.Conv2d) -> list[int] | None:
-    """F.pad's (left, right, top, bottom) for a conv whose padding the op cannot pass to
-    convolution_backward as symmetric numbers ('same', which may be uneven, or a padding_mode
-    other than zeros); None where it can. Padding x before Q(x) is exact: quantization is
-    elementwise, the border copies values (or is zero, which quantizes to zero)."""
-    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-        return None
+def padded_input(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """(x, conv) for `quant_input_op`: conv is (stride, padding, dilation, groups) with
+    padding as symmetric numbers, which convolution_backward needs (None for a Linear).
+
+    'valid', and zero 'same' with an even border, become numbers. An uneven 'same' border
+    (torch puts the odd pixel right / bottom) or a padding_mode other than zeros is applied
+    to x here with F.pad, a copy: call this once per input, not once per branch. Padding x
+    before Q(x) is exact: quantization is elementwise, the border copies values (or is zero,
+    which quantizes to zero)."""
+    if not isinstance(layer, nn.Conv2d):
+        return x, None
     if layer.padding == "valid":
         pads = [(0, 0), (0, 0)]
-    elif layer.padding == "same":  # as torch pads it: the odd pixel on the right / bottom
+    elif layer.padding == "same":
         totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
         pads = [(t // 2, t - t // 2) for t in totals]
     else:
         pads = [(p, p) for p in layer.padding]
+    if layer.padding_mode == "zeros" and all(a == b for a, b in pads):
+        return x, (layer.stride, tuple(a for a, _ in pads), layer.dilation, layer.groups)
     (top, bottom), (left, right) = pads
-    return [left, right, top, bottom]
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, [left, right, top, bottom], mode=mode), (layer.stride, (0, 0),
+                                                             layer.dilation, layer.groups)
 
 
 def qparams_row(qparams: tuple | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -98,21 +108,21 @@ def quant_input_layer(layer: nn.Module, x: torch.Tensor, qparams: tuple | None,
                       probes: tuple | None = None) -> torch.Tensor:
     """layer's op on the fake-quantized x, with `weight` and `bias`: the same values and
     gradients as autograd through fake_quantize and the layer, with less memory.
+    `quant_input_op(*padded_input(layer, x), ...)`; see there.
+    """
+    return quant_input_op(*padded_input(layer, x), qparams, weight, bias, probes)
+
+
+def quant_input_op(x: torch.Tensor, conv: tuple | None, qparams: tuple | None,
+                   weight: torch.Tensor, bias: torch.Tensor | None,
+                   probes: tuple | None = None) -> torch.Tensor:
+    """The op of `quant_input_layer` on x as `padded_input` returned it, with its conv.
 
     qparams: (scale, zero_point, qmin, qmax) per tensor, or None for a float input.
     probes: (a_gates, a_candidates, w_gates, w_candidates) - zero-valued gate vectors, the
     qparams of every input candidate (the chosen one being the `qparams` object itself) and
     the weight of every weight candidate; the gates receive the gradients described above.
-    `layer` is a Linear or a Conv2d with any padding ('same', 'valid', numbers, any mode).
     """
-    conv = None
-    if isinstance(layer, nn.Conv2d):
-        border = _border(layer)
-        if border is not None:
-            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-            x = F.pad(x, border, mode=mode)
-        padding = layer.padding if border is None else (0, 0)
-        conv = (layer.stride, padding, layer.dilation, layer.groups)
     qp = qparams_row(qparams, x)
     a_gates = a_rows = w_gates = w_alts = None
     if probes is not None:
