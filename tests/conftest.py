@@ -49,6 +49,9 @@ def space_file(tmp_path):
     return write
 
 
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # env for a `nas` subprocess that sees no GPU, anywhere
+
+
 def run_nas(*args: str, cwd: Path | None = None, env: dict | None = None):
     """Run the real `nas` command in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True,

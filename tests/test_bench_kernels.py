@@ -11,7 +11,7 @@ from nas.bench.kernels import (goal_layers, padding_pair, run_bench, summarize, 
 from nas.table import format_table
 from nas.cost.latency import DeviceSpec, roofline_us, table_key
 from nas.spaces import LayerInfo, SearchSpace, load_space
-from tests.conftest import SYNTHETIC_SPACE, run_nas
+from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
 
 
 def geometry(info):
@@ -139,7 +139,7 @@ def test_padding_pair_refuses_outputs_that_differ(monkeypatch):
 def test_bench_kernels_without_cuda_exits_2_and_writes_nothing(tmp_path):
     # CUDA hidden from it: the same error on a machine with a GPU.
     result = run_nas("bench", "kernels", "--runs-dir", str(tmp_path),
-                     env={"CUDA_VISIBLE_DEVICES": ""})
+                     env=NO_GPU)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(
         "nas: error: nas bench kernels times kernels on a CUDA GPU and none is available here")

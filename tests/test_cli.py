@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nas.spaces import SearchSpace
-from tests.conftest import SYNTHETIC_SPACE, run_nas
+from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_commands_without_run_folders_ignore_the_runs_dir(bad_files):
         # `measure` goes as far as its GPU check (CUDA hidden from it): no --runs-dir error.
         result = run_nas("--runs-dir", str(runs_dir), "measure", "--space", "fmnist_resnet8",
                          "--output", str(bad_files / "table.json"),
-                         env={"CUDA_VISIBLE_DEVICES": ""})
+                         env=NO_GPU)
         assert result.returncode == 2
         assert result.stderr.startswith("nas: error: nas measure times kernels on a CUDA GPU "
                                          "and none is available here"), result.stderr
@@ -134,7 +134,7 @@ def test_global_options_after_the_command(bad_files):
 def test_cuda_requested_without_cuda(bad_files):
     # CUDA hidden from the command: the same error on a machine with a GPU.
     result = run_nas("--device", "cuda", "train", "--budget", "1ep",
-                     env={"CUDA_VISIBLE_DEVICES": ""})
+                     env=NO_GPU)
     assert result.returncode == 2
     assert "nas: error: --device cuda was asked for but no CUDA device is available" in result.stderr
 

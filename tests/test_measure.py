@@ -13,11 +13,10 @@ from nas.cost.measure import (CudaGraphTimer, WallTimer, calls_per_graph, kendal
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision
 from nas.spaces import SearchSpace
-from tests.conftest import SYNTHETIC_SPACE, run_nas
+from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
 
 TINY = {**SYNTHETIC_SPACE, "searchable": ["layer1.0.conv1"],
         "choices": {"w_bits": [4, 8], "a_bits": [8]}}
-NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # a `nas` subprocess that sees no GPU, on any machine
 
 
 @pytest.fixture

@@ -205,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
           + (f" ({cost_model.spec.name}, batch {latency['batch']})" if latency else "")
           + (f", target {target.text} ({format_cost(target.cost, target.value)})" if target else "")
           + f"; budget {budget}; device {device}", flush=True)
-    if unnamed_note(space):
-        print(unnamed_note(space), flush=True)
+    note = unnamed_note(space)
+    if note:
+        print(note, flush=True)
     if cost_name == "latency":
         note = cost_model.table_.stale_note(cost_model.sources(space),
                                             remeasure_command(space, cost_model.batch))
