@@ -150,17 +150,22 @@ def test_no_fold_and_per_tensor_weights(trained, tmp_path):
     assert summary["size_bytes"] == plan.costs["size"] == plan_size_bytes(per_tensor, space)
     assert summary["size_bytes"] < plan_size_bytes(per_channel, space)
     # The accuracy is that of the model quantized without folding BN, as done here in process
-    # (same data, calibration batches and seed); folding gives another.
+    # (same data, calibration batches and seed). Folding quantizes other weights, so its logits
+    # differ; its accuracy on 256 images may not (CI once measured the same 45.70 % for both).
     _, model, _ = load_model(str(checkpoint))
     splits = load_data(space.data, seed=0, **space.data_kwargs)
     test = make_loader(splits.test, 512, shuffle=False)
+    images = next(iter(test))[0]
 
-    def accuracy(fold):
+    def quantized(fold):
         calib = make_loader(splits.train, 128, shuffle=True, seed=0)
-        qmodel = prepare_ptq(model, plan, calib, 2, "minmax", fold=fold)
-        return evaluate(qmodel, test, torch.device("cpu"))["accuracy"]
+        return prepare_ptq(model, plan, calib, 2, "minmax", fold=fold)
 
-    assert summary["quant_accuracy"] == accuracy(fold=False) != accuracy(fold=True)
+    unfolded, folded = quantized(fold=False), quantized(fold=True)
+    assert summary["quant_accuracy"] == evaluate(unfolded, test, torch.device("cpu"))["accuracy"]
+    with torch.no_grad():
+        gap = (unfolded(images) - folded(images)).abs().max().item()
+    assert gap > 1e-3
 
 
 def test_bench_dnas_rejects_bad_targets(tmp_path):
