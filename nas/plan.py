@@ -68,14 +68,17 @@ class LayerPrecision:
 
 def layer_hash(space: SearchSpace, version: int = FORMAT_VERSION) -> str:
     """Identity of a space's quantizable layers: names, types, shapes and (format 2 on) the
-    padding and input size, which the BitOps and latency of a layer depend on: a plan from a
-    space file that changed image_size under a shipped name must not pass as the shipped one."""
+    padding, input size and any dilation, which the BitOps and latency of a layer depend on: a
+    plan from a space file that changed image_size under a shipped name must not pass as the
+    shipped one."""
     rows = []
     for x in space.layers():
         i = x.info
         row = [i.name, i.type, i.in_channels, i.out_channels, list(i.kernel), list(i.stride),
                i.groups]
-        rows.append(row if version == 1 else row + [list(i.padding), list(i.in_hw)])
+        if version > 1:
+            row += [list(i.padding), list(i.in_hw)] + ([list(i.dilation)] if i.dilated else [])
+        rows.append(row)
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 

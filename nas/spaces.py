@@ -57,6 +57,13 @@ class LayerInfo:
     out_hw: tuple[int, int]
     params: int
     macs: int
+    # The Triton kernels have no dilation: a dilated layer is never matched to a measured
+    # undilated one (its table key and layer hash name it) and `nas measure` refuses it.
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def dilated(self) -> bool:
+        return self.dilation != (1, 1)
 
     def prepadded(self) -> "LayerInfo":
         """The same layer on its input already bordered by its padding (padding 0, the
@@ -367,11 +374,13 @@ def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
                 macs = (output.shape[-1] * output.shape[-2] * module.out_channels
                         * (module.in_channels // module.groups) * kernel[0] * kernel[1])
                 kind, cin, cout, groups = "Conv2d", module.in_channels, module.out_channels, module.groups
+                dilation = tuple(module.dilation)
             else:
                 kernel, stride, padding, in_hw, out_hw = (1, 1), (1, 1), (0, 0), (1, 1), (1, 1)
                 rows = x.numel() // module.in_features
                 macs = rows * module.in_features * module.out_features
                 kind, cin, cout, groups = "Linear", module.in_features, module.out_features, 1
+                dilation = (1, 1)
             params = sum(p.numel() for p in module.parameters(recurse=False))
             if name in found:  # a module called twice: its work counts twice
                 prev = found[name]
@@ -379,7 +388,7 @@ def layer_geometry(model, input_shape: tuple[int, ...]) -> dict[str, LayerInfo]:
                 found[name] = LayerInfo(**{**prev.__dict__, "macs": macs})
                 return
             found[name] = LayerInfo(name, kind, cin, cout, kernel, stride, tuple(padding), groups,
-                                    in_hw, out_hw, params, int(macs))
+                                    in_hw, out_hw, params, int(macs), dilation)
         return record
 
     for name, module in model.named_modules():
@@ -415,7 +424,9 @@ def _geometry_cache(model: str, kwargs: dict, shape: tuple, classes: int) -> Pat
         tv = importlib.metadata.version("torchvision")
     except (OSError, AttributeError, importlib.metadata.PackageNotFoundError):
         return None
-    key = hashlib.sha256(json.dumps([model, kwargs, list(shape), classes, tv], sort_keys=True,
+    # "dilation": entries from before LayerInfo recorded it are not read.
+    key = hashlib.sha256(json.dumps([model, kwargs, list(shape), classes, tv, "dilation"],
+                                    sort_keys=True,
                                     default=str).encode() + source).hexdigest()[:20]
     root = os.environ.get("NAS_CACHE_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nas"

@@ -6,7 +6,7 @@ import argparse
 
 from nas.cmd.checks import check_flags, checkpoint_space
 from nas.cmd.common import (add_compile_jobs_option, add_data_options, check_compile_jobs,
-                             compile_ahead, now_iso)
+                             compile_ahead, now_iso, refuse_dilated)
 from nas.table import format_table
 
 
@@ -244,6 +244,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     check_flags(args, large_batch="positive", small_batch="positive", reps="positive")
     check_compile_jobs(args.compile_jobs)
     space = load_space(args.space)
+    refuse_dilated(space, "nas bench kernels")
     spec = DeviceSpec.load(args.device_spec)
     device = require_cuda("cuda" if args.device in (None, "auto") else args.device,
                           "nas bench kernels")
@@ -282,6 +283,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     check_flags(args, batch="positive")
     space = load_space(args.space)
+    refuse_dilated(space, "nas bench compile")
     precisions = parse_precisions(args.precision, space)
     started = time.monotonic()
     with RunDir(args.runs_dir, space.name, "bench-compile") as run_dir:

@@ -61,6 +61,22 @@ def check_compile_jobs(jobs: int) -> None:
                           f"as timing goes")
 
 
+def refuse_dilated(space, command: str) -> None:
+    """The Triton kernels have no dilation: a command that runs or compiles them for the
+    space's layers refuses a dilated one, before any work (costing it needs no kernel)."""
+    from nas.errors import ConfigError
+
+    dilated = [x.info for x in space.layers() if x.info.dilated]
+    if dilated:
+        i = dilated[0]
+        more = f" (and {len(dilated) - 1} more)" if len(dilated) > 1 else ""
+        raise ConfigError(
+            f"{command}: layer {i.name} of space {space.name} is dilated "
+            f"({i.dilation[0]}x{i.dilation[1]}){more}, and the Triton kernels have no dilation; "
+            f"nas cost gives its latency as a roofline estimate. To run {command} on the other "
+            f"layers, leave it out of the space's searchable and fixed globs")
+
+
 def check_output_file(path, flag: str) -> None:
     """Refuse an output file the command could not write when its work is done, before that
     work starts: not a directory, in an existing folder it may write in."""

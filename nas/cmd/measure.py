@@ -6,7 +6,7 @@ import argparse
 import json
 
 from nas.cmd.common import (add_compile_jobs_option, check_compile_jobs, check_output_file,
-                            compile_ahead)
+                            compile_ahead, refuse_dilated)
 
 
 def add_parser(sub, parents) -> None:
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} 1: give 2 or more plans (Kendall's tau ranks pairs), "
                               f"or 0 for none")
     space = load_space(args.space)
+    refuse_dilated(space, "nas measure")
     spec = DeviceSpec.load(args.device_spec)
     output = Path(args.output or COST_MODELS_DIR / f"{spec.name}-{space.name}-b{args.batch}.json")
     check_output_file(output, "--output")

@@ -56,7 +56,9 @@ def show(space) -> None:
     for layer in layers:
         i = layer.info
         choices = str(layer.choices[0]) + " (fixed)" if layer.fixed else f"{len(layer.choices)} choices"
-        rows.append([i.name, i.type, i.in_channels, i.out_channels, f"{i.kernel[0]}x{i.kernel[1]}",
+        kernel = f"{i.kernel[0]}x{i.kernel[1]}" + (
+            f" dilation {i.dilation[0]}x{i.dilation[1]}" if i.dilated else "")
+        rows.append([i.name, i.type, i.in_channels, i.out_channels, kernel,
                      i.stride[0], i.groups, f"{i.in_hw[0]}x{i.in_hw[1]}", i.params, i.macs, choices])
     print(format_table(["layer", "type", "in", "out", "kernel", "stride", "groups", "in HxW",
                         "params", "MACs", "precision"], rows))

@@ -136,10 +136,13 @@ def kernel_fingerprint() -> str:
 
 
 def table_key(info, batch: int, w_bits: int, a_bits: int) -> str:
-    """The geometry a latency depends on, as one string."""
+    """The geometry a latency depends on, as one string. A dilated layer's key names its
+    dilation, so that no table (the kernels have none) gives it an undilated layer's time."""
+    dilation = f":d{info.dilation[0]}x{info.dilation[1]}" if info.dilated else ""
     return (f"{info.type}:{info.in_channels}x{info.out_channels}:k{info.kernel[0]}x{info.kernel[1]}"
             f":s{info.stride[0]}x{info.stride[1]}:p{info.padding[0]}x{info.padding[1]}"
-            f":g{info.groups}:{info.in_hw[0]}x{info.in_hw[1]}:b{batch}:w{w_bits}a{a_bits}")
+            f"{dilation}:g{info.groups}:{info.in_hw[0]}x{info.in_hw[1]}:b{batch}"
+            f":w{w_bits}a{a_bits}")
 
 
 def distinct_choices(space, batch: int) -> list[tuple[str, LayerInfo, Any]]:
