@@ -131,6 +131,36 @@ def test_derive_skips_sampled_plans_past_the_deadline(monkeypatch, small_search,
     assert best is cands[evaluated - 1] and now[0] == start + evaluated
 
 
+@pytest.mark.parametrize("budget, search_budget, deadline", [
+    ("10s", Budget("seconds", 9.0), 10.0), ("2ep", Budget("epochs", 2), None)])
+def test_a_time_budget_gives_the_search_90_percent_and_derivation_the_rest(
+        monkeypatch, tmp_path, space_file, budget, search_budget, deadline):
+    from nas.cli import main
+    from nas.cmd import search as search_cmd
+
+    now = _scripted_clock(monkeypatch)
+    monkeypatch.setattr(search_cmd, "time", dnas.time)  # the command's clock is the same
+    start, seen = now[0], {}
+
+    def searched_for_its_budget(net, splits, table, cfg, *args):
+        seen["budget"] = cfg.budget
+        now[0] += 9.0
+        return SearchState(step=1, elapsed=9.0), None, False
+
+    def derive_by(*args):
+        seen["deadline"] = args[-1]
+        return derive(*args)
+
+    monkeypatch.setattr(dnas, "search", searched_for_its_budget)
+    monkeypatch.setattr(dnas, "derive", derive_by)
+    assert main(["--runs-dir", str(tmp_path / "runs"), "search", "--space", str(space_file()),
+                 "--budget", budget, "--no-progress", "--samples", "1"]) == 0
+    # Seconds: the search gets 90 % of them, and derivation evaluates candidates until the
+    # whole budget is spent, counted from the command's start. Epochs bound the search only.
+    assert seen == {"budget": search_budget,
+                    "deadline": None if deadline is None else start + deadline}
+
+
 @pytest.mark.slow
 def test_time_budget_ends_a_cli_search(trained, tmp_path):
     space_path, _ = trained
