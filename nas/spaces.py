@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,39 @@ def _check_bits(value: Any, key: str) -> int:
     return value
 
 
+_PRECISION_HINT = "write W<bits>A<bits> with bits 2-8, 16 or 32, for example W4A8"
+
+
+def _choice_entry(entry: Any, key: str) -> Choice:
+    """One entry of a `choices:` list: 'W4A8' (either case) or {w_bits: 4, a_bits: 8}."""
+    if isinstance(entry, dict):
+        if set(entry) != {"w_bits", "a_bits"}:
+            raise ConfigError(f"{key}: {entry!r} must be {{w_bits: N, a_bits: N}}; or "
+                              f"{_PRECISION_HINT}")
+        return Choice(_check_bits(entry["w_bits"], f"{key}.w_bits"),
+                      _check_bits(entry["a_bits"], f"{key}.a_bits"))
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", entry.strip()) if isinstance(entry, str) else None
+    bits = tuple(int(b) for b in match.groups()) if match else None
+    if bits is None or any(b not in ALLOWED_BITS for b in bits):
+        raise ConfigError(f"{key}: {entry!r} is not a precision; {_PRECISION_HINT}")
+    return Choice(*bits)
+
+
+def _choice_pairs(value: list) -> tuple[Choice, ...]:
+    """`choices: [W8A8, W4A8, ...]`: only these (w_bits, a_bits) pairs, in canonical order."""
+    if not value:
+        raise ConfigError("choices: [] lists no precision; give at least one, for example "
+                          "[W8A8, W4A8], or {w_bits: [...], a_bits: [...]}")
+    seen: dict[Choice, int] = {}
+    for i, entry in enumerate(value):
+        choice = _choice_entry(entry, f"choices[{i}]")
+        if choice in seen:  # refused, not merged: a repeat is likely a typo for another pair
+            raise ConfigError(f"choices[{i}]: {entry!r} repeats {choice} "
+                              f"(choices[{seen[choice]}]); list each precision once")
+        seen[choice] = i
+    return tuple(sorted(seen, key=lambda c: (c.w_bits, c.a_bits)))
+
+
 def _section(raw: dict, key: str, allowed: set[str]) -> dict:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
@@ -161,6 +195,8 @@ class SearchSpace:
     searchable: tuple[str, ...] = ("*",)
     w_bits: tuple[int, ...] = (2, 4, 8)
     a_bits: tuple[int, ...] = (4, 8)
+    # Explicit (w_bits, a_bits) pairs (`choices: [W8A8, W4A8]`); None: every w_bits x a_bits.
+    pairs: tuple[Choice, ...] | None = None
     fixed: dict[str, Choice] = field(default_factory=dict)
     quantizer: dict[str, Any] = field(default_factory=lambda: dict(_QUANTIZER_DEFAULTS))
     train: dict[str, Any] = field(default_factory=lambda: dict(_TRAIN_DEFAULTS))
@@ -168,6 +204,12 @@ class SearchSpace:
     # How the user named the space (a shipped name or a path), for hints in messages.
     origin: str = field(default="", repr=False, compare=False)
     _layers: list[SpaceLayer] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None:  # w_bits / a_bits then name the bits the pairs use
+            self.pairs = tuple(sorted(set(self.pairs), key=lambda c: (c.w_bits, c.a_bits)))
+            self.w_bits = tuple(sorted({c.w_bits for c in self.pairs}))
+            self.a_bits = tuple(sorted({c.a_bits for c in self.pairs}))
 
     # ------------------------------------------------------------ loading
 
@@ -209,7 +251,14 @@ class SearchSpace:
             raise ConfigError(f"model.name: {exc}") from exc
         check_model_kwargs(model["name"], model.get("kwargs") or {})
         check_data_kwargs(data["name"], data.get("kwargs") or {})
-        choices = _section(raw, "choices", {"w_bits", "a_bits"})
+        pairs = None
+        if isinstance(raw.get("choices"), list):
+            pairs, choices = _choice_pairs(raw["choices"]), {}
+        elif raw.get("choices") is not None and not isinstance(raw["choices"], dict):
+            raise ConfigError(f"choices: {raw['choices']!r} must be a list of precisions such as "
+                              f"[W8A8, W4A8] or a mapping {{w_bits: [...], a_bits: [...]}}")
+        else:
+            choices = _section(raw, "choices", {"w_bits", "a_bits"})
         quantizer = {**_QUANTIZER_DEFAULTS,
                      **_section(raw, "quantizer", set(_QUANTIZER_DEFAULTS))}
         if quantizer["w_granularity"] not in ("per_channel", "per_tensor"):
@@ -235,7 +284,7 @@ class SearchSpace:
             searchable=_globs(raw.get("searchable", ["*"]), "searchable"),
             w_bits=_bits_list(choices.get("w_bits", [2, 4, 8]), "choices.w_bits"),
             a_bits=_bits_list(choices.get("a_bits", [4, 8]), "choices.a_bits"),
-            fixed=fixed, quantizer=quantizer, train=train)
+            pairs=pairs, fixed=fixed, quantizer=quantizer, train=train)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":
@@ -257,7 +306,8 @@ class SearchSpace:
             "model": {"name": self.model, "kwargs": dict(self.model_kwargs)},
             "data": {"name": self.data, "kwargs": dict(self.data_kwargs)},
             "searchable": list(self.searchable),
-            "choices": {"w_bits": list(self.w_bits), "a_bits": list(self.a_bits)},
+            "choices": ([str(c) for c in self.pairs] if self.pairs is not None
+                        else {"w_bits": list(self.w_bits), "a_bits": list(self.a_bits)}),
             "fixed": {g: {"w_bits": c.w_bits, "a_bits": c.a_bits} for g, c in self.fixed.items()},
             "quantizer": dict(self.quantizer), "train": dict(self.train),
         }
@@ -279,6 +329,8 @@ class SearchSpace:
 
     @property
     def choices(self) -> tuple[Choice, ...]:
+        if self.pairs is not None:
+            return self.pairs
         return tuple(Choice(w, a) for w, a in itertools.product(self.w_bits, self.a_bits))
 
     def layers(self, model=None) -> list[SpaceLayer]:

@@ -261,13 +261,9 @@ class Supernet(nn.Module):
 
     def plan_for(self, indices: Sequence[int]):
         """The Plan that picks choice `indices[l]` for each layer."""
-        from nas.plan import LayerPrecision, Plan, layer_hash
+        from nas.search.encoding import PlanEncoding
 
-        q = self.space.quantizer
-        layers = {name: LayerPrecision(m.choices[i].w_bits, m.choices[i].a_bits, q["w_granularity"],
-                                       q["w_symmetric"], q["a_symmetric"])
-                  for name, m, i in zip(self.names, self.mixed(), indices)}
-        return Plan(self.space.name, self.space.model, layer_hash(self.space), layers)
+        return PlanEncoding(self.space).plan(indices)
 
 
 def tau_at(fraction: float, tau0: float = 5.0, tau_min: float = 0.2) -> float:

@@ -136,10 +136,10 @@ def test_derive_skips_sampled_plans_past_the_deadline(monkeypatch, small_search,
 def test_a_time_budget_gives_the_search_90_percent_and_derivation_the_rest(
         monkeypatch, tmp_path, space_file, budget, search_budget, deadline):
     from nas.cli import main
-    from nas.cmd import search as search_cmd
+    from nas.search import run_dnas
 
     now = _scripted_clock(monkeypatch)
-    monkeypatch.setattr(search_cmd, "time", dnas.time)  # the command's clock is the same
+    monkeypatch.setattr(run_dnas, "time", dnas.time)  # the command's clock is the same
     start, seen = now[0], {}
 
     def searched_for_its_budget(net, splits, table, cfg, *args):

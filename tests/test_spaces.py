@@ -332,3 +332,93 @@ def test_layer_geometry_leaves_each_module_in_its_mode():
     net[1].eval()  # a frozen BatchNorm inside a model in training
     layer_geometry(net, (1, 1, 5, 5))
     assert [m.training for m in net.modules()] == [True, True, False]
+
+
+def _pairs_space(choices):
+    return SearchSpace.from_dict({**copy.deepcopy(SYNTHETIC_SPACE), "choices": choices},
+                                 source="search space s.yaml")
+
+
+def test_choices_as_a_list_of_pairs():
+    # Only the pairs listed (HAQ, DNAS), in the cross product's order; case is free on input.
+    space = _pairs_space(["W8A8", "w4a8", "W4a4", " W2A8 "])
+    assert space.choices == (Choice(2, 8), Choice(4, 4), Choice(4, 8), Choice(8, 8))
+    assert (space.w_bits, space.a_bits) == ((2, 4, 8), (4, 8))
+    assert all(layer.choices == space.choices for layer in space.layers() if not layer.fixed)
+    mappings = _pairs_space([{"w_bits": 8, "a_bits": 8}, {"w_bits": 4, "a_bits": 8}, "W4A4"])
+    assert mappings.choices == (Choice(4, 4), Choice(4, 8), Choice(8, 8))
+    assert mappings == _pairs_space(["W4A4", "W4A8", "W8A8"])
+    # The mapping form stays the cross product, and unequal to the same pairs listed.
+    product = _pairs_space({"w_bits": [4, 8], "a_bits": [4, 8]})
+    assert product.pairs is None and product != _pairs_space(["W4A4", "W4A8", "W8A4", "W8A8"])
+    assert product.choices == _pairs_space(["W4A4", "W4A8", "W8A4", "W8A8"]).choices
+
+
+def test_pairs_round_trip_through_to_dict(tmp_path):
+    space = _pairs_space(["W8A8", "w4a8", "W4A4"])
+    assert space.to_dict()["choices"] == ["W4A4", "W4A8", "W8A8"]
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    # As a run folder saves it: through YAML and back.
+    assert SearchSpace.from_dict(yaml.safe_load(yaml.safe_dump(space.to_dict()))) == space
+    product = _pairs_space({"w_bits": [4, 8], "a_bits": [8]})
+    assert product.to_dict()["choices"] == {"w_bits": [4, 8], "a_bits": [8]}
+    assert SearchSpace.from_dict(product.to_dict()) == product
+
+
+_PRECISION = "write W<bits>A<bits> with bits 2-8, 16 or 32, for example W4A8"
+
+
+@pytest.mark.parametrize("choices, message", [
+    (["W8A8", "W8-A4"], f"choices[1]: 'W8-A4' is not a precision; {_PRECISION}"),
+    (["W8A8", "W9A8"], f"choices[1]: 'W9A8' is not a precision; {_PRECISION}"),
+    (["W1A8"], f"choices[0]: 'W1A8' is not a precision; {_PRECISION}"),
+    (["W8A8", 8], f"choices[1]: 8 is not a precision; {_PRECISION}"),
+    (["W8A8", ["W4", "A8"]], f"choices[1]: ['W4', 'A8'] is not a precision; {_PRECISION}"),
+    ([{"w_bits": 9, "a_bits": 8}], "choices[0].w_bits: 9 is not an allowed bit width; allowed: "
+                                   "2-8, or 16 / 32 for float"),
+    ([{"w_bits": 4}], f"choices[0]: {{'w_bits': 4}} must be {{w_bits: N, a_bits: N}}; or "
+                      f"{_PRECISION}"),
+    (["W4A8", "W8A8", "w4a8"], "choices[2]: 'w4a8' repeats W4A8 (choices[0]); list each "
+                               "precision once"),
+    (["W4A8", {"w_bits": 4, "a_bits": 8}], "choices[1]: {'w_bits': 4, 'a_bits': 8} repeats W4A8 "
+                                           "(choices[0]); list each precision once"),
+    ([], "choices: [] lists no precision; give at least one, for example [W8A8, W4A8], or "
+         "{w_bits: [...], a_bits: [...]}"),
+    ("W8A8", "choices: 'W8A8' must be a list of precisions such as [W8A8, W4A8] or a mapping "
+             "{w_bits: [...], a_bits: [...]}"),
+])
+def test_bad_choice_lists_are_refused_in_one_line(choices, message):
+    with pytest.raises(ConfigError) as err:
+        _pairs_space(choices)
+    assert str(err.value) == f"search space s.yaml: {message}"
+
+
+def test_a_pairs_space_costs_and_plans_only_its_pairs():
+    from nas.cost import make_cost_model
+    from nas.plan import Plan
+
+    space = _pairs_space(["W8A8", "W4A8", "W2A8", "W4A4"])
+    pairs = (Choice(2, 8), Choice(4, 4), Choice(4, 8), Choice(8, 8))
+    table = make_cost_model("size").table(space)
+    assert dict(zip(table.layers, table.choices)) == {
+        name: (Choice(8, 8),) if name in ("conv1", "fc") else pairs for name in table.layers}
+    assert [len(row) for row in table.values] == [1] + [4] * 8 + [1]
+    assert Plan.uniform(space, 4, 4).resolved(space).layers["layer1.0.conv1"].w_bits == 4
+    # W2A4 is in w_bits x a_bits, not among the pairs.
+    with pytest.raises(ConfigError) as err:
+        Plan.uniform(space, 2, 4).resolved(space)
+    assert str(err.value) == ("plan layer 'layer1.0.conv1': W2A4 is outside space "
+                              "synthetic_resnet8; allowed: W2A8, W4A4, W4A8, W8A8")
+
+
+def test_spaces_show_and_list_print_the_pairs(space_file, tmp_path):
+    path = space_file({"choices": ["W8A8", "W4A8", "W4A4"]}, name="pairs.yaml")
+    shown = run_nas("spaces", "show", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "choices: W4A4, W4A8, W8A8 (3 per searchable layer)\n" in shown.stdout
+    listing = run_nas("spaces", env={"NAS_SPACES_DIR": str(tmp_path)})
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines()[2].split() == ["pairs", "resnet8", "synthetic",
+                                                      "W4A4,W4A8,W8A8"]
+    default = run_nas("spaces", "show", "fmnist_resnet8").stdout
+    assert "choices: w_bits [2, 4, 8] x a_bits [4, 8] (6 per searchable layer)\n" in default

@@ -23,7 +23,11 @@ from nas.budget import Budget
 from nas.cost import make_cost_model
 from nas.cost.targets import Target
 from nas.data import make_loader
+from nas.search.base import SearchBudget, SearchProblem
 from nas.search.dnas import DnasConfig, derive, one_shot_accuracy, search
+from nas.search.random import RandomSearcher
+from nas.search.uniform import uniform_indices
+from nas.spaces import Choice
 from nas.supernet import Supernet
 from nas.train import to_device
 
@@ -121,19 +125,6 @@ def _set_theta(net: nn.Module, name: str) -> None:
         net.train_theta("theta" in name)
 
 
-def _uniform_indices(net: Supernet, w_bits: int, a_bits: int) -> list[int] | None:
-    out = []
-    for m in net.mixed():
-        if len(m.choices) == 1:
-            out.append(0)
-            continue
-        match = [i for i, c in enumerate(m.choices) if (c.w_bits, c.a_bits) == (w_bits, a_bits)]
-        if not match:
-            return None
-        out.append(match[0])
-    return out
-
-
 def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget: Budget,
               samples: int, random_plans: int, seed: int, batch_size: int,
               say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -162,7 +153,7 @@ def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget
                "meets_target": best.meets_target, "dnas_accuracy": best.accuracy,
                "plan": [str(m.choices[i]) for m, i in zip(net.mixed(), best.indices)]}
         for w, a in ((8, 8), (4, 8), (2, 8), (4, 4)):
-            idx = _uniform_indices(net, w, a)
+            idx = uniform_indices(space, Choice(w, a))
             if idx is not None:
                 row[f"W{w}A{a}_accuracy"] = one_shot_accuracy(net, idx, splits, device, eval_batches=20)
                 row[f"W{w}A{a}_size"] = table.index_cost(idx)
@@ -172,13 +163,17 @@ def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget
             middle = (net, target, best)
 
     net, target, best = middle
-    gen = torch.Generator().manual_seed(seed + 99)
-    randoms, tries = [], 0
-    while len(randoms) < random_plans and tries < 200000:
-        tries += 1
-        idx = [int(torch.randint(len(r), (1,), generator=gen)) for r in table.values]
+    # Random plans of (nearly) equal size: the random searcher's, those within 10 % under
+    # the target.
+    problem = SearchProblem(space, {"size": table}, "size", target, SearchBudget("trials", 1),
+                            seed + 99)
+    searcher, randoms = RandomSearcher(problem), []
+    for _ in range(200000):
+        idx = searcher.ask()
+        if idx is None or len(randoms) >= random_plans:
+            break
         cost = table.index_cost(idx)
-        if 0.9 * target.value <= cost <= target.value:  # equal size: within 10 % under the target
+        if 0.9 * target.value <= cost:
             randoms.append({"size": cost, "indices": idx,
                             "accuracy": one_shot_accuracy(net, idx, splits, device,
                                                           eval_batches=20)})

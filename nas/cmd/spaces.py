@@ -27,15 +27,22 @@ def run(args: argparse.Namespace) -> int:
         for name in list_spaces():
             space = load_space(name)
             mark = " (default)" if name == DEFAULT_SPACE else ""
-            rows.append([name + mark, space.model, space.data,
-                         "{" + ",".join(map(str, space.w_bits)) + "}",
-                         "{" + ",".join(map(str, space.a_bits)) + "}"])
-        print(format_table(["space", "model", "data", "w_bits", "a_bits"], rows))
+            rows.append([name + mark, space.model, space.data, _choices_text(space)])
+        print(format_table(["space", "model", "data", "choices"], rows))
         return 0
     if not args.name:
         raise ConfigError("'nas spaces show' needs a space name; 'nas spaces' lists them")
     show(load_space(args.name))
     return 0
+
+
+def _choices_text(space) -> str:
+    """'W{2,4,8} x A{4,8}' for a cross product; the pairs themselves where the space lists
+    them (its w_bits and a_bits would suggest every combination)."""
+    if space.pairs is not None:
+        return ",".join(map(str, space.pairs))
+    return (f"W{{{','.join(map(str, space.w_bits))}}} x "
+            f"A{{{','.join(map(str, space.a_bits))}}}")
 
 
 def show(space) -> None:
@@ -46,8 +53,9 @@ def show(space) -> None:
     print(f"data:  {space.data} {space.data_kwargs or ''} -> input "
           f"{info.in_channels}x{info.image_size[0]}x{info.image_size[1]}, "
           f"{info.num_classes} classes".replace("  ", " "))
-    print(f"choices: w_bits {list(space.w_bits)} x a_bits {list(space.a_bits)} "
-          f"({len(space.choices)} per searchable layer)")
+    listed = (", ".join(map(str, space.pairs)) if space.pairs is not None
+              else f"w_bits {list(space.w_bits)} x a_bits {list(space.a_bits)}")
+    print(f"choices: {listed} ({len(space.choices)} per searchable layer)")
     q = space.quantizer
     print(f"quantizer: weights {q['w_granularity']}, "
           f"{'symmetric' if q['w_symmetric'] else 'asymmetric'}; activations "

@@ -78,3 +78,24 @@ def fill(indices: Sequence[int], probs: Sequence[torch.Tensor], table: CostTable
         if move is None:
             return current
         current[move[0]] = move[1]
+
+
+def repair_by_cost(indices: Sequence[int], table: CostTable, target: Target | None) -> list[int]:
+    """Lower precisions until the plan meets the target, by cost alone (no probabilities):
+    each move takes one layer to its next cheaper choice, in the layer where that step saves
+    the most. A searcher whose sampled plan is over the target uses it as a fallback."""
+    current = list(indices)
+    if target is None:
+        return current
+    check_feasible(table, target)
+    while table.index_cost(current) > target.value:
+        best, saving = None, 0.0
+        for layer, row in enumerate(table.values):
+            now = row[current[layer]]
+            cheaper = [c for c in range(len(row)) if row[c] < now]
+            if cheaper:
+                step = max(cheaper, key=lambda c: row[c])  # the next step down
+                if now - row[step] > saving:
+                    best, saving = (layer, step), now - row[step]
+        current[best[0]] = best[1]  # feasible, so some layer can always step down
+    return current

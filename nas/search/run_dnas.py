@@ -1,0 +1,203 @@
+"""`nas search --method dnas`: train a supernet and derive its plan, one run folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from nas.errors import ConfigError
+from nas.search.request import SearchRequest
+
+SEARCH_SHARE = 0.9  # of a time budget; the rest derives and evaluates the candidate plans
+
+
+def _resumed(request: SearchRequest):
+    """The supernet.pt of the run --resume names, and its space; the options that would
+    change what was searched are checked against the run (or, factored, taken from it)."""
+    from nas.search.supernet_file import is_factored, load_supernet_file, supernet_path
+    from nas.spaces import SearchSpace, load_space
+
+    folder = Path(request.resume)
+    resumed = load_supernet_file(supernet_path(folder, "--resume"))
+    space = SearchSpace.from_dict(resumed["space"], source=f"run {folder}")
+    if request.checkpoint:
+        raise ConfigError(f"--checkpoint does not apply to --resume: run {folder} goes on from "
+                          f"the weights in its supernet.pt; leave --checkpoint out")
+    given = load_space(request.space) if request.space else None
+    if given and given.name != space.name:
+        raise ConfigError(f"--space {request.space} but run {folder} searched space {space.name}; "
+                          f"leave --space out to resume it")
+    if given and given.to_dict() != space.to_dict():
+        raise ConfigError(f"--space {request.space} is not the space run {folder} searched: "
+                          f"{space.name} has changed since; leave --space out to resume the "
+                          f"run on the space it recorded")
+    factored = is_factored(resumed)
+    if request.options["factored"] and not factored:
+        raise ConfigError(f"--factored but run {folder} searched with one logit per choice; "
+                          f"leave --factored out to resume it")
+    if factored and not request.options["factored"]:
+        print(f"run {folder} searched with factored logits: resuming it factored", flush=True)
+    request.options["factored"] = factored
+    return resumed, space
+
+
+class DnasSearch:
+    """The supernet search (nas.search.dnas) from a request to a finished run folder."""
+
+    @staticmethod
+    def run(request: SearchRequest, budget, target) -> Path:
+        import torch
+
+        from nas.budget import Budget
+        from nas.cmd.checks import checkpoint_space
+        from nas.cmd.common import load_space_data, now_iso
+        from nas.cmd.evaluate import load_model
+        from nas.cost.targets import Target, format_cost
+        from nas.device import resolve_device
+        from nas.runs import RunDir, atomic_write_text, load_state
+        from nas.search import dnas
+        from nas.search.base import SearchBudget, SearchProblem
+        from nas.search.encoding import PlanEncoding
+        from nas.search.results import plan_costs
+        from nas.search.setup import cost_setup, notes
+        from nas.search.supernet_file import supernet_payload
+        from nas.spaces import load_space
+        from nas.supernet import Supernet
+        from nas.table import format_table
+
+        opts = request.options
+        started = time.monotonic()
+        search_budget = (budget if budget.kind == "epochs"
+                         else Budget("seconds", budget.value * SEARCH_SHARE))
+        resumed, model = None, None
+        if request.resume:
+            resumed, space = _resumed(request)
+            request.seed = resumed.get("seed", request.seed)  # same splits and batch order
+            target = target or (Target(**resumed["target"]) if resumed.get("target") else None)
+            if target and request.cost and request.cost != target.cost:
+                raise ConfigError(f"--cost {request.cost} but run {request.resume} searched for "
+                                  f"the {target.cost} target {target.text}; give a --target of "
+                                  f"the same kind")
+        elif request.checkpoint:
+            ck_space, model, _ = load_model(request.checkpoint)
+            space = checkpoint_space(request.space, request.checkpoint, ck_space)
+        else:
+            space = load_space(request.space)
+        setup = cost_setup(space, request, target, (resumed or {}).get("latency"))
+        cost_name, target, latency, table = setup.cost, setup.target, setup.latency, setup.table
+        if opts["loss"] == "additive" and target is None:
+            raise ConfigError(f"the additive loss needs a --target for {cost_name}, for example "
+                              f"{ {'bitops': 'bitops=2.1G', 'latency': 'latency=1.2ms'}[cost_name]}")
+        device = resolve_device(request.device)
+        splits = load_space_data(space, request.data_args)
+        if model is None:
+            torch.manual_seed(request.seed)
+            model = space.build_model()
+        cfg = dnas.DnasConfig(budget=search_budget, target=target, loss=opts["loss"],
+                              tau0=opts["tau0"], tau_min=opts["tau_min"], warmup=opts["warmup"],
+                              batch_size=opts["batch_size"], arch_mode=opts["arch_mode"],
+                              seed=request.seed, progress=request.progress)
+        supernet = Supernet(model, space, factored=opts["factored"], mode=opts["mode"],
+                            tau=opts["tau0"], seed=request.seed)
+        state, optim_state = None, None
+        if resumed:
+            load_state(supernet, resumed["supernet"], f"run {request.resume}'s supernet.pt",
+                       "this search's supernet")
+            supernet.generator.set_state(resumed["gumbel_state"])
+            state = dnas.SearchState(**resumed["search_state"])
+            optim_state = resumed["optimizers"]
+        print(f"dnas on {space.name}: {len(supernet.names)} layers, "
+              f"{sum(len(m.choices) > 1 for m in supernet.mixed())} searchable; cost {cost_name}"
+              + (f" ({setup.model.spec.name}, batch {latency['batch']})" if latency else "")
+              + (f", target {target.text} ({format_cost(target.cost, target.value)})" if target else "")
+              + f"; budget {budget}; device {device}", flush=True)
+        for line in notes(space, setup):
+            print(line, flush=True)
+
+        with RunDir(request.runs_dir, space.name, "search") as run_dir:
+            run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),
+                                  "budget": str(budget), "target": target.text if target else None,
+                                  "cost": cost_name, "latency": latency, "loss": opts["loss"],
+                                  "mode": opts["mode"], "arch_mode": opts["arch_mode"],
+                                  "factored": opts["factored"], "checkpoint": request.checkpoint,
+                                  "resume": request.resume, "seed": request.seed,
+                                  "samples": opts["samples"], "tau0": opts["tau0"],
+                                  "tau_min": opts["tau_min"], "warmup": opts["warmup"]})
+            print(f"run folder: {run_dir.path}", flush=True)
+
+            def on_log(entry):
+                with open(run_dir.file("theta.jsonl"), "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                run_dir.log_metrics({k: v for k, v in entry.items() if k != "probs"})
+
+            state, optim_state, interrupted = dnas.search(supernet, splits, table, cfg, device,
+                                                          state, optim_state, on_log)
+            if interrupted:
+                print("interrupted: deriving the plan from the search so far", flush=True)
+            run_dir.save_checkpoint("supernet.pt", supernet_payload(
+                space, supernet, seed=request.seed, factored=opts["factored"], created=now_iso(),
+                optimizers=optim_state,
+                search_state={"step": state.step, "elapsed": state.elapsed, "history": []},
+                target=target.__dict__ if target else None, latency=latency))
+
+            deadline = started + budget.value if budget.kind == "seconds" else None
+            cands, best = dnas.derive(supernet, table, target, splits, device, opts["samples"],
+                                      request.seed, deadline)
+            test_acc = dnas.one_shot_accuracy(supernet, best.indices, splits, device, split="test")
+
+            problem = SearchProblem(space, setup.tables, cost_name, target,
+                                    SearchBudget("seconds", 0), request.seed)
+            encoding = PlanEncoding(space)
+            plan = encoding.plan(best.indices)
+            plan.costs = plan_costs(problem, best.indices,
+                                    {"one_shot_arch_accuracy": best.accuracy,
+                                     "one_shot_test_accuracy": test_acc},
+                                    latency, setup.estimate_method())
+            plan.provenance = {"method": "dnas", "run_id": run_dir.final.name,
+                               "seed": request.seed, "date": now_iso(), "candidate": best.name,
+                               "steps": state.step, "interrupted": interrupted}
+            plan.save(run_dir.file("plan.yaml"))
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["candidate", cost_name, "meets_target", "one_shot_arch_accuracy",
+                             "bits"])
+            for c in cands:
+                writer.writerow([c.name, round(c.cost, 3), c.meets_target,
+                                 "" if c.accuracy != c.accuracy else round(c.accuracy, 3),
+                                 encoding.bits(c.indices)])
+            atomic_write_text(run_dir.file("candidates.csv"), buf.getvalue())
+            from nas.search.honesty import dnas_warnings
+
+            warnings = dnas_warnings(state.step, max(1, len(splits.train) // opts["batch_size"]),
+                                     supernet, test_acc, splits.info.num_classes)
+            summary = {"command": "search", "method": "dnas", "space": space.name,
+                       "cost": cost_name, "target": target.text if target else None,
+                       "plan_cost": best.cost, "meets_target": best.meets_target,
+                       "candidate": best.name, "one_shot_arch_accuracy": best.accuracy,
+                       "one_shot_test_accuracy": test_acc, "steps": state.step,
+                       "search_seconds": round(state.elapsed, 2),
+                       "seconds": round(time.monotonic() - started, 2), "budget": str(budget),
+                       "interrupted": interrupted, "warnings": warnings}
+            final = run_dir.finish(summary)
+
+        probs = [p.detach() for p in supernet.probs()]
+        rows = [[name, str(m.choices[i]), round(float(p[i]), 3)]
+                for name, m, i, p in zip(supernet.names, supernet.mixed(), best.indices, probs)]
+        print(format_table(["layer", "bits", "p(choice)"], rows))
+        print(format_table(["candidate", cost_name, "meets target", "one-shot acc %"],
+                           [[c.name, format_cost(cost_name, c.cost),
+                             "yes" if c.meets_target else "no",
+                             "-" if c.accuracy != c.accuracy else round(c.accuracy, 2)]
+                            for c in cands]))
+        print(f"plan: {best.name}, {format_cost(cost_name, best.cost)}"
+              + (f" vs target {target.text}" if target else "")
+              + f", one-shot accuracy {best.accuracy:.2f}% (arch split), {test_acc:.2f}% (test)"
+              + (" [latency estimated]" if cost_name == "latency" and table.any_estimated else ""))
+        for w in warnings:
+            print(f"warning: {w}")
+        print(f"run folder: {final}")
+        print(f"plan file: {final / 'plan.yaml'}")
+        return final
