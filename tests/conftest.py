@@ -70,3 +70,30 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     (folder,) = runs.iterdir()
     return space, folder / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One Ray instance for the whole test session, in this process (searches run in process
+    use it; `nas` subprocesses attach to it with --ray-address): its GCS address."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def supernet_run(tmp_path_factory):
+    """A one-epoch DNAS run of the synthetic space: (space yaml, run folder with supernet.pt)."""
+    root = tmp_path_factory.mktemp("supernet")
+    space = root / "space.yaml"
+    space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
+    runs = root / "runs"
+    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space), "--budget", "1ep",
+                     "--samples", "0", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    (folder,) = runs.iterdir()
+    return space, folder

@@ -26,9 +26,10 @@ def add_parser(sub, parents) -> None:
                                    "else the embedded default)")
     p.add_argument("--method", choices=tuple(SEARCHERS),
                    help="searcher (default dnas; with --resume, the run's)")
-    p.add_argument("--budget", default=DEFAULT_BUDGET,
-                   help=f"90s, 10m, 2h; dnas also 3ep, the others also 200trials "
-                        f"(default {DEFAULT_BUDGET})")
+    p.add_argument("--budget",
+                   help=f"90s, 10m, 2h; dnas also 3ep, the others also 200trials (default "
+                        f"{DEFAULT_BUDGET}; with --resume, the run's: the total, done part "
+                        f"included)")
     p.add_argument("--target", help="size=60KB, bitops=2.1G or latency=1.2ms (default: size at "
                                     "half of the space's uniform W8A8 size; none with "
                                     "several --objectives)")
@@ -97,7 +98,9 @@ def _request(args: argparse.Namespace):
     from nas.errors import ConfigError
     from nas.search.request import SearchRequest
 
-    method = args.method or _resumed_method(args.resume) or "dnas"
+    recorded = _resumed_config(args.resume)
+    method = args.method or recorded.get("method") or "dnas"
+    args.budget = args.budget or recorded.get("budget") or DEFAULT_BUDGET
     given = lambda names: [n for n in names if getattr(args, n) is not None]  # noqa: E731
     if method == "dnas" and given(DISCRETE_ONLY):
         flag = "--" + given(DISCRETE_ONLY)[0].replace("_", "-")
@@ -152,11 +155,11 @@ def _request(args: argparse.Namespace):
     return request, budget, target
 
 
-def _resumed_method(resume: str | None) -> str | None:
-    """The method of the run --resume names, from its config.yaml (None: unreadable; the
-    method's own checks then say what is wrong)."""
+def _resumed_config(resume: str | None) -> dict:
+    """The config.yaml of the run --resume names ({} where unreadable: the method's own
+    checks then say what is wrong)."""
     if not resume:
-        return None
+        return {}
     from pathlib import Path
 
     import yaml
@@ -164,9 +167,10 @@ def _resumed_method(resume: str | None) -> str | None:
     try:
         config = yaml.safe_load((Path(resume) / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return None
-    method = config.get("method") if isinstance(config, dict) else None
-    return method if method in SEARCHERS else None
+        return {}
+    if not isinstance(config, dict) or config.get("method") not in SEARCHERS:
+        return {}
+    return {k: config[k] for k in ("method", "budget") if isinstance(config.get(k), str)}
 
 
 def run(args: argparse.Namespace) -> int:

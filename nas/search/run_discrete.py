@@ -263,7 +263,8 @@ class DiscreteRun:
                 path, warnings = _train_weights(kind, space, splits, model, train_budget,
                                                 request, run_dir, device)
                 spec = EvaluatorSpec(**{**spec.to_dict(), "path": str(path.resolve())})
-                config["evaluator"] = {**spec.to_dict(), "trained_here": True}
+                # Named inside the run folder: it is renamed when the run finishes.
+                config["evaluator"] = {**spec.to_dict(), "path": path.name, "trained_here": True}
                 run_dir.write_config(config)
             trials_left = seconds_left = None
             if self.budget.kind == "trials":

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ray.tune.search import Searcher
+
 from nas.errors import ConfigError
 from nas.search.base import DiscreteSearcher, SearchProblem, Told
 from nas.search.encoding import PlanEncoding
@@ -47,12 +49,6 @@ def trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
                  "node": socket.gethostname(), "pid": os.getpid()})
 
 
-def _searcher_base():
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
 @dataclass
 class TuneOutcome:
     interrupted: bool = False
@@ -62,63 +58,75 @@ class TuneOutcome:
     exhausted: bool = False  # the searcher had nothing new to propose
 
 
-def make_ask_tell(searcher: DiscreteSearcher, problem: SearchProblem, encoding: PlanEncoding,
-                  results: SearchResults, outcome: TuneOutcome, clock_start: float,
-                  on_trial: Callable[[Trial], None]):
-    """A Tune Searcher around `searcher` (built here: ray is imported only when a discrete
-    search runs)."""
-    Searcher = _searcher_base()
+class AskTell(Searcher):
+    """A Tune search algorithm around a `DiscreteSearcher`."""
 
-    class AskTell(Searcher):
-        def __init__(self):
-            super().__init__(metric="accuracy", mode="max")
-            self.pending: dict[str, tuple[list[int], float]] = {}
-            self.scores = {tuple(t.indices): t.accuracy for t in results.trials}
+    def __init__(self, searcher: DiscreteSearcher, problem: SearchProblem,
+                 results: SearchResults, outcome: TuneOutcome, clock_start: float,
+                 on_trial: Callable[[Trial], None]):
+        super().__init__(metric="accuracy", mode="max")
+        # Not `self.searcher`: Tune takes an attribute of that name for a wrapped Searcher.
+        self.discrete, self.problem, self.results = searcher, problem, results
+        self.outcome, self.clock_start, self.on_trial = outcome, clock_start, on_trial
+        self.encoding = PlanEncoding(problem.space)
+        self.pending: dict[str, tuple[list[int], float]] = {}
+        self.scores = {tuple(t.indices): t.accuracy for t in results.trials}
 
-        def suggest(self, trial_id: str):
-            for _ in range(MAX_SKIPS):
-                indices = searcher.ask()
-                if indices is None:
-                    break
-                costs = problem.costs(indices)
-                if not problem.feasible(indices):
-                    outcome.over_target += 1
-                    searcher.tell(Told(indices, costs, feasible=False))
-                    continue
-                key = tuple(indices)
-                if key in self.scores:
-                    outcome.repeats += 1
-                    searcher.tell(Told(indices, costs, {"accuracy": self.scores[key]}))
-                    continue
-                if any(key == tuple(p) for p, _ in self.pending.values()):
-                    outcome.repeats += 1
-                    continue  # in flight: its score is told when it completes
-                self.pending[trial_id] = (indices, time.monotonic())
-                return {"plan": encoding.config(indices)}
-            outcome.exhausted = True
-            return Searcher.FINISHED
+    def __getstate__(self):
+        # Tune pickles its search algorithm (tuner.pkl, searcher state) for its own restore;
+        # a resumed nas search replays trials.csv instead, so only the metric and mode go in
+        # (the searcher's study and the open files would not pickle).
+        return {k: v for k, v in self.__dict__.items() if k in ("_metric", "_mode")}
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                              error: bool = False) -> None:
-            indices, started = self.pending.pop(trial_id, (None, 0.0))
+    def get_state(self) -> dict:
+        return {}  # see __getstate__
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+    def suggest(self, trial_id: str):
+        problem, outcome = self.problem, self.outcome
+        for _ in range(MAX_SKIPS):
+            indices = self.discrete.ask()
             if indices is None:
-                return
+                break
             costs = problem.costs(indices)
-            if error or not result or "accuracy" not in result:
-                outcome.failed += 1
-                searcher.tell(Told(indices, costs))  # failed: no metrics, not proposed again
-                return
-            accuracy = float(result["accuracy"])
-            self.scores[tuple(indices)] = accuracy
-            searcher.tell(Told(indices, costs, {"accuracy": accuracy}))
-            trial = Trial(len(results.trials) + 1, indices, accuracy, costs,
-                          problem.feasible(indices), time.monotonic() - started,
-                          float(result.get("eval_seconds", float("nan"))),
-                          str(result.get("node", "")), time.monotonic() - clock_start)
-            results.add(trial)
-            on_trial(trial)
+            if not problem.feasible(indices):
+                outcome.over_target += 1
+                self.discrete.tell(Told(indices, costs, feasible=False))
+                continue
+            key = tuple(indices)
+            if key in self.scores:
+                outcome.repeats += 1
+                self.discrete.tell(Told(indices, costs, {"accuracy": self.scores[key]}))
+                continue
+            if any(key == tuple(p) for p, _ in self.pending.values()):
+                outcome.repeats += 1
+                continue  # in flight: its score is told when it completes
+            self.pending[trial_id] = (indices, time.monotonic())
+            return {"plan": self.encoding.config(indices)}
+        outcome.exhausted = True
+        return Searcher.FINISHED
 
-    return AskTell()
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        indices, started = self.pending.pop(trial_id, (None, 0.0))
+        if indices is None:
+            return
+        costs = self.problem.costs(indices)
+        if error or not result or "accuracy" not in result:
+            self.outcome.failed += 1
+            self.discrete.tell(Told(indices, costs))  # failed: no metrics, not proposed again
+            return
+        accuracy = float(result["accuracy"])
+        self.scores[tuple(indices)] = accuracy
+        self.discrete.tell(Told(indices, costs, {"accuracy": accuracy}))
+        trial = Trial(len(self.results.trials) + 1, indices, accuracy, costs,
+                      self.problem.feasible(indices), time.monotonic() - started,
+                      float(result.get("eval_seconds", float("nan"))),
+                      str(result.get("node", "")), time.monotonic() - self.clock_start)
+        self.results.add(trial)
+        self.on_trial(trial)
 
 
 # ---------------------------------------------------------------- Ray itself
@@ -219,8 +227,7 @@ def run_trials(problem: SearchProblem, searcher: DiscreteSearcher, spec: Evaluat
     from ray import tune
 
     outcome = TuneOutcome()
-    encoding = PlanEncoding(problem.space)
-    algo = make_ask_tell(searcher, problem, encoding, results, outcome, clock_start, on_trial)
+    algo = AskTell(searcher, problem, results, outcome, clock_start, on_trial)
     fn = tune.with_resources(tune.with_parameters(trainable, spec=spec.to_dict()),
                              {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     tuner = tune.Tuner(
