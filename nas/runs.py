@@ -158,8 +158,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# What a run folder holds before its command has made anything.
-_SET_UP = {"config.yaml", "log.txt"}
+# What a run folder holds before its command has made anything (ray.log: what Ray printed
+# while it started).
+_SET_UP = {"config.yaml", "log.txt", "ray.log"}
 
 
 class RunDir:

@@ -58,17 +58,22 @@ def run_nas(*args: str, cwd: Path | None = None, env: dict | None = None):
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """One short `nas train` on synthetic data, shared: (space yaml, checkpoint, runs dir)."""
-    root = tmp_path_factory.mktemp("trained")
+def _one_run(root: Path, command: str, *args: str) -> tuple[Path, Path]:
+    """Run `nas COMMAND` once on the synthetic space under `root`: (space yaml, run folder)."""
     space = root / "space.yaml"
     space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
     runs = root / "runs"
-    result = run_nas("--runs-dir", str(runs), "train", "--space", str(space), "--budget", "2ep",
+    result = run_nas("--runs-dir", str(runs), command, "--space", str(space), *args,
                      "--no-progress")
     assert result.returncode == 0, result.stderr
     (folder,) = runs.iterdir()
+    return space, folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One short `nas train` on synthetic data, shared: (space yaml, checkpoint)."""
+    space, folder = _one_run(tmp_path_factory.mktemp("trained"), "train", "--budget", "2ep")
     return space, folder / "best.pt"
 
 
@@ -88,12 +93,5 @@ def ray_address():
 @pytest.fixture(scope="session")
 def supernet_run(tmp_path_factory):
     """A one-epoch DNAS run of the synthetic space: (space yaml, run folder with supernet.pt)."""
-    root = tmp_path_factory.mktemp("supernet")
-    space = root / "space.yaml"
-    space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
-    runs = root / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space), "--budget", "1ep",
-                     "--samples", "0", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    (folder,) = runs.iterdir()
-    return space, folder
+    return _one_run(tmp_path_factory.mktemp("supernet"), "search", "--budget", "1ep",
+                    "--samples", "0")

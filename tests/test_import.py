@@ -1,10 +1,11 @@
 import subprocess
 import sys
 
-def test_import_nas_and_its_parser_load_no_torch():
+def test_import_nas_and_its_parser_load_no_torch_ray_or_optuna():
     code = ("import sys, nas, nas.cli\n"
             "nas.cli.build_parser()\n"
-            "print(','.join(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))")
+            "print(','.join(m for m in ('torch', 'triton', 'numpy', 'ray', 'optuna')\n"
+            "               if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SYNTHETIC_SPACE
+from tests.conftest import SYNTHETIC_SPACE
 
 pytestmark = [
     pytest.mark.slow,
@@ -127,7 +127,7 @@ def stop_cluster(sessions: set[int], marks: list[re.Pattern]) -> dict[int, str]:
 @pytest.fixture
 def ray_cluster(monkeypatch):
     """A one-node Ray cluster of 2 CPUs, started with `ray start --head` on ports of its own;
-    yields (GCS port, dashboard URL, its temp dir). Stopped, only it, however the test ends."""
+    yields (GCS port, dashboard URL). Stopped, only it, however the test ends."""
     pytest.importorskip("ray.job_submission")
     ray_cli = Path(sys.executable).parent / "ray"
     if not ray_cli.is_file():
@@ -155,7 +155,7 @@ def ray_cluster(monkeypatch):
         sessions.add(start.pid)
         output, _ = start.communicate(timeout=120)
         assert start.returncode == 0, f"ray start failed:\n{output}"
-        yield ports["port"], f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir
+        yield ports["port"], f"http://127.0.0.1:{ports['dashboard-port']}"
     finally:
         survivors = stop_cluster(sessions, marks)
         if not survivors:
@@ -165,22 +165,15 @@ def ray_cluster(monkeypatch):
 
 
 @pytest.fixture
-def other_ray():
-    """Another Ray on the machine, as the tests that run searches in-process start one (set
-    up before the cluster, torn down after it): the cluster must not take its place, and
-    stopping the cluster must not stop it."""
+def other_ray(ray_address):
+    """The test session's own Ray (conftest's, in this process), up before the cluster starts
+    and checked after it stops: the cluster must not take its place, and stopping the
+    cluster must not stop it."""
     import ray
 
-    own = not ray.is_initialized()
-    if own:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-        assert ray.get(ray.remote(lambda: 1).remote(), timeout=60) == 1, \
-            "the other Ray stopped with the cluster"
-    finally:
-        if own:
-            ray.shutdown()
+    yield
+    assert ray.get(ray.remote(lambda: 1).remote(), timeout=60) == 1, \
+        "the session's Ray stopped with the cluster"
 
 
 def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path):
@@ -190,7 +183,7 @@ def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path)
     from nas.plan import Plan
     from nas.spaces import load_space
 
-    gcs_port, dashboard, _ = ray_cluster
+    gcs_port, dashboard = ray_cluster
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
     runs = tmp_path / "runs"
@@ -210,8 +203,8 @@ def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path)
     logs = client.get_job_logs(job)
     if not status.is_terminal():
         client.stop_job(job)
-    assert status == JobStatus.SUCCEEDED, (
-        f"job {job}: {status} after {JOB_TIMEOUT_S} s at most; its logs:\n{logs}")
+        status = f"still {status.value} after {JOB_TIMEOUT_S} s (stopped)"
+    assert status == JobStatus.SUCCEEDED, f"job {job}: {status}; its logs:\n{logs}"
 
     # Its driver was given this cluster's GCS address, which --ray-address auto reads.
     (address,) = re.findall(r"^RAY_ADDRESS=(.*)$", logs, re.M)

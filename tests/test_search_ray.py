@@ -37,6 +37,14 @@ def _search(runs, *args) -> int:
     return main(["--runs-dir", str(runs), "search", "--no-progress", *args])
 
 
+def _searched(tmp_path, *args) -> Path:
+    """Run a search that must succeed; its run folder."""
+    runs = tmp_path / "runs"
+    assert _search(runs, *args) == 0
+    (folder,) = _folders(runs)
+    return folder
+
+
 def test_random_search_trains_its_supernet_then_runs_trials(ray_address, space_file, tmp_path,
                                                             capfd):
     runs = tmp_path / "runs"
@@ -81,10 +89,8 @@ def test_bayes_repeats_its_trials_for_a_seed(ray_address, supernet_run, tmp_path
 
 def test_several_objectives_give_a_pareto_front(ray_address, supernet_run, tmp_path):
     _, run = supernet_run
-    runs = tmp_path / "runs"
-    assert _search(runs, "--method", "bayes", "--supernet", str(run), "--budget", "10trials",
-                   "--objectives", "accuracy,size,bitops") == 0
-    (folder,) = _folders(runs)
+    folder = _searched(tmp_path, "--method", "bayes", "--supernet", str(run), "--budget",
+                       "10trials", "--objectives", "accuracy,size,bitops")
     rows, front = _rows(folder), _rows(folder, "pareto.csv")
     assert yaml.safe_load((folder / "config.yaml").read_text())["target"] is None
     key = lambda r: (float(r["accuracy"]), -float(r["size"]), -float(r["bitops"]))  # noqa: E731
@@ -98,10 +104,8 @@ def test_several_objectives_give_a_pareto_front(ray_address, supernet_run, tmp_p
 
 def test_uniform_search_scores_each_uniform_plan_once(ray_address, supernet_run, tmp_path):
     _, run = supernet_run
-    runs = tmp_path / "runs"
-    assert _search(runs, "--method", "uniform", "--supernet", str(run), "--budget", "50trials",
-                   "--target", "size=13KB") == 0
-    (folder,) = _folders(runs)
+    folder = _searched(tmp_path, "--method", "uniform", "--supernet", str(run), "--budget",
+                       "50trials", "--target", "size=13KB")
     summary = json.loads((folder / "summary.json").read_text())
     # Synthetic ResNet-8: W8A4 and W8A8 are over 13 KB, the four W2 and W4 plans within it.
     assert sorted(r["plan"].split()[1] for r in _rows(folder)) == ["W2A4", "W2A8", "W4A4", "W4A8"]
@@ -110,14 +114,26 @@ def test_uniform_search_scores_each_uniform_plan_once(ray_address, supernet_run,
 
 def test_ptq_evaluator_scores_plans_of_a_float_checkpoint(ray_address, trained, tmp_path):
     _, checkpoint = trained
-    runs = tmp_path / "runs"
-    assert _search(runs, "--method", "random", "--checkpoint", str(checkpoint), "--budget",
-                   "3trials") == 0
-    (folder,) = _folders(runs)
+    folder = _searched(tmp_path, "--method", "random", "--checkpoint", str(checkpoint),
+                       "--budget", "3trials")
     plan = yaml.safe_load((folder / "plan.yaml").read_text())
     assert {"ptq_arch_accuracy", "ptq_test_accuracy"} <= set(plan["costs"])
     assert json.loads((folder / "summary.json").read_text())["evaluator"] == "ptq"
     assert not (folder / "supernet.pt").exists() and not (folder / "best.pt").exists()
+
+
+def test_a_time_budget_trains_the_float_model_then_spends_the_rest_on_trials(ray_address,
+                                                                            space_file, tmp_path):
+    started = time.monotonic()
+    folder = _searched(tmp_path, "--method", "random", "--evaluator", "ptq", "--space",
+                       str(space_file()), "--budget", "20s")
+    summary = json.loads((folder / "summary.json").read_text())
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["evaluator"]["kind"] == "ptq" and config["evaluator"]["path"] == "best.pt"
+    assert (folder / "best.pt").exists() and summary["trials"] == len(_rows(folder)) >= 1
+    # Half the budget trains, the trials stop 5 s before the end to score the plan on the
+    # test split; Ray's start and stop and that scoring may run over by a few seconds.
+    assert summary["seconds"] < 20 + 15 and time.monotonic() - started < 20 + 30
 
 
 @pytest.mark.parametrize("args, message", [
@@ -142,11 +158,16 @@ def test_ptq_evaluator_scores_plans_of_a_float_checkpoint(ray_address, trained, 
     (["--method", "bayes", "--ray-address", "127.0.0.1:1"],
      "--ray-address 127.0.0.1:1: no Ray cluster answers there (Connection refused); start one "
      "with 'ray start --head', or leave --ray-address out to run Ray inside this process"),
+    (["--method", "bayes", "--ray-address", "http://127.0.0.1:8265"],
+     "--ray-address http://127.0.0.1:8265 (or RAY_ADDRESS) is a http URL, such as 'ray job "
+     "submit' takes; give the cluster's address HOST:PORT (6379 by default), or auto"),
+    (["--method", "random", "--cpus-per-trial", "64"],
+     "--cpus-per-trial 64: the Ray cluster has 2 CPUs; give at most 2"),
     (["--method", "bayes", "--ray-address", "nowhere"],
      "--ray-address 'nowhere' is not an address; give HOST:PORT of a cluster's head (as 'ray "
      "start --head' prints it), or auto"),
 ])
-def test_bad_discrete_search_input(supernet_run, tmp_path, capsys, args, message):
+def test_bad_discrete_search_input(ray_address, supernet_run, tmp_path, capsys, args, message):
     space, run = supernet_run
     args = [str(run) if a == "RUN" else a for a in args]
     runs = tmp_path / "runs"
@@ -155,6 +176,24 @@ def test_bad_discrete_search_input(supernet_run, tmp_path, capsys, args, message
     err = capsys.readouterr().err
     assert err == f"nas: error: {message}\n"
     assert time.monotonic() - started < 30 and not _folders(runs)
+
+
+def test_an_address_where_something_else_listens_fails_within_seconds(supernet_run, tmp_path):
+    import socket
+
+    _, run = supernet_run
+    with socket.socket() as listener:  # accepts connections, speaks no Ray
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        proc = _nas("--runs-dir", str(tmp_path / "runs"), "search", "--method", "random",
+                    "--supernet", str(run), "--budget", "2trials", "--ray-address", address)
+        out, err = proc.communicate(timeout=120)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 2 and err.startswith(f"nas: error: --ray-address {address}: Ray "
+                                                   f"could not connect (")
+    assert err.count("\n") == 1 and not _folders(tmp_path / "runs")
 
 
 def test_a_supernet_of_another_space_is_refused(supernet_run, space_file, tmp_path, capsys):

@@ -47,6 +47,32 @@ def add_parser(sub, parents) -> None:
     add_data_options(dnas)
     dnas.set_defaults(run=run_dnas)
 
+    search = benches.add_parser(
+        "search", parents=parents, help="bayes vs random vs uniform; Ray's scaling and overhead",
+        description="On one supernet (one-shot evaluator): bayes, random and uniform at equal "
+                    "trial budgets under each size target and seed, the trials bayes needs to "
+                    "reach random's best, each chosen plan on the test split; then random search "
+                    "with 2 workers against 1, and Ray's time per trial beyond the evaluation.")
+    search.add_argument("--space", help="search space (default: the --supernet's, else the "
+                                        "embedded default)")
+    search.add_argument("--supernet", metavar="RUN",
+                        help="a 'nas search' run folder with supernet.pt (default: train one)")
+    search.add_argument("--train-budget", help="training of the supernet made here (default: "
+                                               "the space's train.budget)")
+    search.add_argument("--targets", default="0.3,0.4",
+                        help="size targets as fractions of the uniform W8A8 size (default "
+                             "%(default)s)")
+    search.add_argument("--trials", type=int, default=60, help="trials per search (default 60)")
+    search.add_argument("--seeds", type=int, default=3, help="seeds per target (default 3)")
+    search.add_argument("--workers", type=int, default=2,
+                        help="trials at once in the quality searches (default 2)")
+    search.add_argument("--scaling-trials", type=int, default=40,
+                        help="trials of each scaling run (default 40)")
+    search.add_argument("--eval-batches", type=int, default=20,
+                        help="arch-split batches of 256 images per plan (default 20)")
+    add_data_options(search)
+    search.set_defaults(run=run_search)
+
     kernels = benches.add_parser("kernels", parents=parents,
                                  help="integer kernels vs fp16 cuDNN and the roofline (CUDA GPU)",
                                  description="On a CUDA GPU: W8A8 vs torch fp16 cuDNN on the "
@@ -329,3 +355,77 @@ def run_estimate(args: argparse.Namespace) -> int:
         results.update({"date": now_iso(), "seconds": round(time.monotonic() - started, 1)})
         final = _finish(run_dir, "estimate", results)
     return _report(tables(results), final)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from nas.bench.search import quality, scaling, tables
+    from nas.budget import parse_budget
+    from nas.cmd.common import load_space_data
+    from nas.cost import make_cost_model
+    from nas.cost.targets import Target
+    from nas.device import resolve_device
+    from nas.plan import Plan
+    from nas.runs import RunDir
+    from nas.search.derive import check_feasible
+    from nas.search.evaluate import EvaluatorSpec
+    from nas.search.request import SearchRequest
+    from nas.search.run_discrete import _space_and_weights, _train_weights
+    from nas.search.tune import quiet_output, ray_session
+
+    check_flags(args, trials="positive", seeds="positive", workers="positive",
+                scaling_trials="positive", eval_batches="positive")
+    fractions = _fractions(args.targets)
+    train_budget = parse_budget(args.train_budget) if args.train_budget else None
+    request = SearchRequest(method="bench", budget="", space=args.space, seed=args.seed,
+                            runs_dir=args.runs_dir, device=args.device, data_dir=args.data_dir,
+                            train_subset=args.train_subset, test_subset=args.test_subset,
+                            progress=False, options={"supernet": args.supernet})
+    space, weights, weights_seed, _ = _space_and_weights(request, "oneshot")
+    splits = load_space_data(space, request.data_args)
+    table = make_cost_model("size").table(space)
+    w8a8 = make_cost_model("size").plan_cost(Plan.uniform(space, 8, 8), space)
+    for f in fractions:
+        check_feasible(table, Target("size", w8a8 * f, f"{f} of the W8A8 size"))
+    with RunDir(args.runs_dir, space.name, "bench-search") as run_dir:
+        run_dir.write_config({"command": "bench search", "space": space.to_dict(),
+                              "supernet": args.supernet, "targets": list(fractions),
+                              "trials": args.trials, "seeds": args.seeds, "workers": args.workers,
+                              "scaling_trials": args.scaling_trials, "seed": args.seed})
+        if weights is None:
+            budget = train_budget or parse_budget(str(space.train["budget"]))
+            weights, _ = _train_weights("oneshot", space, splits, None, budget, request, run_dir,
+                                        resolve_device(args.device))
+            weights_seed = args.seed
+        spec = EvaluatorSpec("oneshot", str(Path(weights).resolve()), space.to_dict(),
+                             weights_seed, str(Path(args.data_dir).resolve())
+                             if args.data_dir else None, eval_batches=args.eval_batches)
+        started = time.monotonic()
+        log = run_dir.file("ray.log")
+        with ray_session(None, lambda: log), quiet_output(log) as terminal:
+            say = lambda line: (print(line, file=terminal, flush=True), run_dir.log(line))  # noqa: E731
+            results = {"quality": quality(space, table, w8a8, fractions, args.trials, args.seeds,
+                                          spec, run_dir.path / "searches", args.workers, say),
+                       "scaling": scaling(space, table, Target("size", w8a8 * fractions[-1], ""),
+                                          args.scaling_trials, spec, run_dir.path / "searches",
+                                          say)}
+        results.update({"space": space.name, "supernet": args.supernet or "trained here",
+                        "trials": args.trials, "seeds": args.seeds, "w8a8_size": w8a8,
+                        "date": now_iso(), "seconds": round(time.monotonic() - started, 1)})
+        final = _finish(run_dir, "search", results)
+    return _report(tables(results), final)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    from nas.errors import ConfigError
+
+    try:
+        fractions = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        fractions = ()
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ConfigError(f"--targets {text!r}: give fractions in (0, 1] of the uniform W8A8 "
+                          f"size, e.g. 0.3,0.4")
+    return fractions

@@ -188,8 +188,8 @@ class DiscreteRun:
         from nas.search.encoding import PlanEncoding
         from nas.search.evaluate import EvaluatorSpec
         from nas.search.results import SearchResults
+        from nas.search.ray_address import check_address
         from nas.search.setup import cost_setup, notes
-        from nas.search.tune import check_address
         from nas.spaces import SearchSpace
 
         request, opts = self.request, self.request.options
@@ -219,7 +219,8 @@ class DiscreteRun:
             kind = _evaluator_kind(request)
             space, weights, weights_seed, model = _space_and_weights(request, kind)
             target, saved_latency = self.target, None
-        check_address(opts.get("ray_address"))
+        check_address(opts.get("ray_address"))  # before ray is imported: it bounds the connect
+        from nas.search.tune import check_resources, ray_session
         setup = cost_setup(space, request, target, saved_latency,
                            extra_costs=tuple(o for o in objectives if o != "accuracy"),
                            default_target=len(objectives) == 1)
@@ -235,47 +236,51 @@ class DiscreteRun:
             print(line, flush=True)
 
         with RunDir(request.runs_dir, space.name, "search") as run_dir:
-            spec = EvaluatorSpec(kind, str(weights) if weights else "", space.to_dict(),
-                                 weights_seed,
-                                 str(Path(request.data_dir).resolve()) if request.data_dir else None,
-                                 "cuda" if gpus > 0 else "cpu", int(opts["cpus_per_trial"]),
-                                 eval_batches=int(opts.get("eval_batches") or 20))
-            config = self._config(problem, setup, spec, trained_here=weights is None)
-            run_dir.write_config(config)
-            print(f"run folder: {run_dir.path}", flush=True)
-            results = SearchResults(run_dir.path, problem, encoding)
-            done_seconds = 0.0
-            if resumed:
-                old = Path(request.resume) / "trials.csv"
-                history = results.load(old) if old.is_file() else []
-                for t in history:
-                    searcher.tell(Told(t.indices, t.costs, {"accuracy": t.accuracy},
-                                       t.meets_target))
-                done_seconds = max((t.elapsed for t in history if t.elapsed == t.elapsed),
-                                   default=0.0)
-                print(f"{len(history)} trials of run {request.resume} kept", flush=True)
-            warnings: list[str] = []
-            if weights is None:
-                train_budget = (parse_budget(opts["train_budget"]) if opts.get("train_budget")
-                                else Budget("seconds", self.budget.value * TRAIN_SHARE)
-                                if self.budget.kind == "seconds"
-                                else parse_budget(str(space.train["budget"])))
-                path, warnings = _train_weights(kind, space, splits, model, train_budget,
-                                                request, run_dir, device)
-                spec = EvaluatorSpec(**{**spec.to_dict(), "path": str(path.resolve())})
-                # Named inside the run folder: it is renamed when the run finishes.
-                config["evaluator"] = {**spec.to_dict(), "path": path.name, "trained_here": True}
+            with ray_session(opts.get("ray_address"), lambda: run_dir.file("ray.log")):
+                note = check_resources(int(opts["workers"]), int(opts["cpus_per_trial"]), gpus)
+                if note:
+                    print(note, flush=True)
+                spec = EvaluatorSpec(kind, str(weights) if weights else "", space.to_dict(),
+                                     weights_seed,
+                                     str(Path(request.data_dir).resolve()) if request.data_dir else None,
+                                     "cuda" if gpus > 0 else "cpu", int(opts["cpus_per_trial"]),
+                                     eval_batches=int(opts.get("eval_batches") or 20))
+                config = self._config(problem, setup, spec, trained_here=weights is None)
                 run_dir.write_config(config)
-            trials_left = seconds_left = None
-            if self.budget.kind == "trials":
-                trials_left = int(self.budget.value) - len(results.trials)
-            else:
-                seconds_left = (self.budget.value - done_seconds
-                                - (time.monotonic() - started) - TEST_RESERVE_S)
-            outcome = self._trials(problem, searcher, spec, results, run_dir, trials_left,
-                                   seconds_left, started - done_seconds)
-            final, summary = self._finish(problem, setup, spec, results, outcome, run_dir,
-                                          splits, warnings, started, now_iso)
+                print(f"run folder: {run_dir.path}", flush=True)
+                results = SearchResults(run_dir.path, problem, encoding)
+                done_seconds = 0.0
+                if resumed:
+                    old = Path(request.resume) / "trials.csv"
+                    history = results.load(old) if old.is_file() else []
+                    for t in history:
+                        searcher.tell(Told(t.indices, t.costs, {"accuracy": t.accuracy},
+                                           t.meets_target))
+                    done_seconds = max((t.elapsed for t in history if t.elapsed == t.elapsed),
+                                       default=0.0)
+                    print(f"{len(history)} trials of run {request.resume} kept", flush=True)
+                warnings: list[str] = []
+                if weights is None:
+                    train_budget = (parse_budget(opts["train_budget"]) if opts.get("train_budget")
+                                    else Budget("seconds", self.budget.value * TRAIN_SHARE)
+                                    if self.budget.kind == "seconds"
+                                    else parse_budget(str(space.train["budget"])))
+                    path, warnings = _train_weights(kind, space, splits, model, train_budget,
+                                                    request, run_dir, device)
+                    spec = EvaluatorSpec(**{**spec.to_dict(), "path": str(path.resolve())})
+                    # Named inside the run folder: it is renamed when the run finishes.
+                    config["evaluator"] = {**spec.to_dict(), "path": path.name, "trained_here": True}
+                    run_dir.write_config(config)
+                trials_left = seconds_left = None
+                if self.budget.kind == "trials":
+                    trials_left = int(self.budget.value) - len(results.trials)
+                else:
+                    seconds_left = (self.budget.value - done_seconds
+                                    - (time.monotonic() - started) - TEST_RESERVE_S)
+                outcome = self._trials(problem, searcher, spec, results, run_dir, trials_left,
+                                       seconds_left, started - done_seconds)
+                final, summary = self._finish(problem, setup, spec, results, outcome, run_dir,
+                                              splits, warnings, started, now_iso)
         self._report(problem, results, summary, final)
         return final
 
@@ -308,7 +313,7 @@ class DiscreteRun:
                 clock_start):
         from tqdm import tqdm
 
-        from nas.search.tune import TuneOutcome, ray_session, run_trials
+        from nas.search.tune import TuneOutcome, quiet_output, run_trials
 
         if (trials_left is not None and trials_left <= 0) or (
                 seconds_left is not None and seconds_left <= 0):
@@ -316,7 +321,7 @@ class DiscreteRun:
                   flush=True)
             return TuneOutcome()
         opts = self.request.options
-        with ray_session(opts.get("ray_address"), run_dir.file("ray.log")) as terminal:
+        with quiet_output(run_dir.file("ray.log")) as terminal:
             bar = tqdm(total=trials_left, desc=self.request.method, file=terminal, leave=False,
                        disable=not self.request.progress or None)
             best = [-math.inf]

@@ -32,7 +32,6 @@ from nas.search.results import SearchResults, Trial
 # counts as having nothing new to offer.
 MAX_SKIPS = 2000
 RETRIES = 2  # a trial whose worker process dies is run again, at most this often
-CONNECT_TIMEOUT_S = 10.0
 
 
 def trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -131,68 +130,44 @@ class AskTell(Searcher):
 
 # ---------------------------------------------------------------- Ray itself
 
-def check_address(address: str | None) -> None:
-    """Refuse, in one line and within seconds, a --ray-address where no cluster answers
-    (ray.init would otherwise retry for minutes)."""
-    if address in (None, "local"):
-        return
-    if address == "auto":
-        if os.environ.get("RAY_ADDRESS"):
-            return check_address(os.environ["RAY_ADDRESS"])
-        if not Path("/tmp/ray/ray_current_cluster").exists():
-            raise ConfigError("--ray-address auto: no Ray cluster runs on this machine; start one "
-                              "with 'ray start --head', give its address, or leave --ray-address "
-                              "out to run Ray inside this process")
-        return
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--ray-address {address!r} is not an address; give HOST:PORT of a "
-                          f"cluster's head (as 'ray start --head' prints it), or auto")
-    try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({reason}); "
-                          f"start one with 'ray start --head', or leave --ray-address out to run "
-                          f"Ray inside this process") from None
-
-
 @contextlib.contextmanager
-def ray_session(address: str | None, log_path: Path):
+def ray_session(address: str | None, log_path: Callable[[], Path]):
     """Ray for one search: attached to the cluster at `address`, a Ray started inside this
-    process (None), or the one this process already runs (tests). Ray's console output goes
-    to `log_path`; yields the file the user's terminal is (for the progress bar)."""
+    process (None), or the one this process already runs (tests). What Ray prints while it
+    starts and stops goes to the file `log_path()` names (`quiet_output` does the same around
+    the trials). A connection that fails leaves no log behind."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address in (None, "local"):  # a running cluster's own auth mode stands
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is ours to handle
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    with _quiet(log_path) as terminal:
-        started = False
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address or "local", include_dashboard=False,
-                         log_to_driver=False, logging_level="ERROR", configure_logging=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigError(f"--ray-address {address}: Ray could not connect "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                                  f"; start a cluster with 'ray start --head' or leave "
-                                  f"--ray-address out") from None
-            started = True
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores verbose=0
+    started = False
+    if not ray.is_initialized():
         try:
-            yield terminal
-        finally:
-            if started:
+            with quiet_output(log_path()):
+                ray.init(address=address or "local", include_dashboard=False,
+                         log_to_driver=False, logging_level="CRITICAL")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            log_path().unlink(missing_ok=True)
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"--ray-address {address}: Ray could not connect ({first}); start "
+                              f"a cluster with 'ray start --head' or leave --ray-address "
+                              f"out") from None
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            with quiet_output(log_path()):
                 ray.shutdown()
 
 
 @contextlib.contextmanager
-def _quiet(log_path: Path):
-    """Send what Ray writes to the process's stdout and stderr (it writes there from C++ as
-    well as Python) into `log_path`; yield a handle on the terminal's stderr."""
+def quiet_output(log_path: Path):
+    """Send what is written to this process's stdout and stderr (Ray writes there from C++
+    as well as Python) into `log_path`; yield a handle on the terminal's stderr, for a
+    progress bar."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -212,10 +187,26 @@ def _quiet(log_path: Path):
             terminal.close()
 
 
-def cluster_cpus() -> int:
+def check_resources(workers: int, cpus_per_trial: int, gpus_per_trial: float) -> str | None:
+    """Refuse trials the cluster could never place (Tune would wait for them forever); say
+    when fewer than `workers` fit at once."""
     import ray
 
-    return int(ray.cluster_resources().get("CPU", 0))
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
+    if cpus_per_trial > cpus:
+        raise ConfigError(f"--cpus-per-trial {cpus_per_trial}: the Ray cluster has {cpus:g} "
+                          f"CPUs; give at most {cpus:g}")
+    if gpus_per_trial > gpus:
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: the Ray cluster has "
+                          f"{gpus:g} GPUs; give at most {gpus:g}, or leave it out")
+    fit = int(cpus // cpus_per_trial)
+    if gpus_per_trial:
+        fit = min(fit, int(gpus // gpus_per_trial))
+    if fit < workers:
+        return (f"note: the Ray cluster fits {fit} trial{'s' if fit != 1 else ''} at once "
+                f"({cpus:g} CPUs, {gpus:g} GPUs), not the {workers} --workers asks for")
+    return None
 
 
 def run_trials(problem: SearchProblem, searcher: DiscreteSearcher, spec: EvaluatorSpec,
