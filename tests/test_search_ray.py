@@ -19,7 +19,6 @@ import yaml
 from nas.cli import main
 from nas.plan import Plan
 from nas.spaces import load_space
-from tests.conftest import SYNTHETIC_SPACE
 
 pytestmark = pytest.mark.slow
 

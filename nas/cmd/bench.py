@@ -372,7 +372,7 @@ def run_search(args: argparse.Namespace) -> int:
     from nas.search.derive import check_feasible
     from nas.search.evaluate import EvaluatorSpec
     from nas.search.request import SearchRequest
-    from nas.search.run_discrete import _space_and_weights, _train_weights
+    from nas.search.weights import space_and_weights, train_weights
     from nas.search.tune import quiet_output, ray_session
 
     check_flags(args, trials="positive", seeds="positive", workers="positive",
@@ -383,7 +383,7 @@ def run_search(args: argparse.Namespace) -> int:
                             runs_dir=args.runs_dir, device=args.device, data_dir=args.data_dir,
                             train_subset=args.train_subset, test_subset=args.test_subset,
                             progress=False, options={"supernet": args.supernet})
-    space, weights, weights_seed, _ = _space_and_weights(request, "oneshot")
+    space, weights, weights_seed, _ = space_and_weights(request, "oneshot")
     splits = load_space_data(space, request.data_args)
     table = make_cost_model("size").table(space)
     w8a8 = make_cost_model("size").plan_cost(Plan.uniform(space, 8, 8), space)
@@ -396,7 +396,7 @@ def run_search(args: argparse.Namespace) -> int:
                               "scaling_trials": args.scaling_trials, "seed": args.seed})
         if weights is None:
             budget = train_budget or parse_budget(str(space.train["budget"]))
-            weights, _ = _train_weights("oneshot", space, splits, None, budget, request, run_dir,
+            weights, _ = train_weights("oneshot", space, splits, None, budget, request, run_dir,
                                         resolve_device(args.device))
             weights_seed = args.seed
         spec = EvaluatorSpec("oneshot", str(Path(weights).resolve()), space.to_dict(),

@@ -21,6 +21,7 @@ import yaml
 from nas.errors import ConfigError, NasError
 from nas.search.base import DISCRETE, OBJECTIVE_COSTS, SearchBudget, SearchProblem, Told
 from nas.search.request import SearchRequest
+from nas.search.weights import evaluator_kind, space_and_weights, train_weights
 
 TRAIN_SHARE = 0.5  # of a time budget, when the evaluator's weights are trained first
 TEST_RESERVE_S = 5.0  # of a time budget, kept for scoring the chosen plan on the test split
@@ -75,103 +76,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _evaluator_kind(request: SearchRequest) -> str:
-    kind = request.options.get("evaluator")
-    supernet = request.options.get("supernet")
-    if kind == "ptq" and supernet:
-        raise ConfigError("--evaluator ptq calibrates a float model, and --supernet gives a "
-                          "supernet; give --checkpoint for ptq, or --evaluator oneshot")
-    if kind is None:
-        kind = "ptq" if request.checkpoint and not supernet else "oneshot"
-    if supernet and request.checkpoint:
-        raise ConfigError("--supernet and --checkpoint both give the evaluator's weights; give "
-                          "one of them")
-    return kind
-
-
-def _space_and_weights(request: SearchRequest, kind: str):
-    """The space, and the weights file the evaluator loads (None: trained here), with the
-    seed those weights were trained with (their held-out split)."""
-    from nas.cmd.checks import checkpoint_space
-    from nas.spaces import SearchSpace, load_space
-
-    supernet = request.options.get("supernet")
-    if supernet:
-        from nas.search.supernet_file import load_supernet_file, supernet_path
-
-        path = supernet_path(supernet, "--supernet")
-        payload = load_supernet_file(path)
-        space = SearchSpace.from_dict(payload["space"], source=f"supernet {path}")
-        if request.space:
-            given = load_space(request.space)
-            if given.to_dict() != space.to_dict():
-                raise ConfigError(f"--supernet {supernet} was trained on space {space.name}, "
-                                  f"not --space {request.space}; leave --space out, or give a "
-                                  f"supernet of that space")
-        return space, path.resolve(), int(payload.get("seed", 0)), None
-    if request.checkpoint:
-        from nas.cmd.evaluate import load_model
-
-        ck_space, model, payload = load_model(request.checkpoint)
-        space = checkpoint_space(request.space, request.checkpoint, ck_space)
-        if kind == "ptq":
-            return space, Path(request.checkpoint).resolve(), int(payload.get("seed", 0)), None
-        return space, None, request.seed, model  # a supernet trained from these weights
-    return load_space(request.space), None, request.seed, None
-
-
-def _train_weights(kind: str, space, splits, model, budget, request: SearchRequest, run_dir,
-                   device) -> tuple[Path, list[str]]:
-    """Train what the evaluator needs into the run folder; returns its path and warnings."""
-    import torch
-
-    from nas.cmd.common import now_iso
-    from nas.search.honesty import training_warnings
-
-    batch = int(space.train["batch_size"])
-    per_epoch = max(1, len(splits.train) // batch)
-    if model is None:
-        torch.manual_seed(request.seed)
-        model = space.build_model()
-    if kind == "oneshot":
-        from nas.search import dnas
-        from nas.search.supernet_file import supernet_payload
-        from nas.supernet import Supernet
-
-        print(f"training the one-shot supernet ({budget}; every branch sampled uniformly)",
-              flush=True)
-        net = Supernet(model, space, seed=request.seed)
-        # warmup 1: weights only, theta stays 0, so each step samples branches uniformly.
-        cfg = dnas.DnasConfig(budget=budget, target=None, loss="multiplicative", warmup=1.0,
-                              batch_size=batch, seed=request.seed, progress=request.progress)
-        state, _, interrupted = dnas.search(net, splits, space_table(space), cfg, device)
-        if interrupted:
-            raise KeyboardInterrupt
-        path = run_dir.save_checkpoint("supernet.pt", supernet_payload(
-            space, net, seed=request.seed, factored=False, created=now_iso(),
-            search_state={"step": state.step, "elapsed": state.elapsed, "history": []}))
-        return path, training_warnings(state.step, per_epoch, "supernet")
-    from nas.cmd.train import CHECKPOINT_FORMAT
-    from nas.train import TrainConfig, train
-
-    print(f"training the float model for PTQ ({budget})", flush=True)
-    cfg = TrainConfig(budget=budget, batch_size=batch, lr=float(space.train["lr"]),
-                      weight_decay=float(space.train["weight_decay"]), seed=request.seed,
-                      progress=request.progress)
-    result = train(model, splits, cfg, device)
-    path = run_dir.save_checkpoint("best.pt", {
-        "format": CHECKPOINT_FORMAT, "kind": "fp32", "space": space.to_dict(),
-        "state_dict": result.best_state, "metrics": {"val_accuracy": result.best_val_accuracy},
-        "seed": request.seed, "created": now_iso()})
-    return path, training_warnings(result.steps, per_epoch, "float model")
-
-
-def space_table(space):
-    from nas.cost import make_cost_model
-
-    return make_cost_model("size").table(space)
-
-
 class DiscreteRun:
     """One discrete search, from a request to a finished run folder."""
 
@@ -196,7 +100,6 @@ class DiscreteRun:
         started = time.monotonic()
         resumed = _resumed(request) if request.resume else None
         if resumed:
-            from nas.search.supernet_file import FIX
 
             request.method, request.seed = resumed["method"], int(resumed["seed"])
             space = SearchSpace.from_dict(resumed["space"], source=f"run {request.resume}")
@@ -216,8 +119,8 @@ class DiscreteRun:
             print(f"resuming {resumed['method']} run {request.resume}", flush=True)
         else:
             objectives = parse_objectives(opts.get("objectives"))
-            kind = _evaluator_kind(request)
-            space, weights, weights_seed, model = _space_and_weights(request, kind)
+            kind = evaluator_kind(request)
+            space, weights, weights_seed, model = space_and_weights(request, kind)
             target, saved_latency = self.target, None
         check_address(opts.get("ray_address"))  # before ray is imported: it bounds the connect
         from nas.search.tune import check_resources, ray_session
@@ -265,7 +168,7 @@ class DiscreteRun:
                                     else Budget("seconds", self.budget.value * TRAIN_SHARE)
                                     if self.budget.kind == "seconds"
                                     else parse_budget(str(space.train["budget"])))
-                    path, warnings = _train_weights(kind, space, splits, model, train_budget,
+                    path, warnings = train_weights(kind, space, splits, model, train_budget,
                                                     request, run_dir, device)
                     spec = EvaluatorSpec(**{**spec.to_dict(), "path": str(path.resolve())})
                     # Named inside the run folder: it is renamed when the run finishes.
