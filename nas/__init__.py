@@ -13,6 +13,8 @@ _LAZY = {
     "create_model": "nas.models", "list_models": "nas.models", "register_model": "nas.models",
     "load_data": "nas.data", "parse_budget": "nas.budget",
     "Plan": "nas.plan", "LayerPrecision": "nas.plan", "quantize_model": "nas.quant",
+    "fold_bn": "nas.quant", "calibrate": "nas.quant", "prepare_qat": "nas.quant",
+    "convert": "nas.quant",
 }
 
 __all__ = ["NasError", "__version__", *_LAZY]

@@ -37,20 +37,20 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from nas import __version__
-    from nas.cmd import bench, cost, evaluate, measure, ptq, search, spaces, train
+    from nas.cmd import bench, cost, evaluate, export, measure, ptq, qat, search, spaces, train
 
     parser = _Parser(prog="nas", parents=[_global_options(False)],
                      description="Mixed-precision architecture search for quantized convnets.")
     parser.add_argument("--version", action="version", version=f"nas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parents = [_global_options(True)]
-    for module in (train, evaluate, search, ptq, cost, measure, spaces, bench):
+    for module in (train, evaluate, search, ptq, qat, export, cost, measure, spaces, bench):
         module.add_parser(sub, parents)
     return parser
 
 
 # The commands that write run folders (`cost`, `measure` and `spaces` write none).
-_WRITES_RUNS = {"train", "eval", "search", "ptq", "bench"}
+_WRITES_RUNS = {"train", "eval", "search", "ptq", "qat", "export", "bench"}
 
 
 def _check_globals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -69,7 +69,8 @@ def test_random_search_trains_its_supernet_then_runs_trials(ray_address, space_f
     assert list((folder / "ray").glob("experiment_state-*.json"))
     out = capfd.readouterr()
     assert "Trial" not in out.out + out.err and "ray" not in out.err.lower()
-    assert out.out.splitlines()[-1] == f"plan file: {folder / 'plan.yaml'}"
+    assert out.out.splitlines()[-2:] == [f"plan file: {folder / 'plan.yaml'}",
+                                         f"fine-tune it: nas qat --run {folder}"]
 
 
 def test_bayes_repeats_its_trials_for_a_seed(ray_address, supernet_run, tmp_path):
@@ -111,7 +112,8 @@ def test_uniform_search_scores_each_uniform_plan_once(ray_address, supernet_run,
     assert summary["searcher_exhausted"] and summary["trials"] == 4
 
 
-def test_ptq_evaluator_scores_plans_of_a_float_checkpoint(ray_address, trained, tmp_path):
+def test_ptq_evaluator_scores_plans_of_a_float_checkpoint(ray_address, trained, tmp_path,
+                                                          capsys):
     _, checkpoint = trained
     folder = _searched(tmp_path, "--method", "random", "--checkpoint", str(checkpoint),
                        "--budget", "3trials")
@@ -119,6 +121,8 @@ def test_ptq_evaluator_scores_plans_of_a_float_checkpoint(ray_address, trained, 
     assert {"ptq_arch_accuracy", "ptq_test_accuracy"} <= set(plan["costs"])
     assert json.loads((folder / "summary.json").read_text())["evaluator"] == "ptq"
     assert not (folder / "supernet.pt").exists() and not (folder / "best.pt").exists()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"fine-tune it: nas qat --plan {folder / 'plan.yaml'} --checkpoint {checkpoint.resolve()}")
 
 
 def test_a_time_budget_trains_the_float_model_then_spends_the_rest_on_trials(ray_address,

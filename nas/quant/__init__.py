@@ -1,5 +1,6 @@
 """Quantization core: fake quantizers (STE, stochastic rounding, LSQ, PACT), observers and
-calibration, BN folding, quantized modules and `quantize_model(model, plan)`.
+calibration, BN folding, quantized modules, `quantize_model(model, plan)` and QAT
+(`prepare_qat`, `convert`).
 
 Loaded lazily so that the CLI can list choices without importing torch.
 """
@@ -11,7 +12,10 @@ _LAZY = {
     "fake_quantize": "nas.quant.fake", "qparams": "nas.quant.fake",
     "quant_range": "nas.quant.fake", "sqnr_db": "nas.quant.fake",
     "QuantConv2d": "nas.quant.modules", "QuantLinear": "nas.quant.modules",
-    "calibrate": "nas.quant.modules", "quantize_model": "nas.quant.modules",
+    # calibrate and quantize_model: the qat module's, which also take a prepared QAT model
+    # and a plan given as a dict.
+    "calibrate": "nas.quant.qat", "quantize_model": "nas.quant.qat",
+    "prepare_qat": "nas.quant.qat", "convert": "nas.quant.qat", "load_qat": "nas.quant.qat",
     "make_observer": "nas.quant.observers", "FakeQuantizer": "nas.quant.quantizer",
 }
 

@@ -76,6 +76,19 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def qat_command(final: Path, kind: str, weights: Path | None) -> str:
+    """The `nas qat` line that fine-tunes a finished search's plan from the weights its
+    evaluator scored it on (`weights` None: trained in the run folder)."""
+    from shlex import quote
+
+    plan = quote(str(final / "plan.yaml"))
+    if kind == "oneshot":
+        return (f"nas qat --run {quote(str(final))}" if weights is None else
+                f"nas qat --run {quote(str(weights.parent))} --plan {plan}")
+    checkpoint = final / "best.pt" if weights is None else weights
+    return f"nas qat --plan {plan} --checkpoint {quote(str(checkpoint))}"
+
+
 class DiscreteRun:
     """One discrete search, from a request to a finished run folder."""
 
@@ -122,6 +135,7 @@ class DiscreteRun:
             kind = evaluator_kind(request)
             space, weights, weights_seed, model = space_and_weights(request, kind)
             target, saved_latency = self.target, None
+        self.weights = weights  # None: trained in this run's folder
         check_address(opts.get("ray_address"))  # before ray is imported: it bounds the connect
         from nas.search.tune import check_resources, ray_session
         setup = cost_setup(space, request, target, saved_latency,
@@ -326,3 +340,4 @@ class DiscreteRun:
                   f"nas search --resume {final}")
         print(f"run folder: {final}")
         print(f"plan file: {final / 'plan.yaml'}")
+        print(f"fine-tune it: {qat_command(final, summary['evaluator'], self.weights)}")

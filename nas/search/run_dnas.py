@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -200,4 +201,5 @@ class DnasSearch:
             print(f"warning: {w}")
         print(f"run folder: {final}")
         print(f"plan file: {final / 'plan.yaml'}")
+        print(f"fine-tune it: nas qat --run {shlex.quote(str(final))}")
         return final
