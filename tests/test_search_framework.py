@@ -47,6 +47,12 @@ def test_search_budgets(text, budget):
     assert parse_search_budget(text) == budget
 
 
+@pytest.mark.parametrize("budget", [SearchBudget("trials", 200), SearchBudget("seconds", 90.0),
+                                    SearchBudget("seconds", 2.5e6), SearchBudget("seconds", 0.5)])
+def test_a_search_budget_reads_back_as_written(budget):
+    assert parse_search_budget(str(budget)) == budget
+
+
 @pytest.mark.parametrize("text, message", [
     ("0trials", "budget '0trials': a search needs at least 1 trial; use '200trials' (trials) "
                 "or '90s', '5m', '2h' (time)"),

@@ -164,6 +164,9 @@ def test_a_time_budget_trains_the_float_model_then_spends_the_rest_on_trials(ray
     (["--method", "bayes", "--ray-address", "http://127.0.0.1:8265"],
      "--ray-address http://127.0.0.1:8265 (or RAY_ADDRESS) is a http URL, such as 'ray job "
      "submit' takes; give the cluster's address HOST:PORT (6379 by default), or auto"),
+    (["--method", "random", "--budget", "5m", "--train-budget", "5m"],
+     "--train-budget 5m leaves no time of --budget 5m for trials; give a smaller --train-budget "
+     "or a larger --budget"),
     (["--method", "random", "--cpus-per-trial", "64"],
      "--cpus-per-trial 64: the Ray cluster has 2 CPUs; give at most 2"),
     (["--method", "bayes", "--ray-address", "nowhere"],
@@ -245,6 +248,22 @@ def test_a_killed_search_resumes_without_losing_or_repeating_a_trial(ray_address
     assert rows[:len(done)] == done  # every finished trial kept, as it was
     assert len(rows) == total and len({r["plan"] for r in rows}) == total  # none run twice
     assert json.loads((resumed / "summary.json").read_text())["trials"] == total
+
+
+def test_a_run_that_trained_its_supernet_resumes_from_a_relative_path(ray_address, space_file,
+                                                                      tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = _searched(tmp_path, "--method", "random", "--space", str(space_file()), "--budget",
+                      "3trials", "--train-budget", "1ep", "--eval-batches", "1")
+    relative = first.relative_to(tmp_path)
+    assert _search(tmp_path / "runs2", "--resume", str(relative), "--budget", "5trials") == 0
+    (resumed,) = _folders(tmp_path / "runs2")
+    rows = _rows(resumed)
+    assert len(rows) == 5 and rows[:3] == _rows(first) and len({r["plan"] for r in rows}) == 5
+    config = yaml.safe_load((resumed / "config.yaml").read_text())
+    # The supernet the first run trained, by its absolute path; scored as that run scored.
+    assert config["evaluator"]["path"] == str(first / "supernet.pt")
+    assert config["evaluator"]["eval_batches"] == 1 and not config["evaluator"]["trained_here"]
 
 
 def _trial_workers() -> list[psutil.Process]:

@@ -129,7 +129,11 @@ def _request(args: argparse.Namespace):
 
         budget = parse_search_budget(args.budget)
         if args.train_budget:
-            parse_budget(args.train_budget)
+            train = parse_budget(args.train_budget)
+            if budget.kind == "seconds" and train.kind == "seconds" and train.value >= budget.value:
+                raise ConfigError(f"--train-budget {args.train_budget} leaves no time of "
+                                  f"--budget {args.budget} for trials; give a smaller "
+                                  f"--train-budget or a larger --budget")
         args.workers = 1 if args.workers is None else args.workers
         args.cpus_per_trial = 1 if args.cpus_per_trial is None else args.cpus_per_trial
         check_flags(args, latency_batch="positive", workers="positive", cpus_per_trial="positive",

@@ -52,7 +52,9 @@ class SearchBudget:
     value: float
 
     def __str__(self) -> str:
-        return f"{int(self.value)} trials" if self.kind == "trials" else f"{self.value:g}s"
+        if self.kind == "trials":
+            return f"{int(self.value)} trials"
+        return f"{self.value:f}".rstrip("0").rstrip(".") + "s"  # read back by parse_budget
 
 
 def parse_search_budget(text: str) -> SearchBudget:

@@ -67,7 +67,8 @@ class SearchResults:
         problem's tables; they are written to this folder's trials.csv too."""
         from nas.errors import ConfigError
 
-        rows = list(csv.DictReader(open(path, newline="")))
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
         out = []
         for row in rows:
             try:

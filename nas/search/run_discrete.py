@@ -53,7 +53,11 @@ def _resumed(request: SearchRequest) -> dict[str, Any]:
                         ("--supernet", request.options.get("supernet")),
                         ("--evaluator", request.options.get("evaluator")),
                         ("--objectives", request.options.get("objectives")),
-                        ("--target", request.target), ("--cost", request.cost)):
+                        ("--target", request.target), ("--cost", request.cost),
+                        ("--eval-batches", request.options.get("eval_batches")),
+                        ("--sampler", request.options.get("sampler")),
+                        ("--train-subset", request.train_subset),
+                        ("--test-subset", request.test_subset)):
         if value:
             raise ConfigError(f"{flag} does not apply to --resume: run {folder} goes on with "
                               f"what it recorded; leave {flag} out")
@@ -113,8 +117,8 @@ class DiscreteRun:
         started = time.monotonic()
         resumed = _resumed(request) if request.resume else None
         if resumed:
-
             request.method, request.seed = resumed["method"], int(resumed["seed"])
+            opts["searcher_options"] = resumed.get("searcher_options") or {}
             space = SearchSpace.from_dict(resumed["space"], source=f"run {request.resume}")
             target = (Target(**resumed["target_value"]) if resumed.get("target_value") else None)
             request.cost = resumed["cost"]
@@ -122,12 +126,12 @@ class DiscreteRun:
             ev = dict(resumed["evaluator"])
             kind, weights, weights_seed, model = ev["kind"], None, int(ev["seed"]), None
             if ev.pop("trained_here"):
-                weights = Path(request.resume) / Path(ev["path"]).name
+                weights = (Path(request.resume) / Path(ev["path"]).name).resolve()
                 if not weights.is_file():
                     raise ConfigError(f"run {request.resume} stopped before its evaluator's "
                                       f"{weights.name} was written; start a new search")
             else:
-                weights = Path(ev["path"])
+                weights = Path(ev["path"]).resolve()
             saved_latency = resumed.get("latency")
             print(f"resuming {resumed['method']} run {request.resume}", flush=True)
         else:
@@ -157,11 +161,16 @@ class DiscreteRun:
                 note = check_resources(int(opts["workers"]), int(opts["cpus_per_trial"]), gpus)
                 if note:
                     print(note, flush=True)
+                # Scored as recorded on resume (the same arch-split images); where the trials
+                # run and how many CPUs they take may change.
+                scoring = ({k: v for k, v in resumed["evaluator"].items()
+                            if k in ("bn_batches", "eval_batches", "calibration", "calib_batches")}
+                           if resumed else {"eval_batches": int(opts.get("eval_batches") or 20)})
                 spec = EvaluatorSpec(kind, str(weights) if weights else "", space.to_dict(),
                                      weights_seed,
                                      str(Path(request.data_dir).resolve()) if request.data_dir else None,
                                      "cuda" if gpus > 0 else "cpu", int(opts["cpus_per_trial"]),
-                                     eval_batches=int(opts.get("eval_batches") or 20))
+                                     **scoring)
                 config = self._config(problem, setup, spec, trained_here=weights is None)
                 run_dir.write_config(config)
                 print(f"run folder: {run_dir.path}", flush=True)
@@ -173,8 +182,8 @@ class DiscreteRun:
                     for t in history:
                         searcher.tell(Told(t.indices, t.costs, {"accuracy": t.accuracy},
                                            t.meets_target))
-                    done_seconds = max((t.elapsed for t in history if t.elapsed == t.elapsed),
-                                       default=0.0)
+                    done_seconds = max([t.elapsed for t in history if t.elapsed == t.elapsed]
+                                       + [float(resumed.get("train_seconds") or 0.0)])
                     print(f"{len(history)} trials of run {request.resume} kept", flush=True)
                 warnings: list[str] = []
                 if weights is None:
@@ -187,6 +196,7 @@ class DiscreteRun:
                     spec = EvaluatorSpec(**{**spec.to_dict(), "path": str(path.resolve())})
                     # Named inside the run folder: it is renamed when the run finishes.
                     config["evaluator"] = {**spec.to_dict(), "path": path.name, "trained_here": True}
+                    config["train_seconds"] = round(time.monotonic() - started, 2)
                     run_dir.write_config(config)
                 trials_left = seconds_left = None
                 if self.budget.kind == "trials":
@@ -196,8 +206,9 @@ class DiscreteRun:
                                     - (time.monotonic() - started) - TEST_RESERVE_S)
                 outcome = self._trials(problem, searcher, spec, results, run_dir, trials_left,
                                        seconds_left, started - done_seconds)
-                final, summary = self._finish(problem, setup, spec, results, outcome, run_dir,
-                                              splits, warnings, started, now_iso)
+                driver_spec = EvaluatorSpec(**{**spec.to_dict(), "device": str(device)})
+                final, summary = self._finish(problem, setup, driver_spec, results, outcome,
+                                              run_dir, splits, warnings, started, now_iso)
         self._report(problem, results, summary, final)
         return final
 
@@ -269,6 +280,9 @@ class DiscreteRun:
 
         front = results.write_pareto()
         best = results.best()
+        if best is None and outcome.interrupted:
+            raise NasError(f"interrupted before any trial finished; to go on: nas search "
+                           f"--resume {run_dir.path}")
         if best is None:
             raise NasError(f"no plan within the target was evaluated (trials completed: "
                            f"{len(results.trials)}, failed: {outcome.failed}); give a larger "

@@ -31,7 +31,8 @@ from nas.search.results import SearchResults, Trial
 # Proposals in a row that are over the target or already evaluated, before the searcher
 # counts as having nothing new to offer.
 MAX_SKIPS = 2000
-RETRIES = 2  # a trial whose worker process dies is run again, at most this often
+RETRIES = 3  # a trial whose worker process dies is run again, at most this often (a retry
+# may land on the dead worker once more before Tune replaces it)
 
 
 def trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -62,7 +63,7 @@ class AskTell(Searcher):
 
     def __init__(self, searcher: DiscreteSearcher, problem: SearchProblem,
                  results: SearchResults, outcome: TuneOutcome, clock_start: float,
-                 on_trial: Callable[[Trial], None]):
+                 on_trial: Callable[[Trial], None], trials: int | None = None):
         super().__init__(metric="accuracy", mode="max")
         # Not `self.searcher`: Tune takes an attribute of that name for a wrapped Searcher.
         self.discrete, self.problem, self.results = searcher, problem, results
@@ -70,6 +71,11 @@ class AskTell(Searcher):
         self.encoding = PlanEncoding(problem.space)
         self.pending: dict[str, tuple[list[int], float]] = {}
         self.scores = {tuple(t.indices): t.accuracy for t in results.trials}
+        # The trial budget is counted here, in completed evaluations, not by Tune's
+        # num_samples, which a failed trial would use up.
+        self.left = trials
+        self.retry: list[list[int]] = []  # plans whose trial failed, run again first
+        self.failures: dict[tuple[int, ...], int] = {}
 
     def __getstate__(self):
         # Tune pickles its search algorithm (tuner.pkl, searcher state) for its own restore;
@@ -85,6 +91,12 @@ class AskTell(Searcher):
 
     def suggest(self, trial_id: str):
         problem, outcome = self.problem, self.outcome
+        if self.left is not None and self.left - len(self.pending) <= 0:
+            return None if self.pending else Searcher.FINISHED
+        if self.retry:
+            indices = self.retry.pop(0)
+            self.pending[trial_id] = (indices, time.monotonic())
+            return {"plan": self.encoding.config(indices)}
         for _ in range(MAX_SKIPS):
             indices = self.discrete.ask()
             if indices is None:
@@ -114,9 +126,16 @@ class AskTell(Searcher):
             return
         costs = self.problem.costs(indices)
         if error or not result or "accuracy" not in result:
+            key = tuple(indices)
+            self.failures[key] = self.failures.get(key, 0) + 1
+            if self.failures[key] <= RETRIES:  # a worker that died mid-trial: run it again
+                self.retry.append(indices)
+                return
             self.outcome.failed += 1
             self.discrete.tell(Told(indices, costs))  # failed: no metrics, not proposed again
             return
+        if self.left is not None:
+            self.left -= 1
         accuracy = float(result["accuracy"])
         self.scores[tuple(indices)] = accuracy
         self.discrete.tell(Told(indices, costs, {"accuracy": accuracy}))
@@ -170,9 +189,9 @@ def quiet_output(log_path: Path):
     progress bar."""
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    terminal = os.fdopen(os.dup(2), "w", buffering=1)
     with open(log_path, "a") as log:
+        saved = os.dup(1), os.dup(2)
+        terminal = os.fdopen(os.dup(2), "w", buffering=1)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
@@ -218,12 +237,12 @@ def run_trials(problem: SearchProblem, searcher: DiscreteSearcher, spec: Evaluat
     from ray import tune
 
     outcome = TuneOutcome()
-    algo = AskTell(searcher, problem, results, outcome, clock_start, on_trial)
+    algo = AskTell(searcher, problem, results, outcome, clock_start, on_trial, trials)
     fn = tune.with_resources(tune.with_parameters(trainable, spec=spec.to_dict()),
                              {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     tuner = tune.Tuner(
         fn,
-        tune_config=tune.TuneConfig(search_alg=algo, num_samples=trials or -1,
+        tune_config=tune.TuneConfig(search_alg=algo, num_samples=-1,
                                     max_concurrent_trials=workers, time_budget_s=seconds,
                                     reuse_actors=True,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
