@@ -85,12 +85,7 @@ def quantize_model(model: nn.Module, plan: "Plan", *, calibration: str = "minmax
     from nas.quant.fake import is_float
 
     model = model if inplace else copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    for name, prec in plan.layers.items():
-        module = modules.get(name)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            found = "no such module" if module is None else type(module).__name__
-            raise ConfigError(f"plan layer {name!r}: {found}, expected Conv2d or Linear")
+    for name, prec, module in plan_layers(model, plan):
         if is_float(prec.w_bits) and is_float(prec.a_bits):
             continue
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
@@ -99,6 +94,20 @@ def quantize_model(model: nn.Module, plan: "Plan", *, calibration: str = "minmax
         quantized.train(module.training)
         model.set_submodule(name, quantized)
     return model
+
+
+def plan_layers(model: nn.Module, plan: "Plan") -> list[tuple[str, "LayerPrecision", nn.Module]]:
+    """(name, precision, module) of each plan layer; a name that is no Conv2d or Linear of
+    the model is a ConfigError naming it."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, prec in plan.layers.items():
+        module = modules.get(name)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            found = "no such module" if module is None else type(module).__name__
+            raise ConfigError(f"plan layer {name!r}: {found}, expected Conv2d or Linear")
+        out.append((name, prec, module))
+    return out
 
 
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -28,7 +28,7 @@ from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
 from nas.quant.bn_fold import ConvBn2d, conv_bn_pairs
 from nas.quant.fake import is_float
-from nas.quant.modules import QUANT_TYPES, QuantConv2d
+from nas.quant.modules import QUANT_TYPES, QuantConv2d, plan_layers
 from nas.quant.modules import quantize_model as _quantize_model
 from nas.quant.observers import weight_method
 from nas.quant.quantizer import FakeQuantizer
@@ -122,12 +122,7 @@ def prepare_qat(model: nn.Module, plan: Any, *, calib_loader=None, calib_batches
     """
     learn = _learn(learn)
     plan = as_plan(plan)
-    modules = dict(model.named_modules())
-    for name, prec in plan.layers.items():
-        module = modules.get(name)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            found = "no such module" if module is None else type(module).__name__
-            raise ConfigError(f"plan layer {name!r}: {found}, expected Conv2d or Linear")
+    for name, prec, _ in plan_layers(model, plan):
         if learn == "pact" and prec.a_symmetric and not is_float(prec.a_bits):
             raise ConfigError(f"plan layer {name!r}: PACT clips to [-alpha, alpha], which "
                               f"leaves one level of a signed range unused and has no exact "
