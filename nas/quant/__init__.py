@@ -12,9 +12,8 @@ _LAZY = {
     "fake_quantize": "nas.quant.fake", "qparams": "nas.quant.fake",
     "quant_range": "nas.quant.fake", "sqnr_db": "nas.quant.fake",
     "QuantConv2d": "nas.quant.modules", "QuantLinear": "nas.quant.modules",
-    # calibrate and quantize_model: the qat module's, which also take a prepared QAT model
-    # and a plan given as a dict.
-    "calibrate": "nas.quant.qat", "quantize_model": "nas.quant.qat",
+    # quantize_model: the qat module's, which also takes a plan given as a dict.
+    "calibrate": "nas.quant.modules", "quantize_model": "nas.quant.qat",
     "prepare_qat": "nas.quant.qat", "convert": "nas.quant.qat", "load_qat": "nas.quant.qat",
     "make_observer": "nas.quant.observers", "FakeQuantizer": "nas.quant.quantizer",
 }

@@ -114,28 +114,38 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str = "cpu") -> int:
-    """Run `batches` batches through the model to set every activation range.
+def input_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer with an input FakeQuantizer: QuantConv2d, QuantLinear, quantized ConvBn2d."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "input_quantizer", None), FakeQuantizer)}
 
-    While observing, activations pass unquantized but weights are already quantized (their
-    ranges were set by quantize_model), so each layer's range is that of the input the
-    quantized-weight network feeds it, not the float model's. Returns the batches used.
-    """
-    layers = quant_layers(model)
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader, batches: int,
+              device: torch.device | str | None = None) -> int:
+    """Set every activation range (QuantConv2d, QuantLinear and a prepared model's ConvBn2d)
+    from `batches` batches in eval mode; weights are already quantized while observing, so
+    each range is that of the input the quantized network feeds the layer. Returns the
+    batches used."""
+    if device is None:  # where the model is
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    layers = input_quantized_layers(model)
     for layer in layers.values():
         layer.input_quantizer.start_observing()
     was_training = model.training
     model.eval()
     used = 0
-    for x, _ in loader:
-        if used >= batches:
-            break
-        model(x.to(device))
-        used += 1
+    try:
+        for x, _ in loader:
+            if used >= batches:
+                break
+            model(x.to(device))
+            used += 1
+    finally:
+        model.train(was_training)
     if used == 0:
         raise ConfigError("calibration saw no batches: the calibration split is empty")
     for layer in layers.values():
         layer.input_quantizer.finish_observing()
-    model.train(was_training)
     return used

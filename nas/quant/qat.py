@@ -28,7 +28,8 @@ from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
 from nas.quant.bn_fold import ConvBn2d, conv_bn_pairs
 from nas.quant.fake import is_float
-from nas.quant.modules import QUANT_TYPES, QuantConv2d, plan_layers
+from nas.quant.modules import (QUANT_TYPES, QuantConv2d, calibrate, input_quantized_layers,
+                               plan_layers)
 from nas.quant.modules import quantize_model as _quantize_model
 from nas.quant.observers import weight_method
 from nas.quant.quantizer import FakeQuantizer
@@ -91,11 +92,6 @@ def _learn(learn: str | None) -> str | None:
         raise ConfigError(f"learn={learn!r} is unknown; use 'lsq', 'pact' or None (fixed "
                           f"calibrated ranges)")
     return learn
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _quantized(prec: LayerPrecision | None) -> bool:
@@ -175,41 +171,6 @@ def _pact_where_unsigned(model: nn.Module) -> None:
         if bool((q.zero_point != 0).any()):
             q.learn, q.alpha = "lsq", None
             q.step = nn.Parameter(q.scale.detach().clone())
-
-
-def input_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer with an input FakeQuantizer: QuantConv2d, QuantLinear, quantized ConvBn2d."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(getattr(m, "input_quantizer", None), FakeQuantizer)}
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, loader, batches: int,
-              device: torch.device | str | None = None) -> int:
-    """Set every activation range (QuantConv2d, QuantLinear and a prepared model's ConvBn2d)
-    from `batches` batches in eval mode; weights are already quantized while observing, so
-    each range is that of the input the quantized network feeds the layer. Returns the
-    batches used."""
-    device = _model_device(model) if device is None else device
-    layers = input_quantized_layers(model)
-    for layer in layers.values():
-        layer.input_quantizer.start_observing()
-    was_training = model.training
-    model.eval()
-    used = 0
-    try:
-        for x, _ in loader:
-            if used >= batches:
-                break
-            model(x.to(device))
-            used += 1
-    finally:
-        model.train(was_training)
-    if used == 0:
-        raise ConfigError("calibration saw no batches: the calibration split is empty")
-    for layer in layers.values():
-        layer.input_quantizer.finish_observing()
-    return used
 
 
 def freeze_bn(model: nn.Module) -> None:

@@ -14,6 +14,7 @@ for the chosen plan, which no searcher sees.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -45,7 +46,7 @@ class EvaluatorSpec:
         return json.dumps(self.to_dict(), sort_keys=True, default=str)
 
 
-class Evaluator:
+class Evaluator(ABC):
     """Scores plans (choice indices) on the arch or test split."""
 
     def __init__(self, spec: EvaluatorSpec):
@@ -61,8 +62,9 @@ class Evaluator:
         self.splits = load_data(self.space.data, data_dir=spec.data_dir, seed=spec.seed,
                                 **self.space.data_kwargs)
 
+    @abstractmethod
     def evaluate(self, indices: Sequence[int], split: str = "arch") -> dict[str, float]:
-        raise NotImplementedError
+        """{"accuracy": percent} of the plan on `split`."""
 
     def _eval_data(self, split: str):
         import torch
