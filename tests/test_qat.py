@@ -101,12 +101,9 @@ def test_convert_equals_prepared_eval_and_has_the_ptq_form(learn):
     assert q.training is False and isinstance(q.conv, ConvBn2d)  # the prepared model is kept
     with torch.no_grad():
         out = c(x)
-    # The same quantization grid: LSQ divides by its step where the fixed quantizer multiplies
-    # by 1 / scale, and the folded conv adds its bias inside the conv instead of after it;
-    # both differ in the last float bit, which could move a value sitting on a rounding
-    # boundary by one level. Over 40 seeds of this test none did: at most 3e-7 of max|ref|
-    # (learn=None: bit for bit), so 1e-5 is float32 rounding with room, not a level.
-    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    # In eval a learned range computes with the fixed scale convert() gives it, and the folded
+    # bias is added inside the conv: the converted model is the prepared one bit for bit.
+    assert torch.equal(out, ref)
     assert not c.training
     assert not any(isinstance(m, (nn.BatchNorm2d, ConvBn2d)) for m in c.modules())
     assert type(c.conv) is QuantConv2d and type(c.fc) is QuantLinear
@@ -126,6 +123,20 @@ def test_convert_equals_prepared_eval_and_has_the_ptq_form(learn):
     rebuilt.load_state_dict(c.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(x), out)
+
+
+@pytest.mark.parametrize("learn", ["lsq", "pact", None])
+def test_prepared_model_starts_as_the_ptq_model(learn):
+    """Before any training step the prepared model (eval) is prepare_ptq's, bit for bit: the
+    same folded weights, the same calibrated ranges, the same arithmetic."""
+    model, batches = _small(3), _batches(seed=4)
+    plan = {"conv": (4, 4), "fc": "W4A4"} if learn == "pact" else PLAN
+    q = nas.prepare_qat(model, plan, calib_loader=batches, calib_batches=3, learn=learn,
+                        calibration="mse").eval()
+    ptq = prepare_ptq(model, as_plan(plan), batches, 3, "mse")
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(q(x), ptq(x))
 
 
 def test_convert_needs_ranges():
@@ -183,9 +194,9 @@ def test_qat_from_a_checkpoint_end_to_end(trained, tmp_path, capsys):
         assert summary[key] is not None, key
     assert summary["source"] == "checkpoint" and summary["latency"] in ("measured", "estimated")
     assert summary["size_bytes"] < summary["fp32_size_bytes"] / 6
-    # The start is the PTQ model (the same calibration on the same batches), up to one image
-    # of 256 for a value on a rounding boundary.
-    assert abs(summary["qat_start_accuracy"] - summary["ptq_accuracy"]) <= 100 / 256 + 1e-9
+    # The start is the PTQ model: the same calibration on the same batches, and in eval a
+    # learned range computes with its fixed scale, the folded bias inside the conv.
+    assert summary["qat_start_accuracy"] == summary["ptq_accuracy"]
     assert Plan.load(folder / "plan.yaml").costs["qat_test_accuracy"] == summary["qat_accuracy"]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and records[-1]["step"] == summary["steps"] > 0

@@ -103,26 +103,28 @@ class ConvBn2d(nn.Module):
         beta = bn.bias if bn.affine else torch.zeros_like(running_std)
         factor = gamma / running_std
         w_q = self.weight_quantizer(conv.weight * factor.reshape(-1, 1, 1, 1))
-        y = conv._conv_forward(self.input_quantizer(x), w_q, None)
+        x_q = self.input_quantizer(x)
         conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(running_std)
         shape = (1, -1, 1, 1)
-        if self.training and not self.frozen:
-            self.steps += 1
-            # Statistics of conv(x, W) + b: undo the folded factor to recover them.
-            raw = y / factor.reshape(shape) + conv_bias.reshape(shape)
-            mean = raw.mean(dim=(0, 2, 3))
-            var = raw.var(dim=(0, 2, 3), unbiased=False)
-            with torch.no_grad():
-                n = raw.numel() / raw.shape[1]
-                momentum = bn.momentum if bn.momentum is not None else 0.1
-                bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
-                bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(1.0, n - 1))
-                bn.num_batches_tracked += 1
-            batch_std = torch.sqrt(var + bn.eps)
-            correction = running_std / batch_std  # sigma read before this batch's update
-            shift = beta + (conv_bias - mean) * gamma / batch_std
-            return y * correction.reshape(shape) + shift.reshape(shape)
-        return y + (beta + (conv_bias - bn.running_mean) * factor).reshape(shape)
+        if not self.training or self.frozen:
+            # The bias inside the conv, as the deployed folded layer adds it (bit-exact).
+            return conv._conv_forward(x_q, w_q, beta + (conv_bias - bn.running_mean) * factor)
+        y = conv._conv_forward(x_q, w_q, None)
+        self.steps += 1
+        # Statistics of conv(x, W) + b: undo the folded factor to recover them.
+        raw = y / factor.reshape(shape) + conv_bias.reshape(shape)
+        mean = raw.mean(dim=(0, 2, 3))
+        var = raw.var(dim=(0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            n = raw.numel() / raw.shape[1]
+            momentum = bn.momentum if bn.momentum is not None else 0.1
+            bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(1.0, n - 1))
+            bn.num_batches_tracked += 1
+        batch_std = torch.sqrt(var + bn.eps)
+        correction = running_std / batch_std  # sigma read before this batch's update
+        shift = beta + (conv_bias - mean) * gamma / batch_std
+        return y * correction.reshape(shape) + shift.reshape(shape)
 
     @torch.no_grad()
     def to_folded(self) -> nn.Conv2d:

@@ -189,13 +189,7 @@ def _fixed_range(dst: FakeQuantizer, src: nn.Module, where: str) -> None:
     if not bool(src.initialized):
         raise ConfigError(f"{where} has no range yet: calibrate the model or run a batch "
                           f"through it before convert()")
-    if src.learn == "lsq":  # LSQ uses |step| + 1e-12 as its scale (quantizer._lsq)
-        scale, zero_point = src.step.detach().abs() + 1e-12, src.zero_point
-    elif src.learn == "pact":  # clip [0, alpha] in qmax steps: scale alpha / qmax, zero point 0
-        scale = (src.alpha.detach().abs() + 1e-6) / src.qmax
-        zero_point = torch.zeros_like(src.zero_point)
-    else:
-        scale, zero_point = src.scale, src.zero_point
+    scale, zero_point = src.fixed_qparams()
     dst.scale = scale.detach().clone().to(dst.scale.device)
     dst.zero_point = zero_point.detach().clone().to(dst.zero_point.device)
     dst.initialized.fill_(True)

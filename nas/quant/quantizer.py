@@ -114,19 +114,32 @@ class FakeQuantizer(nn.Module):
             return x
         if not bool(self.initialized) or (self.dynamic and self.training and self.learn is None):
             self.observe_tensor(x)
-        if self.learn == "lsq":
+        if self.training and self.learn == "lsq":
             return self._lsq(x)
-        if self.learn == "pact":
+        if self.training and self.learn == "pact":
             return self._pact(x)
-        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis,
+        # In eval a learned range computes with its fixed scale and zero point, exactly as the
+        # converted (deployed) quantizer does and as PTQ does from the same range.
+        scale, zero_point = self.fixed_qparams()
+        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis,
                              stochastic=self.stochastic and self.training)
+
+    def fixed_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero point this quantizer computes with (a learned step or clip
+        made into one), detached."""
+        if self.learn == "lsq":  # _lsq's scale: |step|, kept above 0
+            return self.step.detach().abs().clamp(min=1e-12), self.zero_point
+        if self.learn == "pact":  # _pact's clip [0, alpha] in qmax steps: zero point 0
+            return (self.alpha.detach().abs().clamp(min=1e-6) / self.qmax,
+                    torch.zeros_like(self.zero_point))
+        return self.scale, self.zero_point
 
     def _lsq(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: x_hat = round(clamp(x / s + z, qmin, qmax)) - z) * s, with the step size's
         gradient scaled by 1 / sqrt(N * qmax), N the elements per step size."""
         per_step = x.numel() // max(1, self.step.numel())
         g = 1.0 / math.sqrt(per_step * max(1, self.qmax))
-        s = broadcast_along(grad_scale(self.step.abs() + 1e-12, g), x, self.axis)
+        s = broadcast_along(grad_scale(self.step.abs().clamp(min=1e-12), g), x, self.axis)
         z = broadcast_along(self.zero_point.to(x.dtype), x, self.axis)
         q = round_ste(torch.clamp(x / s + z, self.qmin, self.qmax))
         return (q - z) * s
@@ -134,7 +147,7 @@ class FakeQuantizer(nn.Module):
     def _pact(self, x: torch.Tensor) -> torch.Tensor:
         """PACT: clip to [0, alpha] (or [-alpha, alpha]) and quantize; alpha gets the
         gradient of the clipped values, the rounding passes straight through."""
-        alpha = self.alpha.abs() + 1e-6
+        alpha = self.alpha.abs().clamp(min=1e-6)
         lo = -alpha if self.symmetric else torch.zeros_like(alpha)
         y = torch.minimum(torch.maximum(x, lo), alpha)
         s = alpha / self.qmax
