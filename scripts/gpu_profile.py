@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from nas.cost.latency import table_key
 from nas.cost.measure import make_case
+from nas.cost.tables import table_key
 from nas.kernels.configs import KernelConfig, Launch
 from nas.spaces import load_space
 

@@ -9,7 +9,9 @@ import torch
 from nas.bench.kernels import (goal_layers, padding_pair, run_bench, summarize, tables,
                                warm_targets)
 from nas.table import format_table
-from nas.cost.latency import DeviceSpec, roofline_us, table_key
+from nas.cost.device_spec import DeviceSpec
+from nas.cost.roofline import roofline_us
+from nas.cost.tables import table_key
 from nas.spaces import LayerInfo, SearchSpace, load_space
 from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
 

@@ -10,8 +10,10 @@ import pytest
 from nas.bench.estimate import run_bench, table_spaces
 from nas.cost.calibration import (MIN_GEOMETRIES, Calibration, Fit, float_features,
                                   integer_features)
-from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyCost, LatencyTable,
-                              layer_from_key, roofline_us, table_key)
+from nas.cost.device_spec import COST_MODELS_DIR, DeviceSpec
+from nas.cost.latency import LatencyCost
+from nas.cost.roofline import roofline_us
+from nas.cost.tables import LatencyTable, layer_from_key, table_key
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision
 from nas.spaces import LayerInfo, load_space

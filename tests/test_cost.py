@@ -7,9 +7,11 @@ import torch
 import yaml
 
 from nas.cost import make_cost_model, parse_target
-from nas.cost import latency
-from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyCost, LatencyTable,
-                              kernel_fingerprint, roofline_us, table_key)
+from nas.cost import device_spec, tables
+from nas.cost.device_spec import COST_MODELS_DIR, DeviceSpec
+from nas.cost.latency import LatencyCost
+from nas.cost.roofline import roofline_us
+from nas.cost.tables import LatencyTable, kernel_fingerprint, table_key
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
 from nas.spaces import LayerInfo, SearchSpace, load_space
@@ -99,8 +101,8 @@ def test_measured_entries_override_the_estimate(tmp_path):
 def test_tables_measured_with_other_kernels_are_stale(tmp_path, monkeypatch):
     source = tmp_path / "conv.py"
     source.write_text("kernel v1\n")
-    monkeypatch.setattr(latency, "KERNEL_SOURCES", [source])
-    v1 = latency.kernel_fingerprint()
+    monkeypatch.setattr(tables, "KERNEL_SOURCES", [source])
+    v1 = tables.kernel_fingerprint()
     for name, kernel in (("now.json", v1), ("old.json", "0123456789ab"), ("none.json", None)):
         prov = {"device_spec": "toy"} | ({"kernel_source": kernel} if kernel else {})
         (tmp_path / name).write_text(json.dumps({"format": "nas-latency/1", "provenance": prov,
@@ -108,7 +110,7 @@ def test_tables_measured_with_other_kernels_are_stale(tmp_path, monkeypatch):
     table = LatencyTable.load_dir("toy", tmp_path)
     assert table.stale(["now.json", "old.json", "none.json"]) == ["none.json", "old.json"]
     source.write_text("kernel v2\n")  # any change to the kernel source
-    assert latency.kernel_fingerprint() != v1
+    assert tables.kernel_fingerprint() != v1
     assert table.stale(["now.json"]) == ["now.json"]
 
 
@@ -133,7 +135,7 @@ def test_latency_cost_names_the_stale_tables_a_space_uses(tmp_path, monkeypatch)
 
 
 def test_the_remeasure_command_names_a_space_file_by_its_path(tmp_path):
-    from nas.cmd.common import remeasure_command
+    from nas.cost.notes import remeasure_command
 
     path = tmp_path / "my space.yaml"
     path.write_text(yaml.safe_dump(load_space("fmnist_resnet8").to_dict()))
@@ -247,7 +249,7 @@ def _edited_h200(field: str, value: str | None) -> str:
 def test_device_spec_fields_are_all_checked():
     from dataclasses import fields
 
-    assert list(latency._SPEC_FIELDS) == [f.name for f in fields(DeviceSpec)]
+    assert list(device_spec._SPEC_FIELDS) == [f.name for f in fields(DeviceSpec)]
     assert DeviceSpec.load("h200").hbm_tb_s == 4.8
 
 

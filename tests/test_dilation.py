@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from nas.cli import main
-from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable, layer_from_key, table_key
+from nas.cost.device_spec import DeviceSpec
+from nas.cost.latency import LatencyCost
+from nas.cost.tables import LatencyTable, layer_from_key, table_key
 from nas.plan import LayerPrecision, layer_hash
 from nas.spaces import SearchSpace
 

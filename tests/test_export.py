@@ -9,8 +9,8 @@ import torch
 import yaml
 from onnx import TensorProto, numpy_helper
 
+from nas.checkpoint import load_model
 from nas.cli import main
-from nas.cmd.evaluate import load_model
 from nas.data import load_data, make_loader
 from nas.plan import Plan
 from nas.quant.ptq import prepare_ptq

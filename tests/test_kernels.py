@@ -207,6 +207,18 @@ def test_resnet_like_layer_and_batch_one():
                        reference(x, w, 2, 1, 1))
 
 
+def test_padded_image_of_twelve_bytes_per_pixel():
+    # 10 channels pad to 12 bytes per pixel, not a power of two: the pre-pass copies each
+    # pixel as a power-of-two block, masked to the 12 bytes.
+    gen = torch.Generator().manual_seed(0)
+    x = values((1, 4, 5, 10), 8, gen)
+    w = values((3, 2, 2, 10), 8, gen)
+    out, log = launched_kernels(lambda: conv2d_int(x, w, w_bits=8, a_bits=8, padding=1,
+                                                   x_zero_point=3, launch=Launch(pad_image=True)))
+    assert "_pad_image_kernel" in [name for name, _ in log]
+    assert torch.equal(out, reference(x, w, 1, 1, 1, zero_point=3))
+
+
 @pytest.mark.parametrize("unpack_first", [False, True])  # in the tiles, or by a pre-pass
 @pytest.mark.parametrize("groups", [1, 2])
 def test_packed_operands_over_several_channel_blocks(groups, unpack_first):

@@ -7,12 +7,15 @@ import os
 import pytest
 import torch
 
-from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable, table_key
-from nas.cost.measure import (CudaGraphTimer, WallTimer, calls_per_graph, kendall_tau,
-                              layer_cases, measure, provenance, table_document, validate)
+from nas.cost.device_spec import DeviceSpec
+from nas.cost.latency import LatencyCost
+from nas.cost.measure import layer_cases, measure, provenance, table_document, validate
+from nas.cost.tables import LatencyTable, table_key
 from nas.errors import ConfigError
+from nas.kernels.timing import CudaGraphTimer, WallTimer, calls_per_graph
 from nas.plan import LayerPrecision
 from nas.spaces import SearchSpace
+from nas.stats import kendall_tau
 from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
 
 TINY = {**SYNTHETIC_SPACE, "searchable": ["layer1.0.conv1"],

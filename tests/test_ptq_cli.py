@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from nas.cmd.evaluate import load_model
+from nas.checkpoint import load_model
 from nas.cost.size import plan_size_bytes
 from nas.data import load_data, make_loader
 from nas.plan import Plan

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nas.cost.calibration import Calibration
-from nas.cost.latency import (COST_MODELS_DIR, DeviceSpec, LatencyTable, distinct_choices,
-                              roofline_us, table_key)
-from nas.cost.measure import kendall_tau
+from nas.cost.device_spec import COST_MODELS_DIR, DeviceSpec
+from nas.cost.roofline import roofline_us
+from nas.cost.tables import LatencyTable, distinct_choices, table_key
 from nas.spaces import FLOAT_BITS, PLAN_MIXES, list_spaces, load_space, random_plans
+from nas.stats import kendall_tau
 
 MIN_CHOICES = 3
 

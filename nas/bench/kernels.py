@@ -26,9 +26,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from nas.cost.latency import table_key
-from nas.cost.measure import (Case, fp16_baseline, int_operands, make_case, measure, ops,
-                              pack_operands)
+from nas.cost.measure import Case, make_case, measure, ops
+from nas.cost.tables import table_key
+from nas.kernels.inputs import fp16_baseline, int_operands, pack_operands
 
 GOALS = {"w8a8_vs_fp16": 1.5, "roofline_fraction": 0.6, "w4a8_vs_w8a8": 1.2}
 LARGEST_WITHIN = 0.10

@@ -67,36 +67,3 @@ def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
             names.setdefault(action.dest, action.option_strings[-1] if action.option_strings
                              else action.metavar or action.dest)
     return names
-
-
-def checkpoint_space(space_flag: str | None, checkpoint: str, ck_space):
-    """The space a command runs a checkpoint's model in: --space where given, so long as its
-    model is the checkpoint's (the weights must fit), else the space it was trained for."""
-    from nas.errors import CheckpointError
-    from nas.spaces import load_space
-
-    if space_flag is None:
-        return ck_space
-    space = load_space(space_flag)
-    if (space.model, space.model_kwargs) != (ck_space.model, ck_space.model_kwargs):
-        raise CheckpointError(f"checkpoint {checkpoint} was trained for space {ck_space.name} "
-                              f"({_model(ck_space)}), but space {space.name} uses "
-                              f"{_model(space)}; leave --space out to use {ck_space.name}, or "
-                              f"give a space of the same model")
-    # The same model for other data can still differ in its first and last layers.
-    have, want = space.data_info(), ck_space.data_info()
-    if (have.num_classes, have.in_channels) != (want.num_classes, want.in_channels):
-        raise CheckpointError(f"checkpoint {checkpoint} was trained for {_data(want)} (space "
-                              f"{ck_space.name}), but space {space.name} has {_data(have)}; "
-                              f"leave --space out to use {ck_space.name}, or give a space with "
-                              f"the checkpoint's data")
-    return space
-
-
-def _data(info) -> str:
-    return (f"{info.num_classes} classes and {info.in_channels} input "
-            f"channel{'s' if info.in_channels != 1 else ''}")
-
-
-def _model(space) -> str:
-    return f"{space.model} {space.model_kwargs}" if space.model_kwargs else space.model

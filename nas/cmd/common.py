@@ -1,9 +1,9 @@
-"""Pieces shared by the commands: data options and loading a space's data."""
+"""Option helpers shared by the commands: adding their options, checking their values
+before any work, and the messages around that work."""
 
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -11,24 +11,6 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                                       "dataset's standard place)")
     p.add_argument("--train-subset", type=int, metavar="N", help="use N training images")
     p.add_argument("--test-subset", type=int, metavar="N", help="use N test images")
-
-
-def load_space_data(space, args: argparse.Namespace):
-    """Load the space's data, with the command line's subset sizes applied on top."""
-    from nas.data import load_data
-
-    kwargs = dict(space.data_kwargs)
-    for key in ("train_subset", "test_subset"):
-        if getattr(args, key, None) is not None:
-            kwargs[key] = getattr(args, key)
-    space.data_kwargs = kwargs
-    # Validate the merged options before touching any file.
-    space.data_info()
-    return load_data(space.data, data_dir=args.data_dir, seed=args.seed, **kwargs)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def add_compile_jobs_option(p: argparse.ArgumentParser) -> None:
@@ -123,22 +105,13 @@ def compile_ahead(space: str | None, batches, jobs: int, device, precisions=None
           f"{jobs} processes (Triton's cache; autotuning loads them)", flush=True)
 
 
-def unnamed_note(space) -> str | None:
-    """One line naming the layers a partial space leaves float and out of every cost (None
-    when it names them all)."""
-    names = space.unnamed_layers()
-    if not names:
-        return None
-    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-    return (f"note: {len(names)} Conv2d/Linear layer{'s' if len(names) > 1 else ''} of "
-            f"{space.model} that space {space.name} does not name ({shown}) stay float and "
-            f"are in none of these costs; list them under fixed: with w_bits: 32, a_bits: 32 "
-            f"to count them")
+def recorded_space(plan, source: str) -> str:
+    """The shipped space a plan records, for a command given a plan and no --space; a space
+    loaded from a file records only its name, which the user must point at again."""
+    from nas.errors import ConfigError
+    from nas.spaces import list_spaces
 
-
-def remeasure_command(space, batch: int) -> str:
-    """The `nas measure` line that re-measures `space`: by the path it was loaded from where it
-    came from a file (its name alone would not load)."""
-    import shlex
-
-    return f"nas measure --space {shlex.quote(space.origin or space.name)} --batch {batch}"
+    if plan.space not in list_spaces():
+        raise ConfigError(f"plan {source} is for space {plan.space}, which is not a shipped "
+                          f"space; give its YAML file with --space PATH")
+    return plan.space

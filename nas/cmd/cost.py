@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nas.cmd.common import add_latency_options
+from nas.cmd.common import add_latency_options, recorded_space
 from nas.table import format_table
 
 
@@ -28,8 +28,8 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.cmd.common import remeasure_command, unnamed_note
     from nas.cost import format_cost, make_cost_model
+    from nas.cost.notes import remeasure_command, unnamed_note
     from nas.errors import ConfigError
     from nas.plan import Plan, uniform_plan
     from nas.spaces import load_space
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch {args.batch}: must be a positive whole number")
     if args.plan:
         plan = Plan.load(args.plan)
-        space = load_space(args.space or _recorded_space(plan, args.plan))
+        space = load_space(args.space or recorded_space(plan, args.plan))
         plan = plan.resolved(space)
     else:
         space = load_space(args.space)
@@ -82,18 +82,6 @@ def run(args: argparse.Namespace) -> int:
     for note in filter(None, notes):
         print(note)
     return 0
-
-
-def _recorded_space(plan, source: str) -> str:
-    """The shipped space a plan records; a space loaded from a file records only its name,
-    which the user must point at again."""
-    from nas.errors import ConfigError
-    from nas.spaces import list_spaces
-
-    if plan.space not in list_spaces():
-        raise ConfigError(f"plan {source} is for space {plan.space}, which is not a shipped "
-                          f"space; give its YAML file with --space PATH")
-    return plan.space
 
 
 def _recorded(plan, key: str, flag: str, source: str):

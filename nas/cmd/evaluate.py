@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nas.cmd.checks import check_flags
-from nas.cmd.common import add_data_options, load_space_data
+from nas.cmd.common import add_data_options
 from nas.table import format_table
 
 
@@ -20,23 +20,12 @@ def add_parser(sub, parents) -> None:
     p.set_defaults(run=run)
 
 
-def load_model(checkpoint: str):
-    """Rebuild the space and model a checkpoint was trained with and load its weights."""
-    from nas.cmd.train import CHECKPOINT_FORMAT
-    from nas.runs import load_checkpoint, load_state
-    from nas.spaces import SearchSpace
-
-    payload = load_checkpoint(checkpoint, expect={"format": CHECKPOINT_FORMAT, "kind": "fp32"})
-    space = SearchSpace.from_dict(payload["space"], source=f"checkpoint {checkpoint}")
-    model = space.build_model()
-    load_state(model, payload["state_dict"], f"checkpoint {checkpoint}", f"model {space.model}")
-    return space, model, payload
-
-
 def run(args: argparse.Namespace) -> int:
+    from nas.checkpoint import load_model
     from nas.data import make_loader
     from nas.device import resolve_device
     from nas.runs import RunDir
+    from nas.space_data import load_space_data
     from nas.train import evaluate
 
     check_flags(args, batch_size="positive")

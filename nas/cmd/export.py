@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nas.cmd.checks import check_flags, checkpoint_space
-from nas.cmd.common import add_data_options, check_output_file, load_space_data, now_iso
+from nas.checkpoint import checkpoint_space
+from nas.clock import now_iso
+from nas.cmd.checks import check_flags
+from nas.cmd.common import add_data_options, check_output_file, recorded_space
 from nas.errors import CheckpointError, ConfigError
 from nas.table import format_table
 
@@ -68,7 +70,7 @@ def _qat_source(args: argparse.Namespace):
 def _sources(args: argparse.Namespace):
     """Everything read before the run folder is made: (space, plan, float model or None,
     converted model or None). Every bad input is refused here."""
-    from nas.cmd.evaluate import load_model
+    from nas.checkpoint import load_model
     from nas.plan import Plan
 
     if args.qat_run:
@@ -86,11 +88,10 @@ def _sources(args: argparse.Namespace):
     if args.format == "onnx":
         raise ConfigError("--format onnx needs a model: give --checkpoint (with --plan) or "
                           "--run; a plan alone exports as --format json or yaml")
-    from nas.cmd.cost import _recorded_space
     from nas.spaces import load_space
 
     plan = Plan.load(args.plan)
-    space = load_space(args.space or _recorded_space(plan, args.plan))
+    space = load_space(args.space or recorded_space(plan, args.plan))
     return space, plan.resolved(space), None, None
 
 
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from nas.data import make_loader
     from nas.device import resolve_device
     from nas.runs import RunDir, atomic_write_bytes
+    from nas.space_data import load_space_data
 
     check_flags(args, calib_batches="positive", batch_size="positive")
     if args.output:

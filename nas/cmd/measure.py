@@ -40,10 +40,10 @@ def add_parser(sub, parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nas.cost.latency import COST_MODELS_DIR, DeviceSpec
-    from nas.cost.measure import (CudaGraphTimer, layer_cases, measure, provenance,
-                                  require_cuda, table_document, validations)
+    from nas.cost.device_spec import COST_MODELS_DIR, DeviceSpec
+    from nas.cost.measure import layer_cases, measure, provenance, table_document, validations
     from nas.errors import ConfigError
+    from nas.kernels.timing import CudaGraphTimer, require_cuda
     from nas.runs import atomic_write_text
     from nas.spaces import load_space
     from nas.table import format_table

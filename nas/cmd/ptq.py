@@ -7,8 +7,11 @@ import csv
 import io
 from pathlib import Path
 
-from nas.cmd.checks import check_flags, checkpoint_space
-from nas.cmd.common import add_data_options, load_space_data, now_iso
+from nas.checkpoint import checkpoint_space
+from nas.clock import now_iso
+from nas.cmd.checks import check_flags
+from nas.cmd.common import add_data_options
+from nas.space_data import load_space_data
 from nas.table import format_table
 
 
@@ -48,7 +51,7 @@ def resolve_plan(args: argparse.Namespace, space):
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas.cmd.evaluate import load_model
+    from nas.checkpoint import load_model
     from nas.cost.size import plan_size_bytes
     from nas.data import make_loader
     from nas.device import resolve_device

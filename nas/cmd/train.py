@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 
 from nas.cmd.checks import check_flags
-from nas.cmd.common import add_data_options, load_space_data, now_iso
+from nas.cmd.common import add_data_options
 from nas.table import format_table
-
-CHECKPOINT_FORMAT = "nas-checkpoint/1"
 
 
 def add_parser(sub, parents) -> None:
@@ -28,8 +26,10 @@ def add_parser(sub, parents) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nas.budget import parse_budget
+    from nas.checkpoint import float_checkpoint
     from nas.device import resolve_device
     from nas.runs import RunDir
+    from nas.space_data import load_space_data
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
@@ -59,11 +59,6 @@ def run(args: argparse.Namespace) -> int:
                               "data_dir": args.data_dir})
         print(f"run folder: {run_dir.path}")
 
-        def payload(state, metrics):
-            return {"format": CHECKPOINT_FORMAT, "kind": "fp32", "space": space.to_dict(),
-                    "state_dict": state, "metrics": metrics, "seed": args.seed,
-                    "created": now_iso()}
-
         def on_epoch(record, improved):
             run_dir.log_metrics(record)
             run_dir.log("epoch %(epoch)d: %(val_accuracy).2f%% val", record)
@@ -71,13 +66,15 @@ def run(args: argparse.Namespace) -> int:
                   f"loss {record['train_loss']:.4f}  train {record['train_accuracy']:5.2f}%  "
                   f"val {record['val_accuracy']:5.2f}%" + ("  *" if improved else ""), flush=True)
             if improved:
-                run_dir.save_checkpoint("best.pt", payload(model.state_dict(),
-                                                           {"val_accuracy": record["val_accuracy"]}))
+                run_dir.save_checkpoint("best.pt", float_checkpoint(
+                    space, model.state_dict(), {"val_accuracy": record["val_accuracy"]},
+                    args.seed))
 
         result = train(model, splits, cfg, device, on_epoch=on_epoch)
         metrics = {"val_accuracy": result.best_val_accuracy, "test_accuracy": result.test_accuracy,
                    "test_loss": result.test_loss}
-        run_dir.save_checkpoint("best.pt", payload(result.best_state, metrics))
+        run_dir.save_checkpoint("best.pt", float_checkpoint(space, result.best_state,
+                                                           metrics, args.seed))
         summary = {"command": "train", "space": space.name, "model": space.model,
                    "parameters": params, "budget": str(budget), "epochs": result.epochs,
                    "steps": result.steps, "train_seconds": round(result.seconds, 2), **metrics,

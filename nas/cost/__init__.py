@@ -24,7 +24,9 @@ def make_cost_model(name: str, *, device_spec: str = "h200", batch: int = 1,
 
         return BitOpsCost()
     if name == "latency":
-        from nas.cost.latency import DeviceSpec, LatencyCost, LatencyTable
+        from nas.cost.device_spec import DeviceSpec
+        from nas.cost.latency import LatencyCost
+        from nas.cost.tables import LatencyTable
 
         spec = DeviceSpec.load(device_spec)
         return LatencyCost(spec, batch, LatencyTable.load_dir(spec.name), calibrate)

@@ -1,6 +1,6 @@
 """The roofline estimate calibrated on a device's measured latency tables.
 
-The roofline (`latency.roofline_us`) is what the hardware allows. How far our kernels are
+The roofline (`roofline.roofline_us`) is what the hardware allows. How far our kernels are
 from it depends on the layer and above all on the precision: packed 4-bit operands save bytes,
 which the roofline counts, but the kernels unpack them in their main loop, so in the H200
 tables they take more time than 8-bit ones, not less. Ranked by the bare roofline, a layer's
@@ -31,8 +31,10 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from nas.cost.latency import (DeviceSpec, LatencyTable, layer_from_key, packed_operands,
-                              roofline_us)
+from nas.cost.device_spec import DeviceSpec
+from nas.cost.roofline import roofline_us
+from nas.cost.tables import LatencyTable, layer_from_key
+from nas.kernels.configs import packed_operands
 from nas.spaces import FLOAT_BITS
 
 MIN_GEOMETRIES = 10

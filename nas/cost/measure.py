@@ -1,138 +1,41 @@
 """`nas measure`: time every (layer, choice) of a space with the Triton integer kernels.
 
-Each case runs on random integer inputs of the layer's geometry: the kernel is called once
-outside (Triton autotunes on that call), then captured in a CUDA graph of back-to-back calls
-and replayed; the latency is the median replay, timed with CUDA events, over the calls per
-graph (so that the graph's own launch, which a whole network pays once, is not charged to
-every layer). The same layer in torch
-fp16 channels_last (cuDNN) is the baseline column. Float choices (16 / 32 bits) are timed
-as torch convolutions in that dtype.
+Each case runs on random integer inputs of the layer's geometry (`nas.kernels.inputs`): the
+kernel is called once outside (Triton autotunes on that call), then captured in a CUDA graph
+of back-to-back calls and replayed; the latency is the median replay, timed with CUDA events,
+over the calls per graph (`nas.kernels.timing.CudaGraphTimer`: the graph's own launch, which
+a whole network pays once, is not charged to every layer). The same layer in torch fp16
+channels_last (cuDNN) is the baseline column. Float choices (16 / 32 bits) are timed as torch
+convolutions in that dtype.
 
 `validate` checks the table against reality: for random plans, every quantized layer of the
 network is captured in one CUDA graph and timed end to end, against the sum of the table's
 entries; MAPE and Kendall's tau summarise the fit.
 
-Timing is pluggable (`Timer`) so that everything but the clock runs in tests on the CPU.
+The timer is any callable from a launch to microseconds, so that everything but the clock
+runs in tests on the CPU (`nas.kernels.timing.WallTimer`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import platform
 import statistics
 import subprocess
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.nn import functional as F
 
-from nas.cost.latency import (TABLE_FORMAT, DeviceSpec, distinct_choices, kernel_fingerprint,
-                              packed_operands, roofline_us, table_key)
+from nas.cost.device_spec import DeviceSpec
+from nas.cost.roofline import roofline_us
+from nas.cost.tables import TABLE_FORMAT, distinct_choices, kernel_fingerprint, table_key
 from nas.errors import ConfigError
+from nas.kernels.inputs import ACTIVATION_ZERO_POINT, fp16_baseline, int_launch
+from nas.kernels.timing import Fn
 from nas.spaces import FLOAT_BITS
-
-Fn = Callable[[], Any]
-# Activations are timed with a nonzero zero point: the built-in spaces quantize them
-# asymmetrically, and padded layers then pay the kernel's padding correction.
-ACTIVATION_ZERO_POINT = 1
-
-
-def require_cuda(device: str, command: str = "nas measure") -> torch.device:
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ConfigError(f"{command} times kernels on a CUDA GPU and none is available here "
-                          f"(torch.cuda.is_available() is False); run it on a machine with one")
-    return torch.device(device)
-
-
-class CudaGraphTimer:
-    """Microseconds per call of fn, from CUDA graphs of back-to-back calls.
-
-    A graph holding one short kernel pays the graph launch (several microseconds) on every
-    replay, which a network captured whole does not; so each graph holds enough calls for at
-    least `min_replay_us` (at most `max_calls`), and the median replay is divided by them.
-    What launch time remains is spread over those calls; `marginal` times a graph of twice
-    as many calls as well and takes the difference per call, which leaves it out (where
-    noise makes the difference no larger than zero, the plain per-call time stands)."""
-
-    def __init__(self, reps: int = 100, warmup: int = 10, min_replay_us: float = 100.0,
-                 max_calls: int = 20, marginal: bool = False):
-        if reps < 1:
-            raise ConfigError(f"--reps {reps}: must be at least 1")
-        self.reps, self.warmup = reps, warmup
-        self.min_replay_us, self.max_calls, self.marginal = min_replay_us, max_calls, marginal
-        per_call = ("(median replay of 2N calls - median replay of N calls) / N, N the calls "
-                    "per graph" if marginal else "divided by the calls per graph")
-        self.method = (f"one call outside the graph (autotuning, cuDNN algorithm search); a "
-                       f"CUDA graph of back-to-back calls (enough for {min_replay_us:g} us per "
-                       f"replay, at most {max_calls}); {warmup} warm-up replays; median of {reps} "
-                       f"replays timed with CUDA events, {per_call}")
-
-    def __call__(self, fn: Fn) -> float:
-        fn()  # autotunes and compiles outside the capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        return self._per_call_us(fn)
-
-    def _per_call_us(self, fn: Fn) -> float:
-        """Microseconds per call from graph replays (`_replay_us`), as `method` says."""
-        calls = calls_per_graph(self._replay_us(fn, 1, reps=5), self.min_replay_us, self.max_calls)
-        once = self._replay_us(fn, calls, self.reps)
-        if self.marginal:
-            twice = self._replay_us(fn, 2 * calls, self.reps)
-            if twice > once:
-                return (twice - once) / calls
-        return once / calls
-
-    def _replay_us(self, fn: Fn, calls: int, reps: int) -> float:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        for _ in range(self.warmup):
-            graph.replay()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)  # ms -> us
-        return statistics.median(times)
-
-
-def calls_per_graph(single_us: float, min_replay_us: float, max_calls: int) -> int:
-    """Calls to capture in one graph so that a replay lasts at least `min_replay_us`, given one
-    call's time (which includes the graph launch, so this errs towards fewer calls)."""
-    return max(1, min(max_calls, math.ceil(min_replay_us / max(single_us, 1e-3))))
-
-
-class WallTimer:
-    """Median wall-clock microseconds of `reps` calls (CPU tests; not a device measurement)."""
-
-    def __init__(self, reps: int = 3):
-        self.reps = reps
-        self.method = f"median wall-clock time of {reps} calls (CPU, Triton interpreter)"
-
-    def __call__(self, fn: Fn) -> float:
-        fn()
-        times = []
-        for _ in range(self.reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e6)
-        return statistics.median(times)
-
-
-def _int_values(shape, bits: int, gen: torch.Generator) -> torch.Tensor:
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int8, device=gen.device)
+from nas.stats import kendall_tau
 
 
 @dataclass
@@ -149,61 +52,19 @@ class Case:
 
 def make_case(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
               gen: torch.Generator, config=None, launch=None) -> Case:
-    """Inputs for one (layer, choice): NHWC int8 activations and OHWI int8 weights, packed two
-    per byte where the kernel takes 4-bit operands packed and the packed axis is even.
-    Random values are drawn on `gen`'s device (on the GPU: no host work or copies).
-    `config` and `launch` pin the GEMM kernel's tile and launch variant (default: autotuned
-    and chosen by timing on the GPU)."""
-    from nas.kernels.conv import prepare_conv
-
+    """One (layer, choice) ready to time, keyed as the table keys it: the integer kernel's
+    launch on random inputs (`nas.kernels.inputs.int_launch`, with `config` and `launch`
+    pinning its tile and launch variant), or a float choice as a torch convolution in that
+    dtype; and the fp16 cuDNN baseline."""
     key = table_key(info, batch, w_bits, a_bits)
     baseline, xf, wf = fp16_baseline(info, batch, device, gen)
-    conv = dict(stride=info.stride, padding=info.padding, groups=info.groups)
     if w_bits in FLOAT_BITS or a_bits in FLOAT_BITS:
         dtype = torch.float16 if max(w_bits, a_bits) <= 16 else torch.float32
         xd, wd = xf.to(dtype), wf.to(dtype)
+        conv = dict(stride=info.stride, padding=info.padding, groups=info.groups)
         return Case(key, info, w_bits, a_bits, lambda: F.conv2d(xd, wd, None, **conv), baseline)
-    x, wt, epilogue = int_operands(info, batch, w_bits, a_bits, device, gen)
-    run = prepare_conv(*pack_operands(info, w_bits, a_bits, x, wt), config=config,
-                       launch=launch, **epilogue, **conv)
+    run = int_launch(info, batch, w_bits, a_bits, device, gen, config=config, launch=launch)
     return Case(key, info, w_bits, a_bits, run, baseline)
-
-
-def fp16_baseline(info, batch: int, device: torch.device, gen: torch.Generator):
-    """(the layer in torch fp16 channels_last, its input, its weights)."""
-    def randn(*shape):
-        return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float16)
-
-    kh, kw = info.kernel
-    xf = randn(batch, info.in_channels, *info.in_hw).contiguous(memory_format=torch.channels_last)
-    wf = randn(info.out_channels, info.in_channels // info.groups, kh, kw).contiguous(
-        memory_format=torch.channels_last)
-    conv = dict(stride=info.stride, padding=info.padding, groups=info.groups)  # Linear: 1x1
-
-    def baseline():
-        F.conv2d(xf, wf, None, **conv)
-    return baseline, xf, wf
-
-
-def int_operands(info, batch: int, w_bits: int, a_bits: int, device: torch.device,
-                 gen: torch.Generator):
-    """(NHWC activation codes, OHWI weight codes, both unpacked int8; the epilogue's
-    arguments of a `prepare_conv` call: bits, per-channel scale, bias, ReLU, zero point)."""
-    x = _int_values((batch, *info.in_hw, info.in_channels), a_bits, gen).to(device)
-    wt = _int_values((info.out_channels, *info.kernel, info.in_channels // info.groups), w_bits,
-                     gen).to(device)
-    scale = torch.rand(info.out_channels, generator=gen, device=gen.device).to(device) * 1e-3
-    bias = torch.randn(info.out_channels, generator=gen, device=gen.device).to(device)
-    return x, wt, dict(w_bits=w_bits, a_bits=a_bits, scale=scale, bias=bias, relu=True,
-                       x_zero_point=ACTIVATION_ZERO_POINT)
-
-
-def pack_operands(info, w_bits: int, a_bits: int, x: torch.Tensor, wt: torch.Tensor):
-    """x and wt as the kernels take them: packed two per byte where `packed_operands` says."""
-    from nas.kernels import pack_int4
-
-    x_packed, w_packed = packed_operands(info, w_bits, a_bits)
-    return (pack_int4(x, dim=3) if x_packed else x), (pack_int4(wt, dim=3) if w_packed else wt)
 
 
 def layer_cases(space, batch: int, device: torch.device, seed: int = 0) -> list[Case]:
@@ -282,27 +143,6 @@ def _nvidia_smi() -> dict[str, str]:
 
 def table_document(entries, prov) -> dict[str, Any]:
     return {"format": TABLE_FORMAT, "provenance": prov, "entries": entries}
-
-
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's tau-b of two equally long sequences (ties counted as neither)."""
-    n = len(a)
-    concordant = discordant = ties_a = ties_b = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
-    return (concordant - discordant) / denom if denom else float("nan")
 
 
 def validate(space, plans: Sequence[dict], table: dict[str, float], batch: int,

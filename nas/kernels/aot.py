@@ -164,8 +164,8 @@ def _candidates(info, batch: int, w_bits: int, a_bits: int) -> list:
     """The launch variants a GPU would time for this (layer, precision) (None for the
     depthwise kernel, which has none); each launch's autotuner then compiles its own tiles,
     those it keeps for the layer and variant."""
-    from nas.cost.latency import packed_operands
     from nas.kernels import conv
+    from nas.kernels.configs import packed_operands
 
     c, o, g = info.in_channels, info.out_channels, info.groups
     if g > 1 and g == c == o:
@@ -181,7 +181,7 @@ def _candidate_runs(request: dict):
     the autotuner keeps instead."""
     import torch
 
-    from nas.cost.measure import make_case
+    from nas.kernels.inputs import int_launch
     from nas.spaces import FLOAT_BITS, SearchSpace, load_space
 
     given = request["space"]  # a name or .yaml path, or a space as SearchSpace.to_dict gives it
@@ -206,7 +206,7 @@ def _candidate_runs(request: dict):
             for info in infos:
                 for launch in _candidates(info, request["batch"], w_bits, a_bits):
                     def run(info=info, launch=launch, w=w_bits, a=a_bits):  # bound now
-                        make_case(info, request["batch"], w, a, device, gen, launch=launch).run()
+                        int_launch(info, request["batch"], w, a, device, gen, launch=launch)()
                     yield layer, precision, launch, run
         if request.get("progress", True):
             print(f"compiled layer {i}/{len(layers)} ({layer.name})", file=sys.stderr, flush=True)

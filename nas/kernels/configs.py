@@ -20,8 +20,8 @@ FLAT_K_BELOW = 16
 # quarter of the GPU's SMs, and only as far as every split keeps SPLIT_MIN_STEPS reduction
 # steps; on a GPU the proposal is kept only where timing the whole launch beats no split
 # (the split pays for storing its partial sums and adding them up in a separate epilogue).
-# The latency estimate (nas.cost.latency) splits as proposed here, so this module stays
-# free of torch.
+# The latency estimate (nas.cost.roofline) splits as proposed here, and its calibration
+# reads `packed_operands`, so this module stays free of torch.
 SPLIT_MIN_STEPS, SPLIT_MAX = 4, 16
 # At most this many splits on request: the epilogue kernel unrolls one load per split.
 SPLIT_LIMIT = 64
@@ -36,6 +36,13 @@ def propose_split_k(m: int, co_g: int, groups: int, ci: int, taps: int, sms: int
         return 1
     steps = -(-taps * ci // 64) if ci < FLAT_K_BELOW else taps * -(-ci // 64)
     return max(1, min(-(-sms // tiles), steps // SPLIT_MIN_STEPS, SPLIT_MAX))
+
+
+def packed_operands(info, w_bits: int, a_bits: int) -> tuple[bool, bool]:
+    """Whether a layer's activations and weights go to the kernel packed two per byte: at 4
+    bits or fewer, where the packed axis (channels per group) is even."""
+    ci = info.in_channels // info.groups
+    return (a_bits <= 4 and ci % 2 == 0 and info.groups == 1), (w_bits <= 4 and ci % 2 == 0)
 
 
 # Split-K's epilogue kernel reads every split's partial sums: tiles small enough that a

@@ -328,7 +328,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                 device=device))  # a row of slack: the walk reads past the last pixel
             row_block = min(256, triton.next_power_of_2(wd))
             pre = [lambda: _pad_image_kernel[(n * h, triton.cdiv(wd, row_block))](
-                x, xp, h, wd, c, ph, pw, hp, wp, CP=cp, BLOCK=row_block)]
+                x, xp, h, wd, c, ph, pw, hp, wp, CP=cp, CP_BLOCK=triton.next_power_of_2(cp),
+                BLOCK=row_block)]
             wa = buffer("w_image_rows", None, make=lambda: kernel_rows(w, w_packed, cp))
             flags = {**common, "W_PACKED": False, "ROW_ALIGN": align,
                      "PAD_FIX": False}  # the zero point is in the image's border
@@ -500,7 +501,7 @@ def _time_launch(fn) -> float:
     """Microseconds per call of a whole prepared launch, replayed in CUDA graphs as `nas
     measure` times it (eager timing would charge its several launches' host overhead), with
     fewer replays: this only ranks a layer's variants."""
-    from nas.cost.measure import CudaGraphTimer  # only ever on a GPU
+    from nas.kernels.timing import CudaGraphTimer  # only ever on a GPU
 
     return CudaGraphTimer(reps=20, warmup=3)(fn)
 

@@ -215,21 +215,21 @@ def _im2col_kernel(x_ptr, col_ptr, ktab_ptr, H, W, C, OH, OW, KW, stride_h, stri
 
 @triton.jit(do_not_specialize=["H", "W", "pad_h", "pad_w", "HP", "WP"])
 def _pad_image_kernel(x_ptr, dst_ptr, H, W, C, pad_h, pad_w, HP, WP, CP: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      CP_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """The pre-pass of a `pad_image` launch: NHWC x (C channels) into the interior of the
     padded image [N, HP, WP, CP], each pixel's C values first and zeros up to CP (a multiple
-    of 4, so each pixel is stored as one aligned word). One image row per program along axis
-    0 (no per-pixel division; axis 0 takes up to 2**31 - 1 programs, the others 65535). The
-    border holds the zero point, written once when the buffer is made; only the interior
-    changes."""
+    of 4, so each pixel is stored as one aligned word; CP_BLOCK: CP rounded up to a power of
+    two, as tl.arange needs, 12 -> 16). One image row per program along axis 0 (no per-pixel
+    division; axis 0 takes up to 2**31 - 1 programs, the others 65535). The border holds the
+    zero point, written once when the buffer is made; only the interior changes."""
     r = tl.program_id(0)  # image row: n * H + y
     px = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ch = tl.arange(0, CP)
+    ch = tl.arange(0, CP_BLOCK)
     cols = (px < W)[:, None]
     v = tl.load(x_ptr + (r * W + px)[:, None] * C + ch[None, :],
                 mask=cols & (ch < C)[None, :], other=0)
     dst = (((r // H) * HP + r % H + pad_h) * WP + pad_w + px) * CP
-    tl.store(dst_ptr + dst[:, None] + ch[None, :], v, mask=cols)
+    tl.store(dst_ptr + dst[:, None] + ch[None, :], v, mask=cols & (ch < CP)[None, :])
 
 
 @triton.jit

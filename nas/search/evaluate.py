@@ -100,7 +100,7 @@ class OneShotEvaluator(Evaluator):
 class PtqEvaluator(Evaluator):
     def __init__(self, spec: EvaluatorSpec):
         super().__init__(spec)
-        from nas.cmd.evaluate import load_model
+        from nas.checkpoint import load_model
         from nas.quant.bn_fold import fold_bn
         from nas.search.encoding import PlanEncoding
 

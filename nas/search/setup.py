@@ -71,7 +71,7 @@ def cost_setup(space, request: SearchRequest, target, saved_latency: dict | None
 def notes(space, setup: CostSetup) -> list[str]:
     """Lines to show before a search: layers left out of the costs, stale or estimated
     latency tables."""
-    from nas.cmd.common import remeasure_command, unnamed_note
+    from nas.cost.notes import remeasure_command, unnamed_note
 
     out = [n for n in (unnamed_note(space),) if n]
     if "latency" in setup.tables:

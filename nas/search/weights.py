@@ -27,7 +27,7 @@ def evaluator_kind(request: SearchRequest) -> str:
 def space_and_weights(request: SearchRequest, kind: str):
     """The space, and the weights file the evaluator loads (None: trained here), with the
     seed those weights were trained with (their held-out split)."""
-    from nas.cmd.checks import checkpoint_space
+    from nas.checkpoint import checkpoint_space
     from nas.spaces import SearchSpace, load_space
 
     supernet = request.options.get("supernet")
@@ -45,7 +45,7 @@ def space_and_weights(request: SearchRequest, kind: str):
                                   f"supernet of that space")
         return space, path.resolve(), int(payload.get("seed", 0)), None
     if request.checkpoint:
-        from nas.cmd.evaluate import load_model
+        from nas.checkpoint import load_model
 
         ck_space, model, payload = load_model(request.checkpoint)
         space = checkpoint_space(request.space, request.checkpoint, ck_space)
@@ -60,7 +60,7 @@ def train_weights(kind: str, space, splits, model, budget, request: SearchReques
     """Train what the evaluator needs into the run folder; returns its path and warnings."""
     import torch
 
-    from nas.cmd.common import now_iso
+    from nas.clock import now_iso
     from nas.search.honesty import training_warnings
 
     batch = int(space.train["batch_size"])
@@ -86,7 +86,7 @@ def train_weights(kind: str, space, splits, model, budget, request: SearchReques
             space, net, seed=request.seed, factored=False, created=now_iso(),
             search_state={"step": state.step, "elapsed": state.elapsed, "history": []}))
         return path, training_warnings(state.step, per_epoch, "supernet")
-    from nas.cmd.train import CHECKPOINT_FORMAT
+    from nas.checkpoint import CHECKPOINT_FORMAT
     from nas.train import TrainConfig, train
 
     print(f"training the float model for PTQ ({budget})", flush=True)
