@@ -19,6 +19,9 @@ _UNITS = {
     "hours": ("seconds", 3600.0),
     "ep": ("epochs", 1.0), "epoch": ("epochs", 1.0), "epochs": ("epochs", 1.0),
 }
+# Beyond these a budget is a typo, and arithmetic on it (steps, deadlines) overflows.
+LIMITS = {"seconds": 366 * 24 * 3600.0, "epochs": 1_000_000.0}
+LIMITS_SHOWN = {"seconds": "366 days (8784h)", "epochs": "1000000 epochs"}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$")
 
 
@@ -36,6 +39,12 @@ class Budget:
         return f"{self.value:g}s"
 
 
+def recognised(text: str) -> bool:
+    """Whether `text` is written as a time or epoch budget (its value still unchecked)."""
+    match = _PATTERN.match(str(text).lower())
+    return bool(match) and match.group(2) in _UNITS
+
+
 def parse_budget(text: str) -> Budget:
     """Parse '90s', '5m', '2h', '3ep' or '3 epochs'; anything else is a BudgetError."""
     match = _PATTERN.match(str(text).lower())
@@ -46,9 +55,18 @@ def parse_budget(text: str) -> Budget:
     value = float(match.group(1)) * factor
     if value <= 0:
         raise BudgetError(f"budget {text!r} must be positive; use {ACCEPTED}")
+    if value > LIMITS[kind]:  # also a number too long for a float, which reads as inf
+        raise BudgetError(f"budget {shown_budget(text)} is too large; give at most "
+                          f"{LIMITS_SHOWN[kind]}")
     if kind == "epochs" and value != int(value):
         raise BudgetError(f"budget {text!r}: epochs must be a whole number; use {ACCEPTED}")
     return Budget(kind, value)
+
+
+def shown_budget(text: str) -> str:
+    """The budget as given, its middle elided when it is too long for a one-line message."""
+    text = str(text)
+    return repr(text if len(text) <= 40 else f"{text[:20]}...{text[-10:]}")
 
 
 class BudgetClock:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import traceback
 
@@ -79,9 +81,64 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"nas: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nas: interrupted", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader of the output left (`nas cost | head -1`): stop quietly, as a command
+        # killed by SIGPIPE would, with stdout pointed at nothing so the final flush cannot
+        # fail again.
+        _silence_stdout()
+        return 141
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:  # not the machine's or the user's files: a bug, keep the traceback
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"nas: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print("nas: interrupted" + _notes(exc), file=sys.stderr)
         return 130
+
+
+# Failures of the disk or of a path the user gave: what to do about each.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space, or give --runs-dir on another disk, and run it again",
+    errno.EDQUOT: "free some space, or give --runs-dir on another disk, and run it again",
+    errno.EROFS: "give --runs-dir (or the output path) on a writable file system",
+    errno.EACCES: "check the permissions of the file or folder",
+    errno.EPERM: "check the permissions of the file or folder",
+    errno.ENAMETOOLONG: "give a shorter path",
+    errno.ELOOP: "a symbolic link on the path points back to itself; fix the link",
+    errno.EIO: "the disk reported an input/output error; check it and run again",
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One line for an OSError of the file system (disk full, read-only, permissions, a name
+    too long); None for any other."""
+    fix = _OS_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    name = "" if exc.filename is None else f"{_shown(str(exc.filename))}: "
+    return f"{name}{exc.strerror}; {fix}{_notes(exc)}"
+
+
+def _notes(exc: BaseException) -> str:
+    """What the code the error passed through added (where the run so far is kept)."""
+    return "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+
+
+def _shown(path: str) -> str:
+    """A path for a one-line message, its middle elided when it is very long."""
+    return path if len(path) <= 240 else f"{path[:100]}...{path[-40:]}"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from nas.errors import ConfigError
 from nas.values import is_finite, is_whole
 
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder", "synthetic")
+SYNTHETIC_MAX_BYTES = 8 * 2**30  # synthetic images live in memory: beyond, a typo
 SYNTHETIC_DEFAULTS = {"train_size": 2048, "test_size": 512, "in_channels": 1, "image_size": 16,
                       "num_classes": 10, "noise": 1.0}
 _KWARGS = {
@@ -84,6 +85,15 @@ def check_data_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         noise = kwargs.get("noise", 0.0)
         if not is_finite(noise) or noise < 0:
             raise ConfigError(f"data.kwargs.noise: {noise!r} must be a number of at least 0")
+        opts = {**SYNTHETIC_DEFAULTS, **kwargs}
+        per_image = 4 * int(opts["in_channels"]) * int(opts["image_size"]) ** 2  # float32
+        need = per_image * (int(opts["train_size"]) + int(opts["test_size"]))
+        if need > SYNTHETIC_MAX_BYTES:
+            raise ConfigError(f"data.kwargs: synthetic data of {opts['train_size']} + "
+                              f"{opts['test_size']} images of {opts['in_channels']}x"
+                              f"{opts['image_size']}x{opts['image_size']} would take "
+                              f"{need / 2**30:.3g} GiB of memory (at most "
+                              f"{SYNTHETIC_MAX_BYTES // 2**30} GiB); give fewer or smaller images")
 
 
 def dataset_info(name: str, **kwargs: Any) -> DataInfo:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from nas.errors import ConfigError
-from nas.spaces import ALLOWED_BITS, FLOAT_BITS, SearchSpace
+from nas.spaces import ALLOWED_BITS, FLOAT_BITS, SearchSpace, bit_width_error
 from nas.textfiles import parse_yaml, read_text
 
 FORMAT_VERSION = 2
@@ -53,10 +53,9 @@ class LayerPrecision:
         for key in ("w_bits", "a_bits"):
             if key not in raw:
                 raise ConfigError(f"{where}: missing {key}")
-            value = raw[key]
-            if isinstance(value, bool) or value not in ALLOWED_BITS:
-                raise ConfigError(f"{where}.{key}: {value!r} is not an allowed bit width; "
-                                  f"allowed: 2-8, or 16 / 32 for float")
+            problem = bit_width_error(raw[key])
+            if problem:
+                raise ConfigError(f"{where}.{key}: {problem}")
         if raw.get("w_granularity", "per_channel") not in GRANULARITIES:
             raise ConfigError(f"{where}.w_granularity: {raw['w_granularity']!r}; use "
                               f"per_channel or per_tensor")

@@ -25,10 +25,41 @@ from nas.errors import CheckpointError, ConfigError
 PARTIAL = ".partial"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, write) -> None:
+    """write(file) to a temporary name in the same folder, fsync, rename over `path`, fsync
+    the folder: after a crash or power loss `path` holds the old or the new content, whole.
+    A failed write (disk full) removes the temporary file and leaves `path` as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(path)  # the file the user knows of, not its temporary name
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder; the rename itself is done
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _write_atomically(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -36,12 +67,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    """torch.save, written atomically: a crash never leaves half a checkpoint. Serialised in
+    memory first, so a full disk is the OSError it is, not an error of torch's zip writer."""
+    import io
+
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _write_atomically(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "space"),
@@ -61,6 +95,12 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("state_dict", "sp
         raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
     import zipfile
 
+    try:  # is_zipfile says False for a file it cannot open: unreadable is not corrupt
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror}); check its "
+                              f"permissions, or {fix}") from None
     if not zipfile.is_zipfile(path):  # what torch.save writes; torch's own error would advise
         raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (a zip file); it is "
                               f"corrupt or not a nas checkpoint; {fix}")  # weights_only=False
@@ -119,12 +159,23 @@ def load_state(module, state: dict[str, Any], source: str, target: str) -> None:
                               None)
     if problem:
         raise CheckpointError(f"{source} does not fit {target}: {problem}")
+    import torch
+
+    bad = next((k for k, v in state.items() if isinstance(v, torch.Tensor)
+                and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a diverged training: every later number would be NaN
+        raise CheckpointError(f"{source}: {bad} holds NaN or infinite values (its training "
+                              f"diverged); retrain it, for example with a lower learning rate")
     module.load_state_dict(state)
 
 
 def check_runs_dir(root: Path) -> None:
     """Refuse a --runs-dir that no run folder can be made in, before any work starts."""
     fix = "give --runs-dir a folder you can write to"
+    link = next((p for p in (root, *root.parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:
+        raise ConfigError(f"--runs-dir {root}: {link} is a symbolic link to "
+                          f"{os.readlink(link)}, which does not exist; create that folder or {fix}")
     if root.exists():
         if not root.is_dir():
             raise ConfigError(f"--runs-dir {root} is a file, not a folder; {fix}")
@@ -158,6 +209,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _LogFile(logging.FileHandler):
+    """log.txt. A line that cannot be written (disk full) is dropped without logging's
+    traceback on stderr: the command's own next write fails with one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 # What a run folder holds before its command has made anything (ray.log: what Ray printed
 # while it started).
 _SET_UP = {"config.yaml", "log.txt", "ray.log"}
@@ -176,7 +235,10 @@ class RunDir:
                     (root / (name + PARTIAL)).mkdir(parents=True)
                     break
                 except FileExistsError:
-                    pass
+                    if not (root / (name + PARTIAL)).is_dir():  # a file or a dangling link
+                        raise ConfigError(f"cannot make run folder {root / (name + PARTIAL)}: "
+                                          f"something on its path is not a folder; give "
+                                          f"--runs-dir a folder you can write to") from None
                 except OSError as exc:  # the CLI checked root; this it could not foresee
                     raise ConfigError(f"cannot make run folder {root / (name + PARTIAL)} "
                                       f"({exc.strerror}); give --runs-dir a folder you can "
@@ -187,7 +249,7 @@ class RunDir:
         self.path = root / (name + PARTIAL)
         self.logger = logging.getLogger(f"nas.run.{name}")
         self.logger.setLevel(logging.INFO)
-        self._handler = logging.FileHandler(self.path / "log.txt")
+        self._handler = _LogFile(self.path / "log.txt")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.logger.addHandler(self._handler)
         self.logger.propagate = False
@@ -210,6 +272,9 @@ class RunDir:
                     shutil.rmtree(self.path, ignore_errors=True)  # bad input: nothing behind
                 else:  # found mid-run (an unreadable image): keep checkpoints and metrics
                     exc.args = (f"{exc} (the run so far is kept in {self.path})",)
+            elif issubclass(exc_type, (OSError, KeyboardInterrupt)) and not getattr(
+                    exc, "__notes__", None):  # a disk full, a second Ctrl-C: say where
+                exc.add_note(f"the run so far is kept in {self.path}")
 
     def file(self, name: str) -> Path:
         return self.path / name

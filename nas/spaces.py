@@ -100,10 +100,36 @@ def _bits_list(value: Any, key: str) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+# Run folders are named <time>-<space name>-<command>, and a file system allows 255 bytes.
+MAX_NAME_BYTES = 100
+
+
+def _check_name(name: str) -> None:
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ConfigError(f"name: {size} bytes is too long (it names run folders); give at most "
+                          f"{MAX_NAME_BYTES}")
+    bad = next((c for c in name if not c.isprintable() or c in "/\\"), None)
+    if bad is not None:
+        raise ConfigError(f"name: {name!r} holds {bad!r}, which a run folder's name cannot; use "
+                          f"letters, digits, '-' and '_'")
+
+
+def bit_width_error(value: Any) -> str | None:
+    """Why `value` is not a bit width (None when it is one). 4.0 is refused: a float would be
+    costed and named as another precision (W4.0A8) than the integer one."""
+    if isinstance(value, float) and value.is_integer():
+        return (f"{value!r} is not an allowed bit width: write it as a whole number, "
+                f"{int(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+        return f"{value!r} is not an allowed bit width; allowed: 2-8, or 16 / 32 for float"
+    return None
+
+
 def _check_bits(value: Any, key: str) -> int:
-    if isinstance(value, bool) or value not in ALLOWED_BITS:
-        raise ConfigError(f"{key}: {value!r} is not an allowed bit width; allowed: 2-8, "
-                          f"or 16 / 32 for float")
+    problem = bit_width_error(value)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
     return value
 
 
@@ -237,6 +263,7 @@ class SearchSpace:
                 raise ConfigError(f"missing required key {key!r}")
         if not isinstance(raw["name"], str) or not raw["name"]:
             raise ConfigError(f"name: {raw['name']!r} must be a non-empty string")
+        _check_name(raw["name"])
         model = _section(raw, "model", {"name", "kwargs"})
         data = _section(raw, "data", {"name", "kwargs"})
         for key, sec in (("model", model), ("data", data)):

@@ -81,7 +81,7 @@ def test_registry_imports_the_chosen_searcher_only():
     with pytest.raises(ConfigError) as err:
         searcher_class("annealing")
     assert str(err.value) == ("--method 'annealing' is unknown; choose one of dnas, bayes, "
-                              "random, uniform")
+                              "random, uniform, rl")
 
 
 def test_plan_encoding_round_trips(space):

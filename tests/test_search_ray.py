@@ -129,14 +129,15 @@ def test_a_time_budget_trains_the_float_model_then_spends_the_rest_on_trials(ray
                                                                             space_file, tmp_path):
     started = time.monotonic()
     folder = _searched(tmp_path, "--method", "random", "--evaluator", "ptq", "--space",
-                       str(space_file()), "--budget", "20s")
+                       str(space_file()), "--budget", "30s")
     summary = json.loads((folder / "summary.json").read_text())
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["evaluator"]["kind"] == "ptq" and config["evaluator"]["path"] == "best.pt"
     assert (folder / "best.pt").exists() and summary["trials"] == len(_rows(folder)) >= 1
     # Half the budget trains, the trials stop 5 s before the end to score the plan on the
-    # test split; Ray's start and stop and that scoring may run over by a few seconds.
-    assert summary["seconds"] < 20 + 15 and time.monotonic() - started < 20 + 30
+    # test split (10 s of trials: a PTQ trial takes seconds, more on a loaded machine); Ray's
+    # start and stop and that scoring may run over by a few seconds.
+    assert summary["seconds"] < 30 + 15 and time.monotonic() - started < 30 + 30
 
 
 @pytest.mark.parametrize("args, message", [
@@ -154,8 +155,8 @@ def test_a_time_budget_trains_the_float_model_then_spends_the_rest_on_trials(ray
      "--supernet NOWHERE does not exist; pass the run folder of an earlier 'nas search'"),
     (["--method", "random", "--samples", "3"],
      "--samples applies to --method dnas only; drop it for --method random"),
-    (["--workers", "2"], "--workers applies to --method bayes/random/uniform, not dnas; drop it "
-                         "or choose one of those methods"),
+    (["--workers", "2"], "--workers applies to --method bayes/random/uniform/rl, not dnas; drop "
+                         "it or choose one of those methods"),
     (["--method", "random", "--sampler", "tpe"],
      "--sampler applies to --method bayes only; drop it for --method random"),
     (["--method", "bayes", "--ray-address", "127.0.0.1:1"],

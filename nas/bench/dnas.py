@@ -119,6 +119,38 @@ def overhead(space, model, splits, device, batch_size: int, steps: int) -> dict[
     return results
 
 
+def state_save(space, net: Supernet, optim_state: dict, state, repeats: int = 5,
+               folder: str | None = None) -> dict[str, Any]:
+    """Cost of the search's periodic save (supernet.pt, written atomically and fsynced) on
+    the step time: the median save time over the steps between two saves, SAVE_STEPS or
+    SAVE_SECONDS' worth at this search's mean step time, whichever is fewer. Written to a
+    temporary folder under `folder` (default: the system's)."""
+    import tempfile
+    from pathlib import Path
+
+    from nas.runs import save_checkpoint
+    from nas.search.dnas import SAVE_SECONDS, SAVE_STEPS
+    from nas.search.supernet_file import supernet_payload
+
+    step_s = state.elapsed / max(1, state.step)
+    times = []
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            payload = supernet_payload(space, net, seed=0, factored=False, created="",
+                                       optimizers=optim_state,
+                                       search_state={"step": state.step,
+                                                     "elapsed": state.elapsed, "history": []})
+            payload["rng"] = torch.get_rng_state()
+            save_checkpoint(Path(tmp) / "supernet.pt", payload)
+            times.append(time.perf_counter() - start)
+        size = (Path(tmp) / "supernet.pt").stat().st_size
+    save_s = statistics.median(times)
+    steps_between = max(1, min(SAVE_STEPS, int(SAVE_SECONDS / max(step_s, 1e-9))))
+    return {"save_s": save_s, "bytes": size, "step_s": step_s, "steps_between": steps_between,
+            "overhead": save_s / (steps_between * step_s), "repeats": repeats}
+
+
 def _set_theta(net: nn.Module, name: str) -> None:
     """The theta step trains theta; every other row keeps it frozen."""
     if isinstance(net, Supernet):
@@ -147,7 +179,11 @@ def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget
         net = Supernet(model, space, seed=seed)
         cfg = DnasConfig(budget=budget, target=target, batch_size=batch_size, seed=seed,
                          progress=False)
-        search(net, splits, table, cfg, device)
+        state, optim_state, _ = search(net, splits, table, cfg, device)
+        if "state_save" not in results:
+            results["state_save"] = state_save(space, net, optim_state, state)
+            say(f"search state save: {results['state_save']['save_s'] * 1e3:.1f} ms, "
+                f"{results['state_save']['overhead'] * 100:.2f} % of the step time")
         cands, best = derive(net, table, target, splits, device, samples, seed)
         row = {"target_fraction": fraction, "target": target.value, "plan_size": best.cost,
                "meets_target": best.meets_target, "dnas_accuracy": best.accuracy,
@@ -208,6 +244,15 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]
             + [[name, round(r["step_s"] * 1e3, 1), round(r["step_ratio"], 2),
                 round(r["memory"] / 1e6, 1), round(r["memory_ratio"], 2)]
                for name, r in o["rows"].items()])]
+    if "state_save" in results:
+        v = results["state_save"]
+        out.append((f"Search state save (supernet.pt with optimizers, atomic + fsync; median of "
+                    f"{v['repeats']}; a save every {v['steps_between']} steps)",
+                    ["save ms", "file MB", "search step ms", "steps between saves",
+                     "overhead %"],
+                    [[round(v["save_s"] * 1e3, 1), round(v["bytes"] / 1e6, 2),
+                      round(v["step_s"] * 1e3, 1), v["steps_between"],
+                      round(v["overhead"] * 100, 3)]]))
     headers = ["target KB", "plan KB", "meets", "DNAS acc %"]
     uniform = [k for k in ("W8A8", "W4A8", "W2A8", "W4A4") if f"{k}_accuracy" in results["targets"][0]]
     headers += [f"{k} acc % ({results['targets'][0][f'{k}_size'] / 1e3:.1f} KB)" for k in uniform]

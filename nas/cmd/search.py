@@ -37,7 +37,7 @@ def add_parser(sub, parents) -> None:
                    help="cost to penalise (default: the target's)")
     add_latency_options(p, "--latency-batch", "the resumed run")
     p.add_argument("--checkpoint", help="start from the weights of a 'nas train' checkpoint "
-                                        "(bayes/random/uniform: the ptq evaluator's model)")
+                                        "(bayes/random/uniform/rl: the ptq evaluator's model)")
     p.add_argument("--resume", metavar="RUN", help="continue the search of an earlier run folder "
                                                    "(--budget is then the total, done part included)")
     p.add_argument("--no-progress", action="store_true")
@@ -61,7 +61,7 @@ def add_parser(sub, parents) -> None:
                    help="temperature at the end, reached geometrically (default 0.2)")
     d.add_argument("--warmup", type=float,
                    help="share of the budget for weights only (default 0.2)")
-    r = p.add_argument_group("bayes, random, uniform (trials on Ray Tune)")
+    r = p.add_argument_group("bayes, random, uniform, rl (trials on Ray Tune)")
     r.add_argument("--evaluator", choices=("oneshot", "ptq"),
                    help="how a plan is scored: oneshot (a supernet's shared weights; default) "
                         "or ptq (a float checkpoint calibrated per plan; default with "
@@ -117,7 +117,7 @@ def _request(args: argparse.Namespace):
         budget = parse_budget(args.budget)
         for name, value in _DNAS_DEFAULTS.items():
             if getattr(args, name) is None:
-                setattr(args, name, value)
+                setattr(args, name, recorded.get(name, value))
         check_flags(args, latency_batch="positive", samples="count", batch_size="positive",
                     tau0="rate", tau_min="rate", warmup="fraction")
         if args.tau_min > args.tau0:
@@ -174,7 +174,12 @@ def _resumed_config(resume: str | None) -> dict:
         return {}
     if not isinstance(config, dict) or config.get("method") not in SEARCHERS:
         return {}
-    return {k: config[k] for k in ("method", "budget") if isinstance(config.get(k), str)}
+    out = {k: config[k] for k in ("method", "budget") if isinstance(config.get(k), str)}
+    if config.get("method") == "dnas":  # a resumed search goes on with the options it had
+        kinds = {float: (float, int)}  # YAML writes 1.0 as 1.0, but a hand-edited file may not
+        out.update({k: config[k] for k, default in _DNAS_DEFAULTS.items() if k != "factored"
+                    and type(config.get(k)) in kinds.get(type(default), (type(default),))})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

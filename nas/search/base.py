@@ -12,9 +12,10 @@ import importlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.budget import ACCEPTED as TIME_ACCEPTED, Budget, parse_budget
+from nas.budget import ACCEPTED as TIME_ACCEPTED, Budget, parse_budget, recognised, shown_budget
 from nas.errors import BudgetError, ConfigError
 
 if TYPE_CHECKING:
@@ -29,11 +30,13 @@ SEARCHERS = {
     "bayes": ("nas.search.bayes:BayesSearcher", "Optuna (TPE; NSGA-II for several objectives)"),
     "random": ("nas.search.random:RandomSearcher", "random plans within the target"),
     "uniform": ("nas.search.uniform:UniformSearcher", "every uniform plan within the target"),
+    "rl": ("nas.search.rl:RLSearcher", "HAQ's DDPG agent, layer by layer, within the target"),
 }
-DISCRETE = ("bayes", "random", "uniform")
+DISCRETE = ("bayes", "random", "uniform", "rl")
 OBJECTIVE_COSTS = ("size", "bitops", "latency")
 TRIALS_ACCEPTED = "'200trials' (trials) or " + TIME_ACCEPTED.replace(" or '3ep' / '3 epochs' (epochs)", "")
 _TRIALS = re.compile(r"^\s*(\d+)\s*(?:trials?)\s*$")
+MAX_TRIALS = 1_000_000  # beyond, a typo: no search evaluates a million plans
 
 
 def searcher_class(method: str):
@@ -66,11 +69,13 @@ def parse_search_budget(text: str) -> SearchBudget:
         if count < 1:
             raise BudgetError(f"budget {text!r}: a search needs at least 1 trial; use "
                               f"{TRIALS_ACCEPTED}")
+        if count > MAX_TRIALS:
+            raise BudgetError(f"budget {shown_budget(text)} is too large; give at most "
+                              f"{MAX_TRIALS} trials")
         return SearchBudget("trials", count)
-    try:
-        budget = parse_budget(text)
-    except BudgetError:
-        raise BudgetError(f"budget {text!r} is not understood; use {TRIALS_ACCEPTED}") from None
+    if not recognised(text):
+        raise BudgetError(f"budget {text!r} is not understood; use {TRIALS_ACCEPTED}")
+    budget = parse_budget(text)
     if budget.kind != "seconds":
         raise BudgetError(f"budget {text!r}: epochs measure supernet training (--method dnas); "
                           f"a discrete search takes {TRIALS_ACCEPTED}")
@@ -151,6 +156,10 @@ class DiscreteSearcher(ABC):
 
     def tell(self, told: Told) -> None:
         """Learn from one evaluated (or infeasible) plan; the default learns nothing."""
+
+    def use_folder(self, folder: Path) -> None:
+        """The run folder, once it exists and before a resumed history is told: where a
+        searcher writes files of its own; the default writes none."""
 
     def repair(self, indices: list[int]) -> list[int]:
         """A plan within the target from one over it, by a rule that needs no search state:

@@ -102,7 +102,7 @@ class DiscreteRun:
 
     def run(self) -> Path:
         from nas.budget import Budget, parse_budget
-        from nas.cmd.common import load_space_data, now_iso
+        from nas.clock import now_iso
         from nas.cost.targets import Target, format_cost
         from nas.device import resolve_device
         from nas.runs import RunDir
@@ -111,6 +111,7 @@ class DiscreteRun:
         from nas.search.results import SearchResults
         from nas.search.ray_address import check_address
         from nas.search.setup import cost_setup, notes
+        from nas.space_data import load_space_data
         from nas.spaces import SearchSpace
 
         request, opts = self.request, self.request.options
@@ -175,6 +176,7 @@ class DiscreteRun:
                 run_dir.write_config(config)
                 print(f"run folder: {run_dir.path}", flush=True)
                 results = SearchResults(run_dir.path, problem, encoding)
+                searcher.use_folder(run_dir.path)
                 done_seconds = 0.0
                 if resumed:
                     old = Path(request.resume) / "trials.csv"

@@ -7,6 +7,7 @@ import io
 import json
 import shlex
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from nas.errors import ConfigError
@@ -18,10 +19,16 @@ SEARCH_SHARE = 0.9  # of a time budget; the rest derives and evaluates the candi
 def _resumed(request: SearchRequest):
     """The supernet.pt of the run --resume names, and its space; the options that would
     change what was searched are checked against the run (or, factored, taken from it)."""
+    from nas.runs import PARTIAL
+    from nas.search import dnas
     from nas.search.supernet_file import is_factored, load_supernet_file, supernet_path
     from nas.spaces import SearchSpace, load_space
 
     folder = Path(request.resume)
+    if folder.name.endswith(PARTIAL) and folder.is_dir() and not (folder / "supernet.pt").exists():
+        raise ConfigError(f"--resume {folder}: the run stopped before it saved its first search "
+                          f"state (one is saved every {dnas.SAVE_SECONDS:g} s or "
+                          f"{dnas.SAVE_STEPS} steps); start the search again without --resume")
     resumed = load_supernet_file(supernet_path(folder, "--resume"))
     space = SearchSpace.from_dict(resumed["space"], source=f"run {folder}")
     if request.checkpoint:
@@ -45,6 +52,39 @@ def _resumed(request: SearchRequest):
     return resumed, space
 
 
+def _say_if_spent(request: SearchRequest, budget, search_budget, state, per_epoch: int) -> bool:
+    """A resumed run whose budget is spent makes no step: a finished run is refused (a larger
+    --budget searches on), a stopped one (.partial) goes on to derive its plan, saying so."""
+    from nas.runs import PARTIAL
+
+    if search_budget.kind == "epochs":
+        spent = state.step >= search_budget.value * per_epoch
+    else:
+        spent = state.elapsed >= search_budget.value
+    if not spent:
+        return False
+    done = f"run {request.resume} already spent its budget {budget} ({state.step} steps)"
+    if not Path(request.resume).name.endswith(PARTIAL):
+        raise ConfigError(f"{done}; give a larger --budget (the total, done part included) to "
+                          f"search on")
+    print(f"{done}: no more steps, deriving its plan", flush=True)
+    return True
+
+
+@contextmanager
+def _resume_hint(run_dir):
+    """A search stopped by a second Ctrl-C or a failing disk says how to go on from its last
+    saved state."""
+    try:
+        yield
+    except (KeyboardInterrupt, OSError) as exc:
+        if run_dir.file("supernet.pt").exists():
+            folder = shlex.quote(str(run_dir.path))
+            exc.add_note(f"the search so far is kept in {folder}: 'nas search --resume "
+                         f"{folder}' goes on from its last saved state")
+        raise
+
+
 class DnasSearch:
     """The supernet search (nas.search.dnas) from a request to a finished run folder."""
 
@@ -53,9 +93,8 @@ class DnasSearch:
         import torch
 
         from nas.budget import Budget
-        from nas.cmd.checks import checkpoint_space
-        from nas.cmd.common import load_space_data, now_iso
-        from nas.cmd.evaluate import load_model
+        from nas.checkpoint import checkpoint_space, load_model
+        from nas.clock import now_iso
         from nas.cost.targets import Target, format_cost
         from nas.device import resolve_device
         from nas.runs import RunDir, atomic_write_text, load_state
@@ -65,11 +104,15 @@ class DnasSearch:
         from nas.search.results import plan_costs
         from nas.search.setup import cost_setup, notes
         from nas.search.supernet_file import supernet_payload
+        from nas.space_data import load_space_data
         from nas.spaces import load_space
         from nas.supernet import Supernet
         from nas.table import format_table
 
         opts = request.options
+        if opts["samples"] > dnas.MAX_SAMPLES:
+            raise ConfigError(f"--samples {opts['samples']} is more plans than can be evaluated; "
+                              f"give at most {dnas.MAX_SAMPLES}")
         started = time.monotonic()
         search_budget = (budget if budget.kind == "epochs"
                          else Budget("seconds", budget.value * SEARCH_SHARE))
@@ -110,6 +153,12 @@ class DnasSearch:
             supernet.generator.set_state(resumed["gumbel_state"])
             state = dnas.SearchState(**resumed["search_state"])
             optim_state = resumed["optimizers"]
+            if resumed.get("rng") is not None:  # dropout and augmentation draw from it
+                torch.set_rng_state(resumed["rng"])
+            if not _say_if_spent(request, budget, search_budget, state,
+                                 max(1, len(splits.train) // opts["batch_size"])):
+                print(f"resuming run {request.resume} at step {state.step} "
+                      f"({state.elapsed:.1f} s searched)", flush=True)
         print(f"dnas on {space.name}: {len(supernet.names)} layers, "
               f"{sum(len(m.choices) > 1 for m in supernet.mixed())} searchable; cost {cost_name}"
               + (f" ({setup.model.spec.name}, batch {latency['batch']})" if latency else "")
@@ -118,14 +167,15 @@ class DnasSearch:
         for line in notes(space, setup):
             print(line, flush=True)
 
-        with RunDir(request.runs_dir, space.name, "search") as run_dir:
+        with RunDir(request.runs_dir, space.name, "search") as run_dir, _resume_hint(run_dir):
             run_dir.write_config({"command": "search", "method": "dnas", "space": space.to_dict(),
                                   "budget": str(budget), "target": target.text if target else None,
                                   "cost": cost_name, "latency": latency, "loss": opts["loss"],
                                   "mode": opts["mode"], "arch_mode": opts["arch_mode"],
                                   "factored": opts["factored"], "checkpoint": request.checkpoint,
                                   "resume": request.resume, "seed": request.seed,
-                                  "samples": opts["samples"], "tau0": opts["tau0"],
+                                  "samples": opts["samples"],
+                                  "batch_size": opts["batch_size"], "tau0": opts["tau0"],
                                   "tau_min": opts["tau_min"], "warmup": opts["warmup"]})
             print(f"run folder: {run_dir.path}", flush=True)
 
@@ -134,15 +184,21 @@ class DnasSearch:
                     f.write(json.dumps(entry) + "\n")
                 run_dir.log_metrics({k: v for k, v in entry.items() if k != "probs"})
 
+            def save_state(state, optim_state):
+                """supernet.pt: what --resume continues, rewritten whole at each save."""
+                payload = supernet_payload(
+                    space, supernet, seed=request.seed, factored=opts["factored"],
+                    created=now_iso(), optimizers=optim_state,
+                    search_state={"step": state.step, "elapsed": state.elapsed, "history": []},
+                    target=target.__dict__ if target else None, latency=latency)
+                payload["rng"] = torch.get_rng_state()
+                run_dir.save_checkpoint("supernet.pt", payload)
+
             state, optim_state, interrupted = dnas.search(supernet, splits, table, cfg, device,
-                                                          state, optim_state, on_log)
+                                                          state, optim_state, on_log, save_state)
             if interrupted:
                 print("interrupted: deriving the plan from the search so far", flush=True)
-            run_dir.save_checkpoint("supernet.pt", supernet_payload(
-                space, supernet, seed=request.seed, factored=opts["factored"], created=now_iso(),
-                optimizers=optim_state,
-                search_state={"step": state.step, "elapsed": state.elapsed, "history": []},
-                target=target.__dict__ if target else None, latency=latency))
+            save_state(state, optim_state)
 
             deadline = started + budget.value if budget.kind == "seconds" else None
             cands, best = dnas.derive(supernet, table, target, splits, device, opts["samples"],
