@@ -100,19 +100,41 @@ class MixedLayer(nn.Module):
                     self.act_hi.lerp_(hi, self.ema)
         return self.act_lo, self.act_hi
 
+    # The BatchNorm this layer's output feeds, if any (set by Supernet; not a submodule).
+    folded_bn: nn.Module | None = None
+
+    def _bn_factor(self) -> torch.Tensor | None:
+        """gamma / sigma (running statistics) per output channel, shaped to the weight: what
+        BN folding multiplies the weight by; None when no BN follows."""
+        bn = self.folded_bn
+        if bn is None:
+            return None
+        with torch.no_grad():
+            std = torch.sqrt(bn.running_var + bn.eps)
+            factor = bn.weight / std if bn.affine else 1.0 / std
+            # A channel that BN zeroes (gamma 0) folds to a zero weight either way.
+            factor = torch.where(factor.abs() < 1e-12, torch.full_like(factor, 1e-12), factor)
+            return factor.reshape(-1, *([1] * (self.layer.weight.ndim - 1)))
+
     def _quant_weight(self, bits: int) -> torch.Tensor:
+        """Q_w(W), quantized as it will be deployed: a layer followed by BN is quantized as
+        its folded weight W * f (f = gamma / sigma) and divided by f again for the BN that
+        follows, so a plan is scored with the weight codes its folded model gets."""
         w = self.layer.weight
         if is_float(bits):
             return w
+        factor = self._bn_factor()
+        target = w if factor is None else w * factor
         with torch.no_grad():
             if self.per_channel:
                 dims = tuple(range(1, w.ndim))
-                lo, hi = w.amin(dim=dims), w.amax(dim=dims)
+                lo, hi = target.amin(dim=dims), target.amax(dim=dims)
             else:
-                lo, hi = w.min(), w.max()
+                lo, hi = target.min(), target.max()
             scale, zp = qparams(lo, hi, bits, self.w_symmetric)
-        return fake_quantize(w, scale, zp, *quant_range(bits, self.w_symmetric),
-                             axis=0 if self.per_channel else None)
+        q = fake_quantize(target, scale, zp, *quant_range(bits, self.w_symmetric),
+                          axis=0 if self.per_channel else None)
+        return q if factor is None else q / factor
 
     def _input_qparams(self, bits: int, lo, hi) -> tuple | None:
         if is_float(bits):
@@ -194,10 +216,14 @@ class Supernet(nn.Module):
         self.space = space
         q = space.quantizer
         self.names: list[str] = []
+        bns = dict(_conv_bn_pairs(self.net))
         for layer in space.layers(model):
             module = self.net.get_submodule(layer.name)
             mixed = MixedLayer(module, layer.choices, q["w_granularity"], q["w_symmetric"],
                                q["a_symmetric"], factored)
+            if layer.name in bns:
+                # A plain attribute, not a submodule: the BN stays where the model has it.
+                object.__setattr__(mixed, "folded_bn", self.net.get_submodule(bns[layer.name]))
             self.net.set_submodule(layer.name, mixed)
             self.names.append(layer.name)
         self.mode, self.tau = mode, tau
@@ -264,6 +290,18 @@ class Supernet(nn.Module):
         from nas.search.encoding import PlanEncoding
 
         return PlanEncoding(self.space).plan(indices)
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """The conv -> BN pairs BN folding will fold; none for a model torch.fx cannot trace
+    (such a model cannot be folded for deployment either)."""
+    from nas.errors import ModelError
+    from nas.quant.bn_fold import conv_bn_pairs
+
+    try:
+        return conv_bn_pairs(model)
+    except ModelError:
+        return []
 
 
 def tau_at(fraction: float, tau0: float = 5.0, tau_min: float = 0.2) -> float:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from nas.cmd.checks import check_flags, checkpoint_space
+from nas.checkpoint import checkpoint_space
+from nas.clock import now_iso
+from nas.cmd.checks import check_flags
 from nas.cmd.common import (add_compile_jobs_option, add_data_options, check_compile_jobs,
-                             compile_ahead, now_iso, refuse_dilated)
+                             compile_ahead, refuse_dilated)
 from nas.table import format_table
 
 
@@ -72,6 +74,26 @@ def add_parser(sub, parents) -> None:
                         help="arch-split batches of 256 images per plan (default 20)")
     add_data_options(search)
     search.set_defaults(run=run_search)
+
+    qat = benches.add_parser(
+        "qat", parents=parents, help="float vs PTQ vs QAT (+ distillation); export parity",
+        description="Uniform W8A8, uniform W4A4 and a searched mixed plan on one float "
+                    "checkpoint: float, PTQ, QAT and QAT + distillation test accuracy, each QAT "
+                    "run a 'nas qat' run; the searched plan also from its search's supernet; "
+                    "each QAT model exported to ONNX and checked in onnxruntime.")
+    qat.add_argument("--space", default="fmnist_resnet8",
+                     help="search space (default %(default)s; the --checkpoint's if given)")
+    qat.add_argument("--checkpoint", help="trained float checkpoint (default: train one)")
+    qat.add_argument("--search-run", metavar="RUN",
+                     help="a DNAS 'nas search' run whose plan is the mixed plan (default: search "
+                          "here at the uniform W4A8 size)")
+    qat.add_argument("--train-budget", help="float training made here (default: the space's "
+                                            "train.budget)")
+    qat.add_argument("--search-budget", help="DNAS search made here (default: the space's "
+                                             "train.budget)")
+    qat.add_argument("--qat-budget", default="1ep",
+                     help="budget of each QAT run (default %(default)s)")
+    qat.set_defaults(run=run_qat)
 
     kernels = benches.add_parser("kernels", parents=parents,
                                  help="integer kernels vs fp16 cuDNN and the roofline (CUDA GPU)",
@@ -156,11 +178,10 @@ def _checkpoints(items: list[str]) -> dict[str, str]:
 def run_ptq(args: argparse.Namespace) -> int:
     from nas.bench.ptq import SPACES, run_bench, subject_from, tables
     from nas.budget import parse_budget
-    from nas.cmd.common import load_space_data
-    from nas.cmd.evaluate import load_model
-    from nas.cmd.train import CHECKPOINT_FORMAT
+    from nas.checkpoint import CHECKPOINT_FORMAT, load_model
     from nas.device import resolve_device
     from nas.runs import RunDir
+    from nas.space_data import load_space_data
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
@@ -215,11 +236,11 @@ def run_ptq(args: argparse.Namespace) -> int:
 def run_dnas(args: argparse.Namespace) -> int:
     from nas.bench.dnas import run_bench, tables
     from nas.budget import parse_budget
-    from nas.cmd.common import load_space_data
-    from nas.cmd.evaluate import load_model
+    from nas.checkpoint import load_model
     from nas.device import resolve_device
     from nas.errors import ConfigError
     from nas.runs import RunDir
+    from nas.space_data import load_space_data
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
@@ -262,8 +283,9 @@ def run_kernels(args: argparse.Namespace) -> int:
     import time
 
     from nas.bench.kernels import run_bench, tables, warm_targets
-    from nas.cost.latency import DeviceSpec
-    from nas.cost.measure import CudaGraphTimer, provenance, require_cuda
+    from nas.cost.device_spec import DeviceSpec
+    from nas.cost.measure import provenance
+    from nas.kernels.timing import CudaGraphTimer, require_cuda
     from nas.runs import RunDir
     from nas.spaces import load_space
 
@@ -302,7 +324,7 @@ def run_compile(args: argparse.Namespace) -> int:
     import triton
 
     from nas.bench.compile import parse_precisions, summarize, tables
-    from nas.cost.latency import kernel_fingerprint
+    from nas.cost.tables import kernel_fingerprint
     from nas.kernels.aot import ARCH, compile_report
     from nas.runs import RunDir
     from nas.spaces import load_space
@@ -334,7 +356,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     import time
 
     from nas.bench.estimate import run_bench, table_spaces, tables
-    from nas.cost.latency import DeviceSpec
+    from nas.cost.device_spec import DeviceSpec
     from nas.errors import ConfigError
     from nas.runs import RunDir
 
@@ -357,13 +379,72 @@ def run_estimate(args: argparse.Namespace) -> int:
     return _report(tables(results), final)
 
 
+def run_qat(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from nas.bench.qat import nas_run, run_plan, tables, verdicts
+    from nas.budget import parse_budget
+    from nas.checkpoint import load_model
+    from nas.cost import make_cost_model
+    from nas.errors import ConfigError
+    from nas.plan import Plan
+    from nas.runs import RunDir
+    from nas.spaces import load_space
+
+    for flag in ("train_budget", "search_budget", "qat_budget"):
+        if getattr(args, flag):
+            parse_budget(getattr(args, flag))
+    space = load_model(args.checkpoint)[0] if args.checkpoint else load_space(args.space)
+    if args.search_run and not (Path(args.search_run) / "supernet.pt").is_file():
+        raise ConfigError(f"--search-run {args.search_run} has no supernet.pt; pass the run "
+                          f"folder of a finished DNAS 'nas search'")
+    common = ["--device", args.device, "--seed", str(args.seed)]
+    with RunDir(args.runs_dir, space.name, "bench-qat") as run_dir:
+        started = time.monotonic()
+        folder, runs = run_dir.path, str(run_dir.path / "runs")
+        log = folder / "commands.log"
+        space_file = str(folder / "space.yaml")
+        (folder / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+        say = lambda line: (print(line, flush=True), run_dir.log(line))  # noqa: E731
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            say("training the float model (no --checkpoint given)")
+            budget = ["--budget", args.train_budget] if args.train_budget else []
+            checkpoint = str(nas_run([*common, "--runs-dir", runs, "train", "--space", space_file,
+                                   *budget, "--no-progress"], log) / "best.pt")
+        search = args.search_run
+        if search is None:
+            w4a8 = make_cost_model("size").plan_cost(Plan.uniform(space, 4, 8), space)
+            say(f"DNAS search at the uniform W4A8 size, {w4a8:.0f} bytes (no --search-run given)")
+            budget = ["--budget", args.search_budget] if args.search_budget else []
+            search = str(nas_run([*common, "--runs-dir", runs, "search", "--space", space_file,
+                               *budget, "--target", f"size={w4a8 / 1000:.3f}KB",
+                               "--no-progress"], log))
+        plans = {}
+        for w, a in ((8, 8), (4, 4)):
+            path = folder / f"W{w}A{a}.yaml"
+            Plan.uniform(space, w, a).resolved(space).save(path)
+            plans[f"W{w}A{a}"] = ["--plan", str(path), "--checkpoint", checkpoint]
+        plans["searched"] = ["--plan", str(Path(search) / "plan.yaml"), "--checkpoint", checkpoint]
+        plans["searched (supernet)"] = ["--run", search]
+        rows = [run_plan(name, plan_args, common, args.qat_budget, folder, say)
+                for name, plan_args in plans.items()]
+        results = {"space": space.name, "checkpoint": checkpoint, "search_run": search,
+                   "qat_budget": args.qat_budget, "rows": rows, "verdicts": verdicts(rows),
+                   "date": now_iso(), "seconds": round(time.monotonic() - started, 1)}
+        final = _finish(run_dir, "qat", results)
+    return _report(tables(results), final)
+
+
 def run_search(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
     from nas.bench.search import quality, scaling, tables
     from nas.budget import parse_budget
-    from nas.cmd.common import load_space_data
     from nas.cost import make_cost_model
     from nas.cost.targets import Target
     from nas.device import resolve_device
@@ -374,6 +455,7 @@ def run_search(args: argparse.Namespace) -> int:
     from nas.search.request import SearchRequest
     from nas.search.weights import space_and_weights, train_weights
     from nas.search.tune import quiet_output, ray_session
+    from nas.space_data import load_space_data
 
     check_flags(args, trials="positive", seeds="positive", workers="positive",
                 scaling_trials="positive", eval_batches="positive")

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nas.clock import now_iso
 from nas.cmd.checks import check_flags
-from nas.cmd.common import add_data_options, load_space_data, now_iso
+from nas.cmd.common import add_data_options, recorded_space
+from nas.space_data import load_space_data
 from nas.errors import ConfigError
 from nas.table import format_table
 
 FLOAT_SHARE = 0.5  # of the budget, to train the float model when no weights are given
-BN_BATCHES = 4     # BN re-estimation for a supernet's plan, as one-shot evaluation does
-ONE_SHOT_BATCH = 256
 
 
 def add_parser(sub, parents) -> None:
@@ -45,8 +45,8 @@ def add_parser(sub, parents) -> None:
                    help="loss 0.5 CE + 0.5 T^2 KL(float || quantized) on logits at temperature T")
     p.add_argument("--temperature", type=float, default=2.0,
                    help="distillation temperature T (default 2)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: a tenth of the "
-                                            "space's train.lr)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: a hundredth of "
+                                            "the space's train.lr)")
     p.add_argument("--batch-size", type=int, help="default: the space's train.batch_size")
     p.add_argument("--freeze-bn", type=float, default=0.5, metavar="FRACTION",
                    help="freeze BN statistics after this fraction of the budget (default 0.5)")
@@ -75,8 +75,7 @@ class _Start:
 
 def _resolve(args: argparse.Namespace) -> _Start:
     """Every input checked and loaded, before any work: one line for each user error."""
-    from nas.cmd.checks import checkpoint_space
-    from nas.cmd.cost import _recorded_space
+    from nas.checkpoint import checkpoint_space
     from nas.plan import Plan
     from nas.spaces import load_space
 
@@ -106,14 +105,14 @@ def _resolve(args: argparse.Namespace) -> _Start:
                       supernet=supernet, one_shot=one_shot)
     plan = Plan.load(args.plan)
     if args.checkpoint:
-        from nas.cmd.evaluate import load_model
+        from nas.checkpoint import load_model
 
         ck_space, model, payload = load_model(args.checkpoint)
         space = checkpoint_space(args.space, args.checkpoint, ck_space)
         # The weights' own seed: the same data and a held-out arch split.
         return _Start(space, plan.resolved(space), args.plan, int(payload.get("seed", args.seed)),
                       model=model)
-    space = load_space(args.space or _recorded_space(plan, args.plan))
+    space = load_space(args.space or recorded_space(plan, args.plan))
     return _Start(space, plan.resolved(space), args.plan, args.seed)
 
 
@@ -141,85 +140,6 @@ def _costs(space, plan) -> dict[str, Any]:
             "latency_device": latency.spec.name, "latency_batch": batch}
 
 
-def _from_supernet(supernet, plan, space, splits, device):
-    """(float model for the plan, its input ranges): the supernet's `.net` with each
-    MixedLayer back to its layer, BN statistics re-estimated with the plan's branches fixed,
-    exactly as `one_shot_accuracy` does, and each layer's running input range after that."""
-    import copy
-
-    import torch
-
-    from nas.data import make_loader
-    from nas.search.encoding import PlanEncoding
-    from nas.supernet import recalibrate_bn
-
-    supernet.to(device, memory_format=torch.channels_last)  # as the search evaluated it
-    supernet.fix(PlanEncoding(space).indices(plan))
-    try:
-        recalibrate_bn(supernet, make_loader(splits.train, ONE_SHOT_BATCH, shuffle=True, seed=0),
-                       BN_BATCHES, device)
-        ranges = {n: (m.act_lo.clone(), m.act_hi.clone())
-                  for n, m in zip(supernet.names, supernet.mixed())}
-        # The MixedLayers' sampler is bound to the supernet: share it, do not copy it.
-        net = copy.deepcopy(supernet.net, memo={id(supernet): supernet})
-    finally:
-        supernet.fix(None)
-    for name in supernet.names:
-        net.set_submodule(name, net.get_submodule(name).layer)
-    return net.eval(), ranges
-
-
-def _match_weight_codes(qmodel, supernet, plan) -> int:
-    """Nudge weight steps by a few ulps so that every weight code is the supernet's.
-
-    A symmetric range puts each channel's most negative weight exactly half-way between the
-    two lowest codes (-(qmax - qmin) / 2 steps), where the last bit of float rounding decides
-    between them: the supernet's W / s and the folded (W * f) / (s * f) can decide
-    differently. Each per-channel step is moved one ulp at a time (at most 8) towards the
-    supernet's codes, so the QAT model starts as the network the search scored. Returns the
-    channels moved."""
-    import torch
-
-    from nas.quant.bn_fold import ConvBn2d
-    from nas.quant.fake import qparams
-    from nas.quant.quantizer import FakeQuantizer
-
-    moved = 0
-    was_training = qmodel.training
-    qmodel.eval()  # fixed ranges: a dynamic weight quantizer re-observes only in training
-    with torch.no_grad():
-        for name, mixed in zip(supernet.names, supernet.mixed()):
-            layer, bits = qmodel.get_submodule(name), plan.layers[name].w_bits
-            wq = getattr(layer, "weight_quantizer", None)
-            if not isinstance(wq, FakeQuantizer) or not wq.enabled or wq.axis != 0 \
-                    or not mixed.per_channel:
-                continue
-            w = mixed.layer.weight
-            dims, shape = tuple(range(1, w.ndim)), (-1,) + (1,) * (w.ndim - 1)
-            s, _ = qparams(w.amin(dim=dims), w.amax(dim=dims), bits, mixed.w_symmetric)
-            want = torch.round(mixed._quant_weight(bits) / s.view(shape))
-            if isinstance(layer, ConvBn2d):
-                bn = layer.bn
-                factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # as ConvBn2d folds
-                w = layer.conv.weight * factor.view(shape)
-            else:
-                w = layer.weight
-            param = wq.step if wq.learn == "lsq" else wq.scale
-            for i in range(8):
-                scale = param.abs() + 1e-12 if wq.learn == "lsq" else param
-                got = torch.round(wq(w) / scale.view(shape))
-                off = (got != want).flatten(1).any(dim=1)
-                if not off.any():
-                    break
-                moved += int(off.sum()) if i == 0 else 0
-                # |code| too small: a smaller step; too large: a larger one.
-                grow = ((want.abs() - got.abs()) * (got != want)).flatten(1).sum(dim=1) > 0
-                toward = torch.where(grow, torch.zeros_like(param), torch.full_like(param, 1e9))
-                param.data = torch.where(off, torch.nextafter(param.data, toward), param.data)
-    qmodel.train(was_training)
-    return moved
-
-
 def _fmt(budget) -> str:
     if budget.kind == "epochs":
         return f"{budget.value:g} epoch" + ("" if budget.value == 1 else "s")
@@ -239,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from nas.quant.ptq import prepare_ptq
     from nas.quant.qat import (QatConfig, convert, finetune, prepare_qat, qat_payload)
     from nas.runs import RunDir
+    from nas.search.supernet_file import BN_BATCHES, ONE_SHOT_BATCH, plan_model
     from nas.supernet import recalibrate_bn
     from nas.train import TrainConfig, evaluate, train
 
@@ -257,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
     conv_bn_pairs(space.build_model())  # a model torch.fx cannot trace fails now
     costs = _costs(space, plan)
     batch_size = args.batch_size or int(space.train["batch_size"])
-    lr = args.lr or float(space.train["lr"]) / 10
+    # Fine-tuning a trained model: with BN frozen, a tenth of the training rate made
+    # fmnist_resnet8 collapse within an epoch (docs/results.md); a hundredth does not.
+    lr = args.lr or float(space.train["lr"]) / 100
     device = resolve_device(args.device)
     data_args = argparse.Namespace(**{**vars(args), "seed": start.data_seed})
     splits = load_space_data(space, data_args)
@@ -274,10 +197,10 @@ def run(args: argparse.Namespace) -> int:
         budget = Budget(budget.kind, budget.value - share)
     ranges = None
     if start.supernet is not None:
-        base, ranges = _from_supernet(start.supernet, plan, space, splits, device)
+        base, ranges = plan_model(start.supernet, plan, space, splits, device)
         float_model = copy.deepcopy(base)
-        recalibrate_bn(float_model, make_loader(splits.train, ONE_SHOT_BATCH, shuffle=True, seed=0),
-                       BN_BATCHES, device)
+        recalibrate_bn(float_model, make_loader(splits.train, ONE_SHOT_BATCH, shuffle=True,
+                                                seed=0), BN_BATCHES, device)
     else:
         base = float_model = start.model
     origin = (f"run {args.search_run}'s supernet" if source == "run" else
@@ -324,9 +247,6 @@ def run(args: argparse.Namespace) -> int:
                              calib_batches=args.calib_batches,
                              calibration="minmax" if ranges is not None else args.calibration,
                              learn=learn, ranges=ranges).to(device)
-        if start.supernet is not None:
-            moved = _match_weight_codes(qmodel, start.supernet, plan)
-            run_dir.log("weight steps of %d channels moved to the supernet's codes", moved)
         start_acc = evaluate(qmodel, test, device)["accuracy"]
         print(f"QAT start {start_acc:.2f}%"
               + (f" (search's one-shot {start.one_shot:.2f}%)" if start.one_shot is not None

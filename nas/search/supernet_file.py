@@ -59,3 +59,37 @@ def rebuild_supernet(payload: dict[str, Any], source: str):
     if payload.get("gumbel_state") is not None:
         net.generator.set_state(payload["gumbel_state"])
     return space, net
+
+
+# One-shot evaluation's BN re-estimation (nas.search.dnas.one_shot_accuracy's defaults).
+BN_BATCHES = 4
+ONE_SHOT_BATCH = 256
+
+
+def plan_model(supernet, plan, space, splits, device):
+    """(float model for the plan, its input ranges): the supernet's `.net` with each
+    MixedLayer back to its layer, BN statistics re-estimated with the plan's branches fixed,
+    exactly as one-shot evaluation does, and each layer's running input range after that.
+    Quantized with BN folded, it is the network the search scored."""
+    import copy
+
+    import torch
+
+    from nas.data import make_loader
+    from nas.search.encoding import PlanEncoding
+    from nas.supernet import recalibrate_bn
+
+    supernet.to(device, memory_format=torch.channels_last)  # as the search evaluated it
+    supernet.fix(PlanEncoding(space).indices(plan))
+    try:
+        recalibrate_bn(supernet, make_loader(splits.train, ONE_SHOT_BATCH, shuffle=True, seed=0),
+                       BN_BATCHES, device)
+        ranges = {n: (m.act_lo.clone(), m.act_hi.clone())
+                  for n, m in zip(supernet.names, supernet.mixed())}
+        # The MixedLayers' sampler is bound to the supernet: share it, do not copy it.
+        net = copy.deepcopy(supernet.net, memo={id(supernet): supernet})
+    finally:
+        supernet.fix(None)
+    for name in supernet.names:
+        net.set_submodule(name, net.get_submodule(name).layer)
+    return net.eval(), ranges
