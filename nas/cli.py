@@ -39,14 +39,16 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from nas import __version__
-    from nas.cmd import bench, cost, evaluate, export, measure, ptq, qat, search, spaces, train
+    from nas.cmd import (bench, cost, evaluate, export, measure, ptq, qat, report, search,
+                         spaces, train)
 
     parser = _Parser(prog="nas", parents=[_global_options(False)],
                      description="Mixed-precision architecture search for quantized convnets.")
     parser.add_argument("--version", action="version", version=f"nas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parents = [_global_options(True)]
-    for module in (train, evaluate, search, ptq, qat, export, cost, measure, spaces, bench):
+    for module in (train, evaluate, search, ptq, qat, export, cost, measure, spaces, bench,
+                   report):
         module.add_parser(sub, parents)
     return parser
 

@@ -50,8 +50,8 @@ def add_parser(sub, parents) -> None:
     dnas.set_defaults(run=run_dnas)
 
     search = benches.add_parser(
-        "search", parents=parents, help="bayes vs random vs uniform; Ray's scaling and overhead",
-        description="On one supernet (one-shot evaluator): bayes, random and uniform at equal "
+        "search", parents=parents, help="bayes vs random vs uniform vs rl; Ray's scaling",
+        description="On one supernet (one-shot evaluator): bayes, random, uniform and rl at equal "
                     "trial budgets under each size target and seed, the trials bayes needs to "
                     "reach random's best, each chosen plan on the test split; then random search "
                     "with 2 workers against 1, and Ray's time per trial beyond the evaluation.")
