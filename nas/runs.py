@@ -44,6 +44,21 @@ def _write_atomically(path: Path, write) -> None:
     _fsync_folder(path.parent)
 
 
+def append_csv_row(path: Path, header: list, row: list) -> None:
+    """Append one row to a CSV (its header first if the file is new), on disk at once: a
+    file that grows as work completes (trials.csv) and is read back after a crash."""
+    import csv
+
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (where the platform lets a folder be opened)."""
     try:

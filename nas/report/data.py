@@ -3,7 +3,6 @@ CSV holds)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 from nas.report.collect import Point, Run
 from nas.report.costs import ReportCosts
@@ -42,16 +41,13 @@ def _cost(point: Point, plan, costs: ReportCosts, cost: str) -> float:
 
 
 def _front_names(points: list[Point], costs: ReportCosts, cost: str) -> set[str]:
-    """The points of one run on its accuracy-cost Pareto front, found by the searches' own
-    rule (SearchResults.pareto) with every point counted as within the target."""
-    from nas.search.results import SearchResults, Trial
+    """The points of one run on its accuracy-cost Pareto front, by the searches' own rule
+    (nas.search.results.pareto_front), every point counted as within the target."""
+    from nas.search.results import Trial, pareto_front
 
-    problem = SimpleNamespace(objectives=("accuracy", cost), cost=cost, tables={})
-    results = SearchResults(None, problem, None)
-    results.trials = [Trial(i, [p.name], p.accuracy,
-                            {cost: _cost(p, costs.plan(p.bits), costs, cost)}, True)
-                      for i, p in enumerate(points)]
-    return {t.indices[0] for t in results.pareto()}
+    trials = [Trial(i, [p.name], p.accuracy, {cost: _cost(p, costs.plan(p.bits), costs, cost)},
+                    True) for i, p in enumerate(points)]
+    return {t.indices[0] for t in pareto_front(trials, [cost])}
 
 
 def layer_rows(run: Run, costs: ReportCosts) -> list[dict]:

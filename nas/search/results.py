@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +33,20 @@ class Trial:
     elapsed: float = math.nan        # since the search started (resumed: the first run's start)
 
 
+def pareto_front(trials: Sequence[Trial], costs: Sequence[str]) -> list[Trial]:
+    """The trials that no other beats on accuracy and on every one of `costs` at once, one
+    per plan, cheapest in costs[0] first."""
+
+    def dominates(a: Trial, b: Trial) -> bool:
+        no_worse = a.accuracy >= b.accuracy and all(a.costs[c] <= b.costs[c] for c in costs)
+        better = a.accuracy > b.accuracy or any(a.costs[c] < b.costs[c] for c in costs)
+        return no_worse and better
+
+    front = [t for t in trials if not any(dominates(o, t) for o in trials)]
+    unique = {tuple(t.indices): t for t in front}
+    return sorted(unique.values(), key=lambda t: (t.costs[costs[0]], -t.accuracy))
+
+
 class SearchResults:
     """Trials of one search, on disk as they complete."""
 
@@ -46,15 +59,9 @@ class SearchResults:
     # ------------------------------------------------------------ trials.csv
 
     def add(self, trial: Trial) -> None:
-        path = self.folder / TRIALS
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.columns)
-            writer.writerow(self._row(trial))
-            f.flush()
-            os.fsync(f.fileno())
+        from nas.runs import append_csv_row
+
+        append_csv_row(self.folder / TRIALS, self.columns, self._row(trial))
         self.trials.append(trial)
 
     def _row(self, t: Trial) -> list[Any]:
@@ -99,16 +106,7 @@ class SearchResults:
         """Trials within the target that no other beats on accuracy and every objective cost
         at once, cheapest first."""
         costs = [o for o in self.problem.objectives if o != "accuracy"] or [self.problem.cost]
-        ok = [t for t in self.trials if t.meets_target]
-
-        def dominates(a: Trial, b: Trial) -> bool:
-            no_worse = a.accuracy >= b.accuracy and all(a.costs[c] <= b.costs[c] for c in costs)
-            better = a.accuracy > b.accuracy or any(a.costs[c] < b.costs[c] for c in costs)
-            return no_worse and better
-
-        front = [t for t in ok if not any(dominates(o, t) for o in ok)]
-        unique = {tuple(t.indices): t for t in front}
-        return sorted(unique.values(), key=lambda t: (t.costs[costs[0]], -t.accuracy))
+        return pareto_front([t for t in self.trials if t.meets_target], costs)
 
     def write_pareto(self) -> list[Trial]:
         from nas.runs import atomic_write_text

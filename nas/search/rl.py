@@ -22,8 +22,6 @@ trials.csv kept.
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -247,15 +245,9 @@ class RLSearcher(DiscreteSearcher):
         self.curve.append(row)
         if self.folder is None:
             return
-        path = self.folder / CURVE
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+        from nas.runs import append_csv_row
+
+        append_csv_row(self.folder / CURVE, list(row), list(row.values()))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next proposals depend on (the agent, its buffer, the counters)."""
