@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nas.budget import Budget, BudgetClock
+from nas.budget import BudgetClock
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
 from nas.quant.bn_fold import ConvBn2d, conv_bn_pairs
@@ -33,6 +33,7 @@ from nas.quant.modules import (QUANT_TYPES, QuantConv2d, calibrate, input_quanti
 from nas.quant.modules import quantize_model as _quantize_model
 from nas.quant.observers import weight_method
 from nas.quant.quantizer import FakeQuantizer
+from nas.train import TrainConfig
 
 QAT_FORMAT = "nas-qat/1"
 DISTILL_WEIGHT = 0.5  # loss = (1 - w) * CE + w * T^2 * KL(float || quantized) at temperature T
@@ -229,18 +230,13 @@ def convert(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- fine-tuning
 
 @dataclass
-class QatConfig:
-    budget: Budget
-    batch_size: int = 128
+class QatConfig(TrainConfig):
+    """TrainConfig's schedule for fine-tuning, with QAT's own settings."""
+
     lr: float = 0.005
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup: float = 0.03      # fraction of the budget with a linear learning-rate ramp
     freeze_bn: float = 0.5    # fraction of the budget after which BN statistics are frozen
     temperature: float = 2.0  # distillation temperature (with a teacher)
     eval_every: int | None = None  # steps between arch-split evaluations (None: each epoch)
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
