@@ -323,6 +323,20 @@ def test_tap_pairs_are_exact(n, hw, ci, o, kernel, stride, padding, groups, zp, 
     assert torch.equal(out, reference(x, w, stride, padding, groups, zp))
 
 
+def test_gemm_geometry_is_the_kernels_geometry_parameters_in_their_order():
+    # A launch passes GemmGeometry.kernel_args() by position, between the pointers and the
+    # zero points: its fields must name those parameters of the kernel, in order.
+    from dataclasses import fields
+
+    from nas.kernels.conv import GemmGeometry
+    from nas.kernels.conv_kernels import _conv_gemm_kernel
+
+    names = _conv_gemm_kernel.arg_names
+    params = names[names.index("ktab_ptr") + 1:names.index("x_zp")]
+    assert [f.name for f in fields(GemmGeometry)] == [p.lower() for p in params]
+    assert GemmGeometry(*range(15)).kernel_args() == tuple(range(15))
+
+
 def test_tap_pairs_only_where_a_block_is_two_taps_of_int8_values():
     from nas.kernels.conv_kernels import tap_pairs
 

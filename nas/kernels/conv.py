@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import astuple, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -199,6 +201,112 @@ def conv2d_int(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, st
                         out_zero_point=out_zero_point, config=config, launch=launch)()
 
 
+@dataclass(frozen=True)
+class GemmGeometry:
+    """A layer as `_conv_gemm_kernel` walks it, its geometry arguments in its order (each
+    field is the kernel's parameter of that name in capitals): NHWC input of h x w pixels of
+    c values (all groups), oh x ow output pixels, kernel width, strides and padding; ci input
+    and co_g output channels per group, o output channels in all, m output pixels and k
+    reduction positions per group (KH x KW x ci; the kernel derives KH from it)."""
+    h: int
+    w: int
+    c: int
+    oh: int
+    ow: int
+    kw: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    ci: int
+    co_g: int
+    o: int
+    m: int
+    k: int
+
+    def kernel_args(self) -> tuple[int, ...]:
+        return astuple(self)
+
+
+@dataclass(frozen=True)
+class _Epilogue:
+    """What every kernel's fused epilogue reads: per-channel scale, bias and weight sums (a
+    one-value dummy where unused), the zero points and the output scale, and its flags."""
+    scale: torch.Tensor
+    bias: torch.Tensor
+    wsum: torch.Tensor
+    x_zp: int
+    out_scale: float
+    out_zp: int
+    flags: dict  # HAS_SCALE, HAS_BIAS, RELU, OUT_MODE
+
+
+@dataclass
+class _GemmLayer:
+    """A GEMM convolution checked and prepared once: its operands, epilogue inputs and
+    padding-correction table, the kernel flags every launch variant starts from, the tile
+    (None: autotuned), and the buffers the variants share (they run one at a time)."""
+    x: torch.Tensor
+    w: torch.Tensor
+    x_packed: bool
+    w_packed: bool
+    n: int
+    kh: int
+    groups: int
+    geometry: GemmGeometry
+    out: torch.Tensor
+    epilogue: _Epilogue
+    corr: torch.Tensor
+    ktab: torch.Tensor | None  # the flattened walk's position table
+    dummy: torch.Tensor
+    flags: dict
+    tile: KernelConfig | None
+    buffers: dict = field(default_factory=dict)
+
+    @property
+    def kp(self) -> int:
+        return im2col_row(self.geometry.k)
+
+    @property
+    def image(self) -> tuple[int, int, int, int] | None:
+        """The padded image of a `pad_image` launch (`padded_image`), or None."""
+        g = self.geometry
+        return padded_image(self.n, g.h, g.w, g.c, g.kw, g.pad_h, g.pad_w, g.stride_w,
+                            self.groups, self.x_packed)
+
+    def buffer(self, name: str, shape, dtype=torch.int8, zeroed=False, make=None):
+        if name not in self.buffers:
+            self.buffers[name] = make() if make else (torch.zeros if zeroed else torch.empty)(
+                shape, dtype=dtype, device=self.x.device)
+        return self.buffers[name]
+
+    def check(self, launch: Launch) -> None:
+        """Refuse a launch variant this layer cannot take."""
+        g = self.geometry
+        if launch.pad_image and self.image is None:
+            raise ConfigError(
+                f"conv2d_int: pad_image is for a kernel-row walk (one group, int8 activations, "
+                f"fewer than {FLAT_K_BELOW} input channels, KW x channels rounded up to 4 at most "
+                f"{ROW_WIDTH.value}); launch this {self.kh}x{g.kw} layer of {g.c} channels in "
+                f"{self.groups} group(s) without it")
+        if launch.im2col and not im2col_fits(g.m, self.groups, g.k):
+            raise ConfigError(f"conv2d_int: im2col rows of {g.m} pixels x {self.groups * self.kp} "
+                              f"values pass int32 offsets; launch this layer without im2col")
+        if launch.split_k * g.m * g.o >= 2 ** 31:
+            raise ConfigError(f"conv2d_int: {launch.split_k} splits' partial sums of {g.m} "
+                              f"pixels x {g.o} channels pass int32 offsets; launch this layer "
+                              f"with fewer splits")
+
+
+class _Operands(NamedTuple):
+    """What the GEMM of one launch variant runs on, and the pre-passes that make it."""
+    prepasses: list
+    x: torch.Tensor
+    w: torch.Tensor
+    geometry: GemmGeometry
+    flags: dict
+
+
 def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, stride=1,
                  padding=0, groups: int = 1, scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, relu: bool = False,
@@ -207,8 +315,9 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
                  config: KernelConfig | DirectConfig | None = None,
                  launch: Launch | None = None):
     """Check and prepare a `conv2d_int` call (same arguments and contract) and return a
-    function that only launches the kernels (pre-passes, GEMM, epilogue) into preallocated
-    buffers and returns the output: what `nas measure` times and captures in CUDA graphs."""
+    callable that only launches the kernels (pre-passes, GEMM, epilogue) into preallocated
+    buffers and returns the output: what `nas measure` times and captures in CUDA graphs
+    (a `GemmLaunch`, whose `variant` is the Launch it runs, or the depthwise kernel's)."""
     x_packed, w_packed = _check_operands(x, w, w_bits, a_bits, x_zero_point)
     if launch is not None:
         validate_launch(launch)
@@ -228,7 +337,8 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     out_mode, out_torch = _output_mode(scale, bias, relu, out_dtype, out_scale)
     device = x.device
     x, w = x.contiguous(), w.contiguous()
-    m = n * oh * ow
+    geometry = GemmGeometry(h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, o // groups, o,
+                            n * oh * ow, kh * kw * ci)
     out = torch.empty((n, oh, ow, o), dtype=out_torch, device=device)
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
     depthwise = groups == c and ci == 1 and o == c and groups > 1
@@ -236,180 +346,215 @@ def prepare_conv(x: torch.Tensor, w: torch.Tensor, *, w_bits: int, a_bits: int, 
     # kernel reads the zero point itself.
     pad_fix = x_zero_point != 0 and (ph > 0 or pw > 0) and not depthwise
     wsum, corr = _weight_sums(w, w_packed, scale is not None, x_zero_point * pad_fix, dummy)
-    bias_t = bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None else dummy
-    scale_t = (scale.to(device=device, dtype=torch.float32).contiguous() if scale is not None
-               else dummy)
-    common = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
-                  OUT_MODE=out_mode, X_PACKED=x_packed, W_PACKED=w_packed)
-    interpreted = _INTERPRET
+    epilogue = _Epilogue(
+        scale=(scale.to(device=device, dtype=torch.float32).contiguous() if scale is not None
+               else dummy),
+        bias=(bias.to(device=device, dtype=torch.float32).contiguous() if bias is not None
+              else dummy),
+        wsum=wsum, x_zp=x_zero_point, out_scale=float(out_scale or 1.0), out_zp=out_zero_point,
+        flags=dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, RELU=relu,
+                   OUT_MODE=out_mode))
     if depthwise:  # (its weights, [C, KH, KW, 1], are never packed: one value per channel)
-        dw_args = (x, depthwise_taps(w), out, scale_t, bias_t, wsum, h, wd, c, oh, ow, kh, kw,
-                   sh, sw, ph, pw, m, x_zero_point, float(out_scale or 1.0), out_zero_point)
-        dw_flags = {name: v for name, v in common.items() if name != "W_PACKED"}
-
-        fixed = (validate_direct_config(config) if isinstance(config, DirectConfig)
-                 else INTERPRETER_DEPTHWISE if interpreted else None)
-
-        def launch_depthwise() -> torch.Tensor:
-            if fixed is not None:
-                d = fixed
-                _conv_depthwise_kernel[(triton.cdiv(m, d.block_m), triton.cdiv(c, d.block_c))](
-                    *dw_args, BLOCK_M=d.block_m, BLOCK_C=d.block_c, num_warps=d.num_warps,
-                    **dw_flags)
-            else:
-                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
-                                     triton.cdiv(c, meta["BLOCK_C"]))
-                _tuned_depthwise()[grid](*dw_args, **dw_flags)
-            return out
-        return launch_depthwise
-    if x_packed and ci % 2:
-        raise ConfigError(f"conv2d_int: packed activations need an even channel count per group "
-                          f"(C // groups = {ci}); pass them unpacked (int8)")
-    k = kh * kw * ci
-    if isinstance(config, DirectConfig):
-        raise ConfigError(f"conv2d_int: {config} is a depthwise tile; this convolution (groups="
-                          f"{groups}, {ci} input channels per group) runs as a GEMM and takes a "
-                          f"KernelConfig")
-    cfg = validate_config(config or INTERPRETER_CONFIG)
-    # Few input channels: a kernel row per GEMM block where it fits (int8 activations), else
-    # the flattened walk.
-    row_walk = ci < FLAT_K_BELOW and kw * ci <= ROW_WIDTH.value and not x_packed
-    common.update(FLAT_K=ci < FLAT_K_BELOW and not row_walk, ROW_K=row_walk, ROW_ALIGN=0,
-                  PAD_FIX=pad_fix)
-    # The flattened walk's (and im2col's) position table; kernel sizes are checked to fit it.
-    if max(kh, kw) > 255:
-        raise ConfigError(f"conv2d_int: a {kh}x{kw} kernel is wider than 255 taps")
-    ktab = flat_walk_table(kh, kw, ci, wd, c, device) if common["FLAT_K"] else None
-    co_g = o // groups
-    geometry = (h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, co_g, o, m, k)
-    zero_points = (x_zero_point, float(out_scale or 1.0), out_zero_point)
-    kp = im2col_row(k)
-    im2col_ok = im2col_fits(m, groups, k)  # its int32 offsets
-    image = padded_image(n, h, wd, c, kw, ph, pw, sw, groups, x_packed)  # (a row walk's)
-    buffers: dict[str, torch.Tensor] = {}  # shared by the variants (they run one at a time)
-
-    def buffer(name: str, shape, dtype=torch.int8, zeroed=False, make=None) -> torch.Tensor:
-        if name not in buffers:
-            buffers[name] = make() if make else (torch.zeros if zeroed else torch.empty)(
-                shape, dtype=dtype, device=device)
-        return buffers[name]
-
-    def unpack(src, dst, row_bytes: int, dst_row: int):
-        """A pre-pass writing packed `src` to int8 `dst`, rows of `row_bytes` bytes to rows of
-        `dst_row` values (the weights, read from memory on every call like any operand)."""
-        grid = (triton.cdiv(src.numel(), 1024),)
-        return functools.partial(_unpack_int4_kernel[grid], src, dst, src.numel(), row_bytes,
-                                 dst_row, BLOCK=1024)
-
-    def operands(variant: Launch):
-        """(pre-passes, x, w, geometry, flags) the GEMM of `variant` runs on."""
-        if variant.im2col:
-            col = buffer("col", (m, groups * kp))
-            fresh = "w_col" not in buffers
-            w_col = buffer("w_col", (o, 1, 1, kp), zeroed=True)  # zero past K
-            if fresh and not w_packed:  # int8 weights: laid out once
-                w_col.view(o, kp)[:, :k] = w.reshape(o, k)
-            table = ktab if ktab is not None else buffer(
-                "ktab", None, make=lambda: flat_walk_table(kh, kw, ci, wd, c, device))
-            pre = [lambda: _im2col_kernel[(triton.cdiv(m, 64), kp // 32, groups)](
-                x, col, table, h, wd, c, oh, ow, kw, sh, sw, ph, pw, ci, m, k, kp, x_zero_point,
-                X_PACKED=x_packed, BLOCK_M=64, BLOCK_K=32)]
-            if w_packed:
-                pre.append(unpack(w, w_col, k // 2, kp))
-            flags = {**common, "X_PACKED": False, "W_PACKED": False, "FLAT_K": False,
-                     "ROW_K": False,
-                     "PAD_FIX": False}  # the zero point is in the rows
-            return (pre, col, w_col, (1, m, groups * kp, 1, m, 1, 1, 1, 0, 0, kp, co_g, o, m, kp),
-                    flags)
-        if variant.pad_image:  # x copied into the padded image, whose border never changes
-            hp, wp, cp, align = image
-            xp = buffer("x_image", None, make=lambda: torch.full(
-                (n * hp * wp * cp + ROW_WIDTH.value,), x_zero_point, dtype=torch.int8,
-                device=device))  # a row of slack: the walk reads past the last pixel
-            row_block = min(256, triton.next_power_of_2(wd))
-            pre = [lambda: _pad_image_kernel[(n * h, triton.cdiv(wd, row_block))](
-                x, xp, h, wd, c, ph, pw, hp, wp, CP=cp, CP_BLOCK=triton.next_power_of_2(cp),
-                BLOCK=row_block)]
-            wa = buffer("w_image_rows", None, make=lambda: kernel_rows(w, w_packed, cp))
-            flags = {**common, "W_PACKED": False, "ROW_ALIGN": align,
-                     "PAD_FIX": False}  # the zero point is in the image's border
-            return (pre, xp, wa, (hp, wp, cp, oh, ow, kw, sh, sw, 0, 0, cp, co_g, o, m,
-                                  kh * kw * cp), flags)
-        # unpack_first: packed operands are unpacked to int8 once per call, by a pre-pass,
-        # instead of in every tile that reads them (weights: once per row of tiles).
-        pre, xa, wa = [], x, w
-        if common["ROW_K"]:  # weights as rows of ROW_WIDTH, laid out once
-            wa = buffer("w_rows", None, make=lambda: kernel_rows(w, w_packed))
-            return pre, xa, wa, geometry, {**common, "W_PACKED": False}
-        if variant.unpack_first and x_packed:
-            xa = buffer("x8", (*x.shape[:3], c))
-            pre.append(unpack(x, xa, x.shape[3], c))
-        if variant.unpack_first and w_packed:
-            wa = buffer("w8", (o, kh, kw, ci))
-            pre.append(unpack(w, wa, w.shape[3], ci))
-        flags = {**common, "X_PACKED": x_packed and xa is x, "W_PACKED": w_packed and wa is w}
-        return pre, xa, wa, geometry, flags
-
-    def gemm_launch(variant: Launch):
-        split = variant.split_k
-        # Split-K: each split stores its partial int32 sums in a slice of its own, which the
-        # epilogue kernel adds up (nothing to zero first).
-        acc = out if split == 1 else buffer(f"partials{split}", (split, m, o), torch.int32)
-        pre, xa, wa, geo, flags = operands(variant)
-        args = (xa, wa, acc, scale_t, bias_t, wsum, corr, dummy if ktab is None else ktab, *geo,
-                *zero_points)
-        ep_block = epilogue_tile(m, o)
-        ep_grid = (triton.cdiv(m, ep_block[0]), triton.cdiv(o, ep_block[1]))
-
-        def run() -> torch.Tensor:
-            for prepass in pre:
-                prepass()
-            if interpreted or config is not None:
-                grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(co_g, cfg.block_n),
-                        groups * split)
-                conv_gemm[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                                num_stages=cfg.num_stages, SPLIT_K=split, **flags,
-                                **_register_cap(cfg))
-            else:
-                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
-                                     triton.cdiv(co_g, meta["BLOCK_N"]), groups * split)
-                _tuned()[grid](*args, SPLIT_K=split, **flags)
-            if split > 1:
-                _epilogue_kernel[ep_grid](acc, out, scale_t, bias_t, m, o, *zero_points[1:],
-                                          SPLITS=split, HAS_SCALE=scale is not None,
-                                          HAS_BIAS=bias is not None, RELU=relu,
-                                          OUT_MODE=out_mode, BLOCK_M=ep_block[0],
-                                          BLOCK_N=ep_block[1])
-            return out
-        run.variant = variant
-        return run
-
+        return _depthwise_launch(x, w, x_packed, kh, geometry, out, epilogue, config)
+    layer = _gemm_layer(x, w, x_packed, w_packed, n, kh, groups, geometry, out, epilogue,
+                        corr, dummy, pad_fix, config)
     if launch is not None:
-        if launch.pad_image and image is None:
-            raise ConfigError(
-                f"conv2d_int: pad_image is for a kernel-row walk (one group, int8 activations, "
-                f"fewer than {FLAT_K_BELOW} input channels, KW x channels rounded up to 4 at most "
-                f"{ROW_WIDTH.value}); launch this {kh}x{kw} layer of {c} channels in {groups} "
-                f"group(s) without it")
-        if launch.im2col and not im2col_ok:
-            raise ConfigError(f"conv2d_int: im2col rows of {m} pixels x {groups * kp} values "
-                              f"pass int32 offsets; launch this layer without im2col")
-        if launch.split_k * m * o >= 2 ** 31:
-            raise ConfigError(f"conv2d_int: {launch.split_k} splits' partial sums of {m} pixels "
-                              f"x {o} channels pass int32 offsets; launch this layer with fewer "
-                              f"splits")
-        return gemm_launch(launch)
-    sms = INTERPRETER_SMS if interpreted else torch.cuda.get_device_properties(
+        layer.check(launch)
+        return GemmLaunch(layer, launch)
+    sms = INTERPRETER_SMS if _INTERPRET else torch.cuda.get_device_properties(
         device).multi_processor_count
-    proposal = propose_split_k(m, co_g, groups, ci, kh * kw, sms)
-    if interpreted or config is not None:
-        return gemm_launch(Launch(proposal))
+    proposal = propose_split_k(geometry.m, geometry.co_g, groups, ci, kh * kw, sms)
+    if layer.tile is not None:
+        return GemmLaunch(layer, Launch(proposal))
     variants = timed_launches(n, h, wd, c, o, kh, kw, (sh, sw), (ph, pw), groups, x_packed,
                               w_packed, sms)
     key = (str(device), n, h, wd, c, o, kh, kw, sh, sw, ph, pw, groups,
-           tuple(sorted(common.items())))
-    return _fastest(gemm_launch, key, variants)
+           tuple(sorted(layer.flags.items())))
+    return _fastest(functools.partial(GemmLaunch, layer), key, variants)
+
+
+def _depthwise_launch(x, w, x_packed: bool, kh: int, g: GemmGeometry, out, epilogue: _Epilogue,
+                      config):
+    """The depthwise kernel's launch: a given DirectConfig's tile, the interpreter's, or
+    autotuned (a KernelConfig is ignored)."""
+    e = epilogue
+    args = (x, depthwise_taps(w), out, e.scale, e.bias, e.wsum, g.h, g.w, g.c, g.oh, g.ow, kh,
+            g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.m, e.x_zp, e.out_scale, e.out_zp)
+    tile = (validate_direct_config(config) if isinstance(config, DirectConfig)
+            else INTERPRETER_DEPTHWISE if _INTERPRET else None)
+    return functools.partial(_run_depthwise, args, {**e.flags, "X_PACKED": x_packed}, tile,
+                             g.m, g.c, out)
+
+
+def _run_depthwise(args: tuple, flags: dict, tile: DirectConfig | None, m: int, c: int,
+                   out: torch.Tensor) -> torch.Tensor:
+    if tile is not None:
+        _conv_depthwise_kernel[(triton.cdiv(m, tile.block_m), triton.cdiv(c, tile.block_c))](
+            *args, BLOCK_M=tile.block_m, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+            **flags)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                             triton.cdiv(c, meta["BLOCK_C"]))
+        _tuned_depthwise()[grid](*args, **flags)
+    return out
+
+
+def _gemm_layer(x, w, x_packed: bool, w_packed: bool, n: int, kh: int, groups: int,
+                g: GemmGeometry, out, epilogue: _Epilogue, corr, dummy, pad_fix: bool,
+                config) -> _GemmLayer:
+    """Check a GEMM convolution and prepare what its launch variants share."""
+    if x_packed and g.ci % 2:
+        raise ConfigError(f"conv2d_int: packed activations need an even channel count per group "
+                          f"(C // groups = {g.ci}); pass them unpacked (int8)")
+    if isinstance(config, DirectConfig):
+        raise ConfigError(f"conv2d_int: {config} is a depthwise tile; this convolution (groups="
+                          f"{groups}, {g.ci} input channels per group) runs as a GEMM and takes a "
+                          f"KernelConfig")
+    tile = validate_config(config or INTERPRETER_CONFIG)
+    # Few input channels: a kernel row per GEMM block where it fits (int8 activations), else
+    # the flattened walk.
+    row_walk = g.ci < FLAT_K_BELOW and g.kw * g.ci <= ROW_WIDTH.value and not x_packed
+    flat_walk = g.ci < FLAT_K_BELOW and not row_walk
+    # The flattened walk's (and im2col's) position table; kernel sizes are checked to fit it.
+    if max(kh, g.kw) > 255:
+        raise ConfigError(f"conv2d_int: a {kh}x{g.kw} kernel is wider than 255 taps")
+    ktab = flat_walk_table(kh, g.kw, g.ci, g.w, g.c, x.device) if flat_walk else None
+    flags = {**epilogue.flags, "X_PACKED": x_packed, "W_PACKED": w_packed, "FLAT_K": flat_walk,
+             "ROW_K": row_walk, "ROW_ALIGN": 0, "PAD_FIX": pad_fix}
+    return _GemmLayer(x, w, x_packed, w_packed, n, kh, groups, g, out, epilogue, corr, ktab,
+                      dummy, flags, tile if (_INTERPRET or config is not None) else None)
+
+
+def _gemm_operands(layer: _GemmLayer, variant: Launch) -> _Operands:
+    if variant.im2col:
+        return _im2col_operands(layer)
+    if variant.pad_image:
+        return _pad_image_operands(layer)
+    if layer.flags["ROW_K"]:
+        return _row_operands(layer)
+    return _tile_operands(layer, variant.unpack_first)
+
+
+def _unpack_prepass(src: torch.Tensor, dst: torch.Tensor, row_bytes: int, dst_row: int):
+    """A pre-pass writing packed `src` to int8 `dst`, rows of `row_bytes` bytes to rows of
+    `dst_row` values (the weights, read from memory on every call like any operand)."""
+    grid = (triton.cdiv(src.numel(), 1024),)
+    return functools.partial(_unpack_int4_kernel[grid], src, dst, src.numel(), row_bytes,
+                             dst_row, BLOCK=1024)
+
+
+def _tile_operands(layer: _GemmLayer, unpack_first: bool) -> _Operands:
+    """The tap or flattened walk on the operands as given, packed ones unpacked in every tile
+    that reads them, or (`unpack_first`) to int8 once per call, by a pre-pass (weights: once
+    per row of tiles otherwise)."""
+    g, prepasses, xa, wa = layer.geometry, [], layer.x, layer.w
+    if unpack_first and layer.x_packed:
+        xa = layer.buffer("x8", (*layer.x.shape[:3], g.c))
+        prepasses.append(_unpack_prepass(layer.x, xa, layer.x.shape[3], g.c))
+    if unpack_first and layer.w_packed:
+        wa = layer.buffer("w8", (g.o, layer.kh, g.kw, g.ci))
+        prepasses.append(_unpack_prepass(layer.w, wa, layer.w.shape[3], g.ci))
+    flags = {**layer.flags, "X_PACKED": layer.x_packed and xa is layer.x,
+             "W_PACKED": layer.w_packed and wa is layer.w}
+    return _Operands(prepasses, xa, wa, g, flags)
+
+
+def _row_operands(layer: _GemmLayer) -> _Operands:
+    """The kernel-row walk: weights as rows of ROW_WIDTH, laid out once."""
+    wa = layer.buffer("w_rows", None, make=lambda: kernel_rows(layer.w, layer.w_packed))
+    return _Operands([], layer.x, wa, layer.geometry, {**layer.flags, "W_PACKED": False})
+
+
+def _im2col_operands(layer: _GemmLayer) -> _Operands:
+    """A 1x1 GEMM over im2col rows [M, groups x kp] (written by a pre-pass, the zero point in
+    the padding) and weights [O, kp], zero past K (int8 ones laid out once, packed ones
+    unpacked by a pre-pass)."""
+    g, kp, groups = layer.geometry, layer.kp, layer.groups
+    col = layer.buffer("col", (g.m, groups * kp))
+    fresh = "w_col" not in layer.buffers
+    w_col = layer.buffer("w_col", (g.o, 1, 1, kp), zeroed=True)
+    if fresh and not layer.w_packed:
+        w_col.view(g.o, kp)[:, :g.k] = layer.w.reshape(g.o, g.k)
+    table = layer.ktab if layer.ktab is not None else layer.buffer(
+        "ktab", None, make=lambda: flat_walk_table(layer.kh, g.kw, g.ci, g.w, g.c,
+                                                   layer.x.device))
+    prepasses = [functools.partial(
+        _im2col_kernel[(triton.cdiv(g.m, 64), kp // 32, groups)], layer.x, col, table, g.h,
+        g.w, g.c, g.oh, g.ow, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.ci, g.m, g.k,
+        kp, layer.epilogue.x_zp, X_PACKED=layer.x_packed, BLOCK_M=64, BLOCK_K=32)]
+    if layer.w_packed:
+        prepasses.append(_unpack_prepass(layer.w, w_col, g.k // 2, kp))
+    rows = GemmGeometry(h=1, w=g.m, c=groups * kp, oh=1, ow=g.m, kw=1, stride_h=1, stride_w=1,
+                        pad_h=0, pad_w=0, ci=kp, co_g=g.co_g, o=g.o, m=g.m, k=kp)
+    flags = {**layer.flags, "X_PACKED": False, "W_PACKED": False, "FLAT_K": False,
+             "ROW_K": False, "PAD_FIX": False}  # the zero point is in the rows
+    return _Operands(prepasses, col, w_col, rows, flags)
+
+
+def _pad_image_operands(layer: _GemmLayer) -> _Operands:
+    """The kernel-row walk over x copied (by a pre-pass) into the padded image, whose border,
+    the zero point, is written once, and weights as rows of its pixels."""
+    g = layer.geometry
+    hp, wp, cp, align = layer.image
+    xp = layer.buffer("x_image", None, make=lambda: torch.full(
+        (layer.n * hp * wp * cp + ROW_WIDTH.value,), layer.epilogue.x_zp, dtype=torch.int8,
+        device=layer.x.device))  # a row of slack: the walk reads past the last pixel
+    row_block = min(256, triton.next_power_of_2(g.w))
+    prepasses = [functools.partial(
+        _pad_image_kernel[(layer.n * g.h, triton.cdiv(g.w, row_block))], layer.x, xp, g.h, g.w,
+        g.c, g.pad_h, g.pad_w, hp, wp, CP=cp, CP_BLOCK=triton.next_power_of_2(cp),
+        BLOCK=row_block)]
+    wa = layer.buffer("w_image_rows", None, make=lambda: kernel_rows(layer.w, layer.w_packed, cp))
+    image = replace(g, h=hp, w=wp, c=cp, pad_h=0, pad_w=0, ci=cp, k=layer.kh * g.kw * cp)
+    flags = {**layer.flags, "W_PACKED": False, "ROW_ALIGN": align,
+             "PAD_FIX": False}  # the zero point is in the image's border
+    return _Operands(prepasses, xp, wa, image, flags)
+
+
+class GemmLaunch:
+    """One launch variant of a prepared GEMM layer: its pre-passes, the GEMM (the layer's
+    tile, or autotuned) and, split, the epilogue kernel. Calling it runs them and returns
+    the output."""
+
+    def __init__(self, layer: _GemmLayer, variant: Launch):
+        self.layer, self.variant = layer, variant
+        g, e, split = layer.geometry, layer.epilogue, variant.split_k
+        # Split-K: each split stores its partial int32 sums in a slice of its own, which the
+        # epilogue kernel adds up (nothing to zero first).
+        self.acc = (layer.out if split == 1
+                    else layer.buffer(f"partials{split}", (split, g.m, g.o), torch.int32))
+        self.operands = ops = _gemm_operands(layer, variant)
+        self.args = (ops.x, ops.w, self.acc, e.scale, e.bias, e.wsum, layer.corr,
+                     layer.dummy if layer.ktab is None else layer.ktab,
+                     *ops.geometry.kernel_args(), e.x_zp, e.out_scale, e.out_zp)
+        self.epilogue_tile = epilogue_tile(g.m, g.o)
+
+    def __call__(self) -> torch.Tensor:
+        layer, ops, split = self.layer, self.operands, self.variant.split_k
+        for prepass in ops.prepasses:
+            prepass()
+        m, co_g, programs = ops.geometry.m, ops.geometry.co_g, layer.groups * split
+        tile = layer.tile
+        if tile is not None:
+            grid = (triton.cdiv(m, tile.block_m), triton.cdiv(co_g, tile.block_n), programs)
+            conv_gemm[grid](*self.args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                            BLOCK_K=tile.block_k, num_warps=tile.num_warps,
+                            num_stages=tile.num_stages, SPLIT_K=split, **ops.flags,
+                            **_register_cap(tile))
+        else:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                                 triton.cdiv(co_g, meta["BLOCK_N"]), programs)
+            _tuned()[grid](*self.args, SPLIT_K=split, **ops.flags)
+        if split > 1:
+            self._sum_splits()
+        return layer.out
+
+    def _sum_splits(self) -> None:
+        """Split-K's epilogue kernel: the splits' partial sums added up, then the epilogue."""
+        g, e, (block_m, block_n) = self.layer.geometry, self.layer.epilogue, self.epilogue_tile
+        _epilogue_kernel[(triton.cdiv(g.m, block_m), triton.cdiv(g.o, block_n))](
+            self.acc, self.layer.out, e.scale, e.bias, g.m, g.o, e.out_scale, e.out_zp,
+            SPLITS=self.variant.split_k, BLOCK_M=block_m, BLOCK_N=block_n, **e.flags)
 
 
 def depthwise_taps(w: torch.Tensor) -> torch.Tensor:

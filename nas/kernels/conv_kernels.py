@@ -268,6 +268,186 @@ def _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, rows, co, co_mask, corr_ptr,
                    mask=border[:, None] & co_mask[None, :], other=0)
 
 
+@triton.jit
+def _row_walk(acc, x_ptr, w_ptr, x_base, ow, m_mask, co, n_mask, kh_lo, kh_hi, first, last,
+              W, C, CI, KW, KH, stride_w, pad_w, ROW_ALIGN: tl.constexpr):
+    """ROW_K: one step per kernel row, its KW x CI values (KW pixels side by side, one run in
+    NHWC x when there is one group), from `x_base`, the value under each pixel's tap (0, 0)
+    of its group. The weights come laid out as rows of ROW_WIDTH, zero past KW * CI
+    (`kernel_rows`). Which columns fall in the image is the same for every row, so it is
+    worked out once; per step only the row's own bounds change."""
+    j = tl.arange(0, ROW_WIDTH)
+    if not ROW_ALIGN:
+        col_tap = j // CI
+        col_off = col_tap * C + (j - col_tap * CI)  # from the pixel's tap (0, 0) value
+        iw = (ow * stride_w - pad_w)[:, None] + col_tap[None, :]
+        col_ok = m_mask[:, None] & (col_tap < KW)[None, :] & (iw >= 0) & (iw < W)
+    for kh in range(first, last):
+        if ROW_ALIGN:
+            # The padded image (`_pad_image_kernel`): every tap is inside it, C is a multiple
+            # of 4 and each row's run starts at a multiple of ROW_ALIGN bytes, so the run
+            # loads as whole aligned vectors, masked only past M (cp.async; per byte, the
+            # masked walk below compiled for sm_90 to 32 byte loads and ~300 instructions
+            # per step). Lanes past KW * C read the next pixels, which meet zero weights
+            # (the buffer has a row of slack after the last pixel).
+            row = tl.multiple_of(x_base + kh * (W * C), ROW_ALIGN)
+            a = tl.load(x_ptr + row[:, None] + j[None, :], mask=m_mask[:, None], other=0)
+        else:
+            row_ok = (kh >= kh_lo) & (kh < kh_hi)
+            a = tl.load(x_ptr + (x_base + kh * (W * C))[:, None] + col_off[None, :],
+                        mask=col_ok & row_ok[:, None], other=0)
+        b = tl.load(w_ptr + co[:, None] * (KH * ROW_WIDTH) + kh * ROW_WIDTH + j[None, :],
+                    mask=n_mask[:, None], other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _flat_walk(acc, x_ptr, w_ptr, ktab_ptr, row0, m_mask, co, n_mask, kh_lo, kh_hi, kw_lo,
+               kw_hi, first, last, K, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """FLAT_K: blocks of BLOCK_K positions of the flattened (kh, kw, ci) axis, the rows
+    gathered element by element (`_gather_rows`) from `row0`, the value (not byte) under
+    each pixel's tap (0, 0) of its group."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_b = tl.arange(0, HALF_K)  # byte columns of packed weights
+    for step in range(first, last):
+        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        valid = m_mask[:, None] & (offs_k < K)[None, :]
+        a = _gather_rows(x_ptr, ktab_ptr, offs_k, row0, kh_lo, kh_hi, kw_lo, kw_hi, valid,
+                         0, X_PACKED).to(tl.int8)
+        if W_PACKED:  # K even (CI is): a block's bytes are contiguous in the weight row
+            w_off = co[:, None] * (K // 2) + (step * HALF_K + offs_b)[None, :]
+            w_mask = n_mask[:, None] & (step * BLOCK_K + 2 * offs_b < K)[None, :]
+            b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0), BLOCK_N,
+                                  BLOCK_K)
+        else:
+            b = tl.load(w_ptr + co[:, None] * K + offs_k[None, :],
+                        mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _tap_pair_walk(acc, x_ptr, w_ptr, row0, co, n_mask, kh_lo, kh_hi, kw_lo, kw_hi, first,
+                   last, W, C, CI, KW, K, BLOCK_K: tl.constexpr):
+    """TAP_PAIRS: two consecutive taps per step, tap a in the block's first half of columns
+    and tap b in the second, from `row0`, the value under each pixel's tap (0, 0) of its
+    group. Every MMA step covers BLOCK_K = 2 x CI values, not CI and a masked half (Triton
+    waits for each int8 MMA before the next step, so steps of more values each wait less per
+    value). Tap b of an odd last step lies past the kernel (kh = KH: outside every pixel's
+    taps, read as 0; its weights masked)."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_c = tl.arange(0, BLOCK_K)
+    in_b_half = offs_c >= HALF_K
+    half = offs_c // HALF_K
+    chan = offs_c % HALF_K
+    tap = 2 * first
+    kh = tap // KW
+    kw = tap - kh * KW
+    for step in range(first, last):
+        kw_b = kw + 1
+        wrap = kw_b >= KW
+        kw_b = tl.where(wrap, 0, kw_b)
+        kh_b = kh + wrap.to(tl.int32)
+        in_a = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
+        in_b = (kh_b >= kh_lo) & (kh_b < kh_hi) & (kw_b >= kw_lo) & (kw_b < kw_hi)
+        to_b = ((kh_b - kh) * W + kw_b - kw) * C  # from tap a's value to tap b's
+        x_mask = tl.where(in_b_half[None, :], in_b[:, None], in_a[:, None])
+        a = tl.load(x_ptr + (row0 + (kh * W + kw) * C)[:, None]
+                    + (half * to_b + chan)[None, :], mask=x_mask, other=0)
+        k0 = (kh * KW + kw) * CI
+        b = tl.load(w_ptr + co[:, None] * K + (k0 + offs_c)[None, :],
+                    mask=n_mask[:, None] & (k0 + offs_c < K)[None, :], other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        kw = kw_b + 1  # next: the tap after b
+        wrap = kw >= KW
+        kw = tl.where(wrap, 0, kw)
+        kh = kh_b + wrap.to(tl.int32)
+    return acc
+
+
+@triton.jit
+def _tap_walk(acc, x_ptr, w_ptr, origin, g, co, n_mask, kh_lo, kh_hi, kw_lo, kw_hi, first,
+              last, W, C, CI, KW, K, X_PACKED: tl.constexpr, W_PACKED: tl.constexpr,
+              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Tap by tap and, within a tap, blocks of BLOCK_K input channels: every load a
+    contiguous run of channels. Loop-invariant per pixel: where its tap (0, 0) lies in x
+    (`origin`, in pixels, maybe in the padding) and which taps are inside the image; the
+    loop only adds a tap's scalar offset and steps (kh, kw, c0) by counters: no divisions
+    and no per-pixel index arithmetic."""
+    XC: tl.constexpr = 2 if X_PACKED else 1  # values per byte of x
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
+    offs_c = tl.arange(0, BLOCK_K)
+    blocks = (CI + BLOCK_K - 1) // BLOCK_K
+    row0 = origin * (C // XC)
+    tap = first // blocks
+    c0 = (first - tap * blocks) * BLOCK_K
+    kh = tap // KW
+    kw = tap - kh * KW
+    for step in range(first, last):
+        in_image = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
+        x_row = row0 + (kh * W + kw) * (C // XC) + (g * CI + c0) // XC
+        k0 = (kh * KW + kw) * CI + c0  # this block's first position in an OHWI weight row
+        if X_PACKED:  # CI even (checked), so a byte never straddles two groups
+            x_mask = _block_mask(in_image, c0 + 2 * offs_b, CI, EVEN_K)
+            a = _unpack_int4_rows(tl.load(x_ptr + x_row[:, None] + offs_b[None, :],
+                                          mask=x_mask, other=0), BLOCK_M, BLOCK_K)
+        else:
+            x_mask = _block_mask(in_image, c0 + offs_c, CI, EVEN_K)
+            a = tl.load(x_ptr + x_row[:, None] + offs_c[None, :], mask=x_mask, other=0)
+        if W_PACKED:
+            w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
+            w_mask = _block_mask(n_mask, c0 + 2 * offs_b, CI, EVEN_K)
+            b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0),
+                                  BLOCK_N, BLOCK_K)
+        else:
+            w_off = co[:, None] * K + (k0 + offs_c)[None, :]
+            w_mask = _block_mask(n_mask, c0 + offs_c, CI, EVEN_K)
+            b = tl.load(w_ptr + w_off, mask=w_mask, other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        # next block: channels, then kw, then kh
+        c0 += BLOCK_K
+        wrap_c = c0 >= CI
+        c0 = tl.where(wrap_c, 0, c0)
+        kw += wrap_c.to(tl.int32)
+        wrap_w = kw >= KW
+        kw = tl.where(wrap_w, 0, kw)
+        kh += wrap_w.to(tl.int32)
+    return acc
+
+
+@triton.jit
+def _walk_steps(K, CI, KW, FLAT_K: tl.constexpr, ROW_K: tl.constexpr,
+                TAP_PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Steps of the reduction walk: blocks of the flattened axis, kernel rows, pairs of taps,
+    or taps x channel blocks."""
+    if FLAT_K:
+        steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
+    elif ROW_K:
+        steps = K // (CI * KW)
+    elif TAP_PAIRS:
+        steps = (K // CI + 1) // 2
+    else:
+        blocks = (CI + BLOCK_K - 1) // BLOCK_K
+        steps = (K // CI) * blocks
+    return steps
+
+
+@triton.jit
+def _split_range(steps, split, SPLIT_K: tl.constexpr):
+    """[first, last) of the walk's steps that split `split` of SPLIT_K takes."""
+    if SPLIT_K == 1:
+        first, last = 0, steps
+    else:
+        per_split = (steps + SPLIT_K - 1) // SPLIT_K
+        first = split * per_split
+        last = tl.minimum(first + per_split, steps)
+    return first, last
+
+
 @triton.jit(do_not_specialize=["H", "W", "OH", "OW", "KW", "stride_h", "stride_w", "pad_h",
                                "pad_w", "M", "x_zp", "out_zp"])
 def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr_ptr, ktab_ptr,
@@ -282,16 +462,15 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     """One group's GEMM tile: rows are output pixels (n, oh, ow), columns output channels,
     the reduction runs over (kh, kw, ci), ci fastest as in OHWI weights.
 
-    Three ways to walk the reduction: by kernel tap and, within a tap, blocks of BLOCK_K
-    input channels, so every load is a contiguous run of channels (vectorised, no
-    per-element division); for few input channels, by kernel row where a row's KW x CI
-    values fit one block (ROW_K: a stem's 7 x 3), or else over the flattened (kh, kw, ci)
-    axis, gathering element by element (FLAT_K), so that blocks are not mostly empty. A row
-    walk over the padded image of a `pad_image` launch (ROW_ALIGN > 0) loads its rows as
-    aligned vectors, unmasked. Where a block is two taps' channels (TAP_PAIRS: CI =
-    BLOCK_K / 2, int8 operands), the tap walk takes two taps per step.
-    Geometry arguments are not specialised (one compilation serves every layer); channel
-    counts are, for alignment.
+    Four ways to walk the reduction, each a function of its own: by kernel tap and, within
+    a tap, blocks of BLOCK_K input channels (`_tap_walk`), or two taps per step where a
+    block is two taps' channels (`_tap_pair_walk`, TAP_PAIRS: CI = BLOCK_K / 2, int8
+    operands); for few input channels, by kernel row where a row's KW x CI values fit one
+    block (`_row_walk`, ROW_K: a stem's 7 x 3; over the padded image of a `pad_image` launch,
+    ROW_ALIGN > 0, its rows load as aligned vectors, unmasked), or else over the flattened
+    (kh, kw, ci) axis, gathering element by element (`_flat_walk`, FLAT_K), so that blocks
+    are not mostly empty. Geometry arguments are not specialised (one compilation serves
+    every layer); channel counts are, for alignment.
 
     Padding is read as 0 whatever the activation zero point: a masked load whose default is
     0 is cp.async's own zero fill, and the tile goes straight from shared memory to the
@@ -333,142 +512,23 @@ def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, wsum_ptr, corr
     if PAD_FIX and not FIX_AT_END:
         acc += _padding_correction(kh_lo, kh_hi, kw_lo, kw_hi, fix_rows, co, n_mask, corr_ptr,
                                    O, KH, KW)
-    if FLAT_K:
-        steps = (K + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: see the note at the top
-    elif ROW_K:
-        steps = KH
-    elif TAP_PAIRS:
-        steps = (K // CI + 1) // 2
-    else:
-        blocks = (CI + BLOCK_K - 1) // BLOCK_K
-        steps = (K // CI) * blocks
-    if SPLIT_K == 1:
-        first, last = 0, steps
-    else:
-        per_split = (steps + SPLIT_K - 1) // SPLIT_K
-        first = split * per_split
-        last = tl.minimum(first + per_split, steps)
+    steps = _walk_steps(K, CI, KW, FLAT_K, ROW_K, TAP_PAIRS, BLOCK_K)
+    first, last = _split_range(steps, split, SPLIT_K)
     origin = _pixel_origin(img, oh, ow, H, W, C, stride_h, stride_w, pad_h, pad_w)
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    offs_b = tl.arange(0, HALF_K)  # byte columns of packed operands
     if ROW_K:
-        # One step per kernel row: its KW x CI values (KW pixels side by side, one run in
-        # NHWC x when there is one group); the weights come laid out as rows of ROW_WIDTH,
-        # zero past KW * CI. Which columns fall in the image is the same for every row, so
-        # it is worked out once; per step only the row's own bounds change.
-        j = tl.arange(0, ROW_WIDTH)
-        x_base = origin * C + g * CI
-        if not ROW_ALIGN:
-            col_tap = j // CI
-            col_off = col_tap * C + (j - col_tap * CI)  # from the pixel's tap (0, 0) value
-            iw = (ow * stride_w - pad_w)[:, None] + col_tap[None, :]
-            col_ok = m_mask[:, None] & (col_tap < KW)[None, :] & (iw >= 0) & (iw < W)
-        for kh in range(first, last):
-            if ROW_ALIGN:
-                # The padded image (`_pad_image_kernel`): every tap is inside it, C is a
-                # multiple of 4 and each row's run starts at a multiple of ROW_ALIGN bytes, so
-                # the run loads as whole aligned vectors, masked only past M (cp.async; per
-                # byte, the masked walk below compiled for sm_90 to 32 byte loads and ~300
-                # instructions per step). Lanes past KW * C read the next pixels, which meet
-                # zero weights (the buffer has a row of slack after the last pixel).
-                row = tl.multiple_of(x_base + kh * (W * C), ROW_ALIGN)
-                a = tl.load(x_ptr + row[:, None] + j[None, :], mask=m_mask[:, None], other=0)
-            else:
-                row_ok = (kh >= kh_lo) & (kh < kh_hi)
-                a = tl.load(x_ptr + (x_base + kh * (W * C))[:, None] + col_off[None, :],
-                            mask=col_ok & row_ok[:, None], other=0)
-            b = tl.load(w_ptr + co[:, None] * (KH * ROW_WIDTH) + kh * ROW_WIDTH + j[None, :],
-                        mask=n_mask[:, None], other=0)
-            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-    elif FLAT_K:
-        row0 = origin * C + g * CI  # in values: _load_x halves it for packed x
-        for step in range(first, last):
-            offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-            valid = m_mask[:, None] & (offs_k < K)[None, :]
-            a = _gather_rows(x_ptr, ktab_ptr, offs_k, row0, kh_lo, kh_hi, kw_lo, kw_hi, valid,
-                             0, X_PACKED).to(tl.int8)
-            if W_PACKED:  # K even (CI is): a block's bytes are contiguous in the weight row
-                w_off = co[:, None] * (K // 2) + (step * HALF_K + offs_b)[None, :]
-                w_mask = n_mask[:, None] & (step * BLOCK_K + 2 * offs_b < K)[None, :]
-                b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0), BLOCK_N,
-                                      BLOCK_K)
-            else:
-                b = tl.load(w_ptr + co[:, None] * K + offs_k[None, :],
-                            mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
-            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        acc = _row_walk(acc, x_ptr, w_ptr, origin * C + g * CI, ow, m_mask, co, n_mask, kh_lo,
+                        kh_hi, first, last, W, C, CI, KW, KH, stride_w, pad_w, ROW_ALIGN)
+    elif FLAT_K:  # in values: _load_x halves the offsets for packed x
+        acc = _flat_walk(acc, x_ptr, w_ptr, ktab_ptr, origin * C + g * CI, m_mask, co, n_mask,
+                         kh_lo, kh_hi, kw_lo, kw_hi, first, last, K, X_PACKED, W_PACKED,
+                         BLOCK_N, BLOCK_K)
     elif TAP_PAIRS:
-        # Two consecutive taps per step, tap a in the block's first half of columns and tap
-        # b in the second: every MMA step covers BLOCK_K = 2 x CI values, not CI and a
-        # masked half (Triton waits for each int8 MMA before the next step, so steps of
-        # more values each wait less per value). Tap b of an odd last step lies past the
-        # kernel (kh = KH: outside every pixel's taps, read as 0; its weights masked).
-        offs_c = tl.arange(0, BLOCK_K)
-        in_b_half = offs_c >= HALF_K
-        half = offs_c // HALF_K
-        chan = offs_c % HALF_K
-        row0 = origin * C + g * CI
-        tap = 2 * first
-        kh = tap // KW
-        kw = tap - kh * KW
-        for step in range(first, last):
-            kw_b = kw + 1
-            wrap = kw_b >= KW
-            kw_b = tl.where(wrap, 0, kw_b)
-            kh_b = kh + wrap.to(tl.int32)
-            in_a = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
-            in_b = (kh_b >= kh_lo) & (kh_b < kh_hi) & (kw_b >= kw_lo) & (kw_b < kw_hi)
-            to_b = ((kh_b - kh) * W + kw_b - kw) * C  # from tap a's value to tap b's
-            x_mask = tl.where(in_b_half[None, :], in_b[:, None], in_a[:, None])
-            a = tl.load(x_ptr + (row0 + (kh * W + kw) * C)[:, None]
-                        + (half * to_b + chan)[None, :], mask=x_mask, other=0)
-            k0 = (kh * KW + kw) * CI
-            b = tl.load(w_ptr + co[:, None] * K + (k0 + offs_c)[None, :],
-                        mask=n_mask[:, None] & (k0 + offs_c < K)[None, :], other=0)
-            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-            kw = kw_b + 1  # next: the tap after b
-            wrap = kw >= KW
-            kw = tl.where(wrap, 0, kw)
-            kh = kh_b + wrap.to(tl.int32)
+        acc = _tap_pair_walk(acc, x_ptr, w_ptr, origin * C + g * CI, co, n_mask, kh_lo, kh_hi,
+                             kw_lo, kw_hi, first, last, W, C, CI, KW, K, BLOCK_K)
     else:
-        # Loop-invariant per pixel: where its tap (0, 0) lies in x (maybe in the padding) and
-        # which taps are inside the image. The loop then only adds a tap's scalar offset and
-        # steps (kh, kw, c0) by counters: no divisions and no per-pixel index arithmetic.
-        XC: tl.constexpr = 2 if X_PACKED else 1  # values per byte of x
-        offs_c = tl.arange(0, BLOCK_K)
-        row0 = origin * (C // XC)
-        tap = first // blocks
-        c0 = (first - tap * blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        for step in range(first, last):
-            in_image = (kh >= kh_lo) & (kh < kh_hi) & (kw >= kw_lo) & (kw < kw_hi)
-            x_row = row0 + (kh * W + kw) * (C // XC) + (g * CI + c0) // XC
-            k0 = (kh * KW + kw) * CI + c0  # this block's first position in an OHWI weight row
-            if X_PACKED:  # CI even (checked), so a byte never straddles two groups
-                x_mask = _block_mask(in_image, c0 + 2 * offs_b, CI, EVEN_K)
-                a = _unpack_int4_rows(tl.load(x_ptr + x_row[:, None] + offs_b[None, :],
-                                              mask=x_mask, other=0), BLOCK_M, BLOCK_K)
-            else:
-                x_mask = _block_mask(in_image, c0 + offs_c, CI, EVEN_K)
-                a = tl.load(x_ptr + x_row[:, None] + offs_c[None, :], mask=x_mask, other=0)
-            if W_PACKED:
-                w_off = co[:, None] * (K // 2) + (k0 // 2 + offs_b)[None, :]
-                w_mask = _block_mask(n_mask, c0 + 2 * offs_b, CI, EVEN_K)
-                b = _unpack_int4_rows(tl.load(w_ptr + w_off, mask=w_mask, other=0),
-                                      BLOCK_N, BLOCK_K)
-            else:
-                w_off = co[:, None] * K + (k0 + offs_c)[None, :]
-                w_mask = _block_mask(n_mask, c0 + offs_c, CI, EVEN_K)
-                b = tl.load(w_ptr + w_off, mask=w_mask, other=0)
-            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-            # next block: channels, then kw, then kh
-            c0 += BLOCK_K
-            wrap_c = c0 >= CI
-            c0 = tl.where(wrap_c, 0, c0)
-            kw += wrap_c.to(tl.int32)
-            wrap_w = kw >= KW
-            kw = tl.where(wrap_w, 0, kw)
-            kh += wrap_w.to(tl.int32)
+        acc = _tap_walk(acc, x_ptr, w_ptr, origin, g, co, n_mask, kh_lo, kh_hi, kw_lo, kw_hi,
+                        first, last, W, C, CI, KW, K, X_PACKED, W_PACKED, EVEN_K, BLOCK_M,
+                        BLOCK_N, BLOCK_K)
     if IN_HALVES:
         HALF_N: tl.constexpr = BLOCK_N // 2
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
