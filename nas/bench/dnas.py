@@ -8,10 +8,14 @@
    W4A8 and W2A8 plans evaluated on the same supernet.
 3. DNAS against random plans of (nearly) equal size on the middle target's supernet, and the
    DNAS plan against the best random plan on the test split, which neither selection saw.
+4. Data-parallel scaling: steps per second of the same search on one worker (in process)
+   and on N Ray Train workers (gloo, CPU), one CPU and torch thread each; and the time of the
+   communication a step makes, measured alone on the workers.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Any, Callable
@@ -235,6 +239,9 @@ def run_bench(space, model, splits, device, fractions: tuple[float, ...], budget
 
 
 def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    scaled = [scaling_table(results["scaling"])] if "scaling" in results else []
+    if "overhead" not in results:  # --scaling-only
+        return scaled
     o = results["overhead"]
     out = [(f"Supernet overhead (same model, batch {o['batch_size']}; median of {o['steps']} "
             f"steps; memory: {o['memory_measure']})",
@@ -274,4 +281,109 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]
                   "-" if held is None else round(held["dnas_accuracy"], 2),
                   "-" if held is None else
                   ("yes" if held["dnas_accuracy"] >= held["best_random_accuracy"] else "no")]]))
-    return out
+    return out + scaled
+
+
+# ---------------------------------------------------------------- data-parallel scaling
+
+COMM_REPEATS = 20
+
+
+def scaling(space, model, splits, data_args, workers: int, steps: int, batch_size: int,
+            seed: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The same search (`steps` steps, theta trained from the first, global batch
+    `batch_size`) on one worker in this process and on `workers` Ray Train workers, each
+    with one CPU and one torch thread, so the ratio is of workers, not of threads. Ray's
+    start is not timed: the steps per second are the search's own (its clock)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from nas.search.dnas import SearchState
+    from nas.search.dnas_output import DnasOutput
+    from nas.search.dnas_train import DnasJob, run_workers
+    from nas.plan import Plan
+
+    size = make_cost_model("size")
+    table = size.table(space)
+    w8a8 = size.plan_cost(Plan.uniform(space, 8, 8), space)
+    target = Target("size", w8a8 / 2, f"size={w8a8 / 2e3:.1f}KB")
+    per_epoch = max(1, len(splits.train) // batch_size)
+    cfg = DnasConfig(budget=Budget("epochs", steps / per_epoch), target=target,
+                     batch_size=batch_size, seed=seed, warmup=0.0, progress=False)
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        state, _, _ = search(Supernet(model, space, seed=seed), splits, table, cfg, cpu)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [{"workers": 1, "steps": state.step, "seconds": state.elapsed}]
+    say(f"1 worker: {state.step / state.elapsed:.2f} steps/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.manual_seed(seed)
+        net = Supernet(model, space, seed=seed)
+        job = DnasJob(space=space, data_args=data_args, supernet=net.state_dict(),
+                      gumbel_state=net.generator.get_state(), rng=torch.get_rng_state(),
+                      factored=False, mode=net.mode, cfg=cfg, table=table, state=SearchState(),
+                      optimizers=None, output=DnasOutput(folder, space, seed, False, None, None),
+                      cpus=1, gpu=False)
+        run_workers(job, workers=workers, cpus_per_worker=1, gpus_per_worker=0, address=None,
+                    folder=folder, progress=False, total_steps=None, loop=_timed_loop)
+        done = torch.load(folder / "supernet.pt", weights_only=True)["search_state"]
+        comm = json.loads((folder / "comm.json").read_text())
+    rows.append({"workers": workers, "steps": done["step"], "seconds": done["elapsed"], **comm})
+    say(f"{workers} workers: {done['step'] / done['elapsed']:.2f} steps/s, all-reduce "
+        f"{comm['allreduce_s'] * 1e3:.2f} ms per step")
+    for row in rows:
+        row["steps_per_s"] = row["steps"] / row["seconds"]
+        row["speedup"] = row["steps_per_s"] / rows[0]["steps_per_s"]
+    return {"batch_size": batch_size, "steps": steps, "rows": rows,
+            "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
+
+
+def _timed_loop(config: dict) -> None:
+    """A worker's search, then its communication per step timed alone (median of
+    COMM_REPEATS): the all-reduce of the weight gradients and of theta's, and DDP's two
+    broadcasts of the buffers (running statistics, input ranges) before the step's forwards.
+    Rank 0 writes comm.json beside supernet.pt."""
+    import torch.distributed as dist
+
+    from nas.search.dnas_train import worker_loop
+
+    worker_loop(config)
+    job = config["job"]
+    net = Supernet(job.space.build_model(), job.space)
+    grads = [torch.zeros(sum(p.numel() for p in ps))
+             for ps in (net.weight_parameters(), net.arch_parameters()) if ps]
+    buffers = torch.zeros(sum(b.numel() for b in net.buffers()))
+
+    def timed(op) -> float:
+        times = []
+        for _ in range(COMM_REPEATS + 3):
+            dist.barrier()
+            start = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[3:])  # the first ones set up the connections
+
+    comm = {"allreduce_s": timed(lambda: [dist.all_reduce(g) for g in grads]),
+            "broadcast_s": 2 * timed(lambda: dist.broadcast(buffers, 0)),
+            "gradient_values": sum(g.numel() for g in grads)}
+    if dist.get_rank() == 0:
+        (job.output.folder / "comm.json").write_text(json.dumps(comm))
+
+
+def scaling_table(s: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]]:
+    return (f"Data-parallel scaling (global batch {s['batch_size']}, {s['steps']} steps, one CPU "
+            f"and torch thread per worker; gloo on this machine's {s['cpus']} CPUs, load "
+            f"average {s['load_average']:.1f}; communication timed alone)",
+            ["workers", "steps/s", "speed-up", "step ms", "all-reduce ms/step",
+             "buffer broadcast ms/step"],
+            [[r["workers"], round(r["steps_per_s"], 2), round(r["speedup"], 2),
+              round(r["seconds"] / r["steps"] * 1e3, 1),
+              round(r["allreduce_s"] * 1e3, 2) if "allreduce_s" in r else "-",
+              round(r["broadcast_s"] * 1e3, 2) if "broadcast_s" in r else "-"]
+             for r in s["rows"]])

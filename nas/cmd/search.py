@@ -10,9 +10,10 @@ from nas.search.base import DISCRETE, SEARCHERS
 
 DEFAULT_BUDGET = "5m"
 DNAS_ONLY = ("loss", "mode", "arch_mode", "factored", "samples", "batch_size", "tau0", "tau_min",
-             "warmup")
-DISCRETE_ONLY = ("evaluator", "supernet", "objectives", "workers", "cpus_per_trial",
-                 "gpus_per_trial", "ray_address", "train_budget", "sampler", "eval_batches")
+             "warmup", "cpus_per_worker", "gpus_per_worker")
+DISCRETE_ONLY = ("evaluator", "supernet", "objectives", "cpus_per_trial", "gpus_per_trial",
+                 "train_budget", "sampler", "eval_batches")
+RAY = ("workers", "ray_address")  # every method: dnas's data-parallel workers, the others' trials
 _DNAS_DEFAULTS = {"loss": "additive", "mode": "hard", "arch_mode": "soft", "factored": False,
                   "samples": 8, "batch_size": 128, "tau0": 5.0, "tau_min": 0.2, "warmup": 0.2}
 
@@ -61,6 +62,12 @@ def add_parser(sub, parents) -> None:
                    help="temperature at the end, reached geometrically (default 0.2)")
     d.add_argument("--warmup", type=float,
                    help="share of the budget for weights only (default 0.2)")
+    d.add_argument("--cpus-per-worker", type=int,
+                   help="with --workers 2 or more: CPUs (and torch threads) of each worker "
+                        "(default 1)")
+    d.add_argument("--gpus-per-worker", type=float,
+                   help="with --workers 2 or more: GPUs of each worker (default 0: CPU workers, "
+                        "gloo; with GPUs, nccl and SyncBatchNorm)")
     r = p.add_argument_group("bayes, random, uniform, rl (trials on Ray Tune)")
     r.add_argument("--evaluator", choices=("oneshot", "ptq"),
                    help="how a plan is scored: oneshot (a supernet's shared weights; default) "
@@ -74,7 +81,9 @@ def add_parser(sub, parents) -> None:
     r.add_argument("--sampler", choices=("auto", "tpe", "nsga2"),
                    help="bayes: Optuna's sampler (default auto: TPE, NSGA-II for several "
                         "objectives)")
-    r.add_argument("--workers", type=int, help="trials at once (default 1)")
+    r.add_argument("--workers", type=int,
+                   help="trials at once; dnas: data-parallel workers on Ray Train, the global "
+                        "batch split among them (default 1: dnas in this process, no Ray)")
     r.add_argument("--cpus-per-trial", type=int,
                    help="CPUs (and torch threads) of each trial (default 1)")
     r.add_argument("--gpus-per-trial", type=float, help="GPUs of each trial (default 0)")
@@ -123,7 +132,8 @@ def _request(args: argparse.Namespace):
         if args.tau_min > args.tau0:
             raise ConfigError(f"--tau-min {args.tau_min} is above --tau0 {args.tau0}: the "
                               f"temperature anneals down, so give tau-min <= tau0")
-        options = {n: getattr(args, n) for n in DNAS_ONLY}
+        _check_workers(args)
+        options = {n: getattr(args, n) for n in DNAS_ONLY + RAY}
     else:
         from nas.search.base import parse_search_budget
 
@@ -147,7 +157,7 @@ def _request(args: argparse.Namespace):
             from nas.search.run_discrete import parse_objectives
 
             parse_objectives(args.objectives)
-        options = {n: getattr(args, n) for n in DISCRETE_ONLY}
+        options = {n: getattr(args, n) for n in DISCRETE_ONLY + RAY}
         options["searcher_options"] = {"sampler": args.sampler} if args.sampler else {}
     request = SearchRequest(method=method, budget=args.budget, space=args.space,
                             target=args.target, cost=args.cost,
@@ -157,6 +167,30 @@ def _request(args: argparse.Namespace):
                             train_subset=args.train_subset, test_subset=args.test_subset,
                             progress=not args.no_progress, options=options)
     return request, budget, target
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    """dnas's --workers and the flags that place them; one worker runs in this process."""
+    from nas.errors import ConfigError
+
+    check_flags(args, workers="positive", cpus_per_worker="positive")
+    if args.gpus_per_worker is not None and not args.gpus_per_worker >= 0:
+        raise ConfigError(f"--gpus-per-worker {args.gpus_per_worker}: must be 0 or more")
+    args.workers = args.workers or 1
+    if args.workers == 1:
+        placed = [f for f in ("ray_address", "cpus_per_worker", "gpus_per_worker")
+                  if getattr(args, f) is not None]
+        if placed:
+            raise ConfigError(f"--{placed[0].replace('_', '-')} places Ray workers, and one "
+                              f"worker runs in this process without Ray; give --workers 2 or "
+                              f"more, or drop it")
+        return
+    args.cpus_per_worker = args.cpus_per_worker or 1
+    args.gpus_per_worker = args.gpus_per_worker or 0.0
+    if args.batch_size % args.workers:
+        raise ConfigError(f"--batch-size {args.batch_size} does not split evenly among "
+                          f"{args.workers} workers; give a batch size that is a multiple of "
+                          f"--workers")
 
 
 def _resumed_config(resume: str | None) -> dict:

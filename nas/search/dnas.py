@@ -14,6 +14,10 @@ cost table's expectation under softmax(theta), so it is differentiable in theta.
 Determinism: batch order is a function of (seed, epoch, step), and the Gumbel noise comes
 from the supernet's own generator, so a run interrupted and resumed from its checkpoint
 reaches the same theta as one that ran straight through (epoch budgets, on the CPU).
+
+On several workers (nas.search.dnas_parallel) the loop is the same: every worker draws the
+same global batch and Gumbel noise, steps on its share of the batch, and DDP averages the
+gradients.
 """
 
 from __future__ import annotations
@@ -128,6 +132,27 @@ class _Clock:
         self.state.elapsed = time.monotonic() - self.started
 
 
+class _Alone:
+    """One process: the whole batch, the supernet itself, nothing to agree on."""
+
+    is_writer = True
+
+    def __init__(self, supernet: Supernet):
+        self.weight_model = self.theta_model = supernet
+
+    @staticmethod
+    def shard(x, y):
+        return x, y
+
+    @staticmethod
+    def agree(fraction: float) -> float:
+        return fraction
+
+    @staticmethod
+    def mean(values: list[float]) -> list[float]:
+        return values
+
+
 def cost_penalty(ce: torch.Tensor, expected: torch.Tensor, cfg: DnasConfig) -> torch.Tensor:
     if cfg.loss == "multiplicative":
         return ce * cfg.beta * torch.log(expected).clamp(min=1e-6) ** cfg.gamma
@@ -138,18 +163,21 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
            state: SearchState | None = None, optim_state: dict | None = None,
            on_log: Callable[[dict[str, Any]], None] | None = None,
            on_save: Callable[[SearchState, dict], None] | None = None,
-           ) -> tuple[SearchState, dict, bool]:
+           parallel=None) -> tuple[SearchState, dict, bool]:
     """Run (or continue) the search until the budget is spent or Ctrl-C.
 
     Returns the state, the optimizers' state (for a checkpoint) and whether the run was
     interrupted. `on_save(state, optimizers)` is called every SAVE_SECONDS or SAVE_STEPS
     (whichever comes first) with what a resumed search needs besides the supernet.
+    `parallel` (a nas.search.dnas_parallel.DataParallel, built around this supernet on
+    `device`) runs the steps on one worker of several; None: this process alone.
     """
     from tqdm import tqdm
 
     state = state or SearchState()
     weight_mode = supernet.mode
     supernet.to(device, memory_format=torch.channels_last).train()  # faster CPU convs
+    par = parallel or _Alone(supernet)
     train = _Batches(splits.train, cfg.batch_size, cfg.seed)
     arch = _Batches(splits.arch, cfg.batch_size, cfg.seed + 1)
     clock = _Clock(cfg.budget, train.per_epoch, state)
@@ -160,55 +188,63 @@ def search(supernet: Supernet, splits, table: CostTable, cfg: DnasConfig, device
         w_opt.load_state_dict(optim_state["weights"])
         a_opt.load_state_dict(optim_state["theta"])
     total = (int(cfg.budget.value * train.per_epoch) if cfg.budget.kind == "epochs" else None)
-    bar = tqdm(total=total, initial=state.step, desc="dnas", disable=not cfg.progress or None,
-               leave=False)
+    bar = tqdm(total=total, initial=state.step, desc="dnas", leave=False,
+               disable=not (cfg.progress and par.is_writer) or None)
     interrupted = False
     ce_sum, n_sum = 0.0, 0
     saves = _SaveClock(state.step, SAVE_SECONDS, SAVE_STEPS)
+    # A time budget's fraction is rank 0's on every worker: the schedule, the last step and
+    # the log steps are then the same everywhere (a step budget's fraction is by construction).
+    agree = par.agree if cfg.budget.kind == "seconds" else (lambda f: f)
     try:
-        while clock.fraction() < 1.0:
-            fraction = clock.fraction()
+        fraction = agree(clock.fraction())
+        while fraction < 1.0:
             searching = fraction >= cfg.warmup and supernet.arch_parameters()
             supernet.tau = tau_at((fraction - cfg.warmup) / max(1e-9, 1 - cfg.warmup),
                                   cfg.tau0, cfg.tau_min) if searching else cfg.tau0
             for group in w_opt.param_groups:
                 group["lr"] = lr_at(fraction, cfg.w_lr, 0.03)
-            x, y = train.at(state.step)
+            x, y = par.shard(*train.at(state.step))
             supernet.train_theta(False)  # hard mode: one plain branch per layer
             supernet.set_mode(weight_mode)
-            ce = nn.functional.cross_entropy(supernet(to_device(x, device)), y.to(device))
+            ce = nn.functional.cross_entropy(par.weight_model(to_device(x, device)),
+                                             y.to(device))
             w_opt.zero_grad(set_to_none=True)
             ce.backward()
             w_opt.step()
             ce_sum, n_sum = ce_sum + ce.item(), n_sum + 1
-            record = None
+            arch_ce = expected = None
             if searching:
                 supernet.train_theta(True)
                 supernet.set_mode(cfg.arch_mode)
-                xa, ya = arch.at(state.step)
-                arch_ce = nn.functional.cross_entropy(supernet(to_device(xa, device)),
+                xa, ya = par.shard(*arch.at(state.step))
+                arch_ce = nn.functional.cross_entropy(par.theta_model(to_device(xa, device)),
                                                       ya.to(device))
                 expected = table.expected(supernet.probs())
                 loss = cost_penalty(arch_ce, expected, cfg)
-                theta = supernet.arch_parameters()
+                a_opt.zero_grad(set_to_none=True)
                 # Gradients for theta only: the weights' .grad stays the weight step's.
-                for p, g in zip(theta, torch.autograd.grad(loss, theta)):
-                    p.grad = g
+                torch.autograd.backward(loss, inputs=supernet.arch_parameters())
                 a_opt.step()
-                record = {"arch_ce": arch_ce.item(), "expected_cost": expected.item()}
             state.step += 1
             bar.update()
-            if state.step % cfg.log_every == 0 or clock.fraction() >= 1.0:
+            fraction = agree(clock.fraction())
+            if state.step % cfg.log_every == 0 or fraction >= 1.0:
                 clock.sync()
+                # Every worker's share of the batch, averaged: the one-worker numbers.
+                means = par.mean([ce_sum / max(1, n_sum)]
+                                 + ([arch_ce.item()] if searching else []))
+                record = ({"arch_ce": means[1], "expected_cost": expected.item()}
+                          if searching else {})
                 entry = {"step": state.step, "seconds": round(state.elapsed, 2),
-                         "tau": round(supernet.tau, 4), "train_ce": ce_sum / max(1, n_sum),
-                         **(record or {}), "phase": "search" if searching else "warmup",
+                         "tau": round(supernet.tau, 4), "train_ce": means[0],
+                         **record, "phase": "search" if searching else "warmup",
                          "probs": [[round(v, 5) for v in p.tolist()] for p in supernet.probs()]}
                 ce_sum, n_sum = 0.0, 0
                 state.history.append(entry)
                 if on_log:
                     on_log(entry)
-            if on_save and saves.due(state.step) and clock.fraction() < 1.0:
+            if on_save and saves.due(state.step) and fraction < 1.0:
                 clock.sync()  # the budget a resumed search has left
                 on_save(state, {"weights": w_opt.state_dict(), "theta": a_opt.state_dict()})
                 saves.mark(state.step)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shlex
 import time
 from contextlib import contextmanager
@@ -85,6 +84,52 @@ def _resume_hint(run_dir):
         raise
 
 
+def _on_workers(request: SearchRequest, supernet, splits, table, cfg, state, optim_state,
+                output, device):
+    """The search on --workers data-parallel Ray Train workers (nas.search.dnas_train), from
+    the supernet's state now to the final state rank 0 saved, loaded back into `supernet`.
+    A Ctrl-C keeps the last state saved (none saved yet: it stops the command)."""
+    import dataclasses
+
+    import torch
+
+    from nas.runs import load_state
+    from nas.search import dnas
+    from nas.search.dnas_train import DnasJob, run_workers
+    from nas.search.supernet_file import load_supernet_file
+
+    opts = request.options
+    data_args = request.data_args
+    if data_args.data_dir:  # a worker may start in another folder
+        data_args.data_dir = str(Path(data_args.data_dir).absolute())
+    state = state or dnas.SearchState()
+    job = DnasJob(space=supernet.space, data_args=data_args, supernet=supernet.state_dict(),
+                  gumbel_state=supernet.generator.get_state(), rng=torch.get_rng_state(),
+                  factored=opts["factored"], mode=opts["mode"],
+                  cfg=dataclasses.replace(cfg, progress=False), table=table, state=state,
+                  optimizers=optim_state, output=output, cpus=opts["cpus_per_worker"],
+                  gpu=opts["gpus_per_worker"] > 0)
+    per_epoch = max(1, len(splits.train) // cfg.batch_size)
+    interrupted = False
+    try:
+        run_workers(job, workers=opts["workers"], cpus_per_worker=opts["cpus_per_worker"],
+                    gpus_per_worker=opts["gpus_per_worker"], address=opts["ray_address"],
+                    folder=output.folder, progress=cfg.progress,
+                    total_steps=(int(cfg.budget.value * per_epoch)
+                                 if cfg.budget.kind == "epochs" else None))
+    except KeyboardInterrupt:
+        if not (output.folder / "supernet.pt").exists():
+            raise
+        interrupted = True
+        print("interrupted: deriving the plan from the last saved state", flush=True)
+    saved = load_supernet_file(output.folder / "supernet.pt")
+    load_state(supernet, saved["supernet"], "rank 0's supernet.pt", "this search's supernet")
+    supernet.generator.set_state(saved["gumbel_state"])
+    torch.set_rng_state(saved["rng"])
+    supernet.to(device, memory_format=torch.channels_last)
+    return dnas.SearchState(**saved["search_state"]), saved["optimizers"], interrupted
+
+
 class DnasSearch:
     """The supernet search (nas.search.dnas) from a request to a finished run folder."""
 
@@ -103,7 +148,7 @@ class DnasSearch:
         from nas.search.encoding import PlanEncoding
         from nas.search.results import plan_costs
         from nas.search.setup import cost_setup, notes
-        from nas.search.supernet_file import supernet_payload
+        from nas.search.dnas_output import DnasOutput
         from nas.space_data import load_space_data
         from nas.spaces import load_space
         from nas.supernet import Supernet
@@ -113,6 +158,11 @@ class DnasSearch:
         if opts["samples"] > dnas.MAX_SAMPLES:
             raise ConfigError(f"--samples {opts['samples']} is more plans than can be evaluated; "
                               f"give at most {dnas.MAX_SAMPLES}")
+        workers = opts.get("workers") or 1
+        if workers > 1:
+            from nas.search.ray_address import check_address
+
+            check_address(opts.get("ray_address"))  # before ray is imported: it bounds the connect
         started = time.monotonic()
         search_budget = (budget if budget.kind == "epochs"
                          else Budget("seconds", budget.value * SEARCH_SHARE))
@@ -176,29 +226,21 @@ class DnasSearch:
                                   "resume": request.resume, "seed": request.seed,
                                   "samples": opts["samples"],
                                   "batch_size": opts["batch_size"], "tau0": opts["tau0"],
-                                  "tau_min": opts["tau_min"], "warmup": opts["warmup"]})
+                                  "tau_min": opts["tau_min"], "warmup": opts["warmup"],
+                                  "workers": workers})
             print(f"run folder: {run_dir.path}", flush=True)
-
-            def on_log(entry):
-                with open(run_dir.file("theta.jsonl"), "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                run_dir.log_metrics({k: v for k, v in entry.items() if k != "probs"})
-
-            def save_state(state, optim_state):
-                """supernet.pt: what --resume continues, rewritten whole at each save."""
-                payload = supernet_payload(
-                    space, supernet, seed=request.seed, factored=opts["factored"],
-                    created=now_iso(), optimizers=optim_state,
-                    search_state={"step": state.step, "elapsed": state.elapsed, "history": []},
-                    target=target.__dict__ if target else None, latency=latency)
-                payload["rng"] = torch.get_rng_state()
-                run_dir.save_checkpoint("supernet.pt", payload)
-
-            state, optim_state, interrupted = dnas.search(supernet, splits, table, cfg, device,
-                                                          state, optim_state, on_log, save_state)
-            if interrupted:
-                print("interrupted: deriving the plan from the search so far", flush=True)
-            save_state(state, optim_state)
+            output = DnasOutput(run_dir.path, space, request.seed, opts["factored"],
+                                target.__dict__ if target else None, latency)
+            if workers == 1:
+                state, optim_state, interrupted = dnas.search(
+                    supernet, splits, table, cfg, device, state, optim_state, output.log,
+                    lambda s, o: output.save(supernet, s, o))
+                if interrupted:
+                    print("interrupted: deriving the plan from the search so far", flush=True)
+                output.save(supernet, state, optim_state)
+            else:
+                state, optim_state, interrupted = _on_workers(
+                    request, supernet, splits, table, cfg, state, optim_state, output, device)
 
             deadline = started + budget.value if budget.kind == "seconds" else None
             cands, best = dnas.derive(supernet, table, target, splits, device, opts["samples"],
@@ -237,7 +279,7 @@ class DnasSearch:
                        "one_shot_test_accuracy": test_acc, "steps": state.step,
                        "search_seconds": round(state.elapsed, 2),
                        "seconds": round(time.monotonic() - started, 2), "budget": str(budget),
-                       "interrupted": interrupted, "warnings": warnings}
+                       "interrupted": interrupted, "workers": workers, "warnings": warnings}
             final = run_dir.finish(summary)
 
         probs = [p.detach() for p in supernet.probs()]
