@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nas.checkpoint import checkpoint_space
 from nas.clock import now_iso
 from nas.cmd.checks import check_flags
 from nas.cmd.common import (add_compile_jobs_option, add_data_options, check_compile_jobs,
                              compile_ahead, refuse_dilated)
+from nas.quant import METHODS
 from nas.table import format_table
 
 
@@ -18,15 +20,20 @@ def add_parser(sub, parents) -> None:
     benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True,
                                parser_class=type(p))
     ptq = benches.add_parser("ptq", parents=parents, help="PTQ accuracy and SQNR on Fashion-MNIST",
-                             description="W8A8 vs float, weight-only per-tensor vs per-channel on "
-                                         "BN-folded MobileNetV2, W4A8 under every calibration "
-                                         "method, for fmnist_resnet8 and fmnist_mobilenetv2.")
+                             description="W8A8 vs float; weight-only per-tensor vs per-channel on "
+                                         "BN-folded MobileNetV2 (accuracy, and each layer's "
+                                         "weight and output SQNR, by layer kind); W4A8 under "
+                                         "every calibration method; W4A8 vs W8A4 (which 4 bits "
+                                         "hurt more); for fmnist_resnet8 and fmnist_mobilenetv2.")
     ptq.add_argument("--checkpoint", action="append", default=[], metavar="SPACE=PATH",
                      help="a trained checkpoint per space; spaces without one are trained first")
     ptq.add_argument("--train-budget", help="budget for models trained here "
                                             "(default: each space's train.budget)")
     ptq.add_argument("--calib-batches", type=int, default=8)
     ptq.add_argument("--batch-size", type=int, default=128)
+    ptq.add_argument("--calibration", action="append", choices=METHODS, metavar="METHOD",
+                     help="calibration methods of the W4A8 table (repeatable; default: all of "
+                          f"{', '.join(METHODS)})")
     add_data_options(ptq)
     ptq.set_defaults(run=run_ptq)
 
@@ -46,6 +53,13 @@ def add_parser(sub, parents) -> None:
     dnas.add_argument("--samples", type=int, default=8)
     dnas.add_argument("--random-plans", type=int, default=20)
     dnas.add_argument("--batch-size", type=int, default=128)
+    dnas.add_argument("--workers", type=int, default=0,
+                      help="add the data-parallel scaling table: 1 worker vs this many Ray "
+                           "Train workers, e.g. 2 (default 0: no table, no Ray)")
+    dnas.add_argument("--scaling-steps", type=int, default=40,
+                      help="search steps timed for each scaling row (default 40)")
+    dnas.add_argument("--scaling-only", action="store_true",
+                      help="measure the data-parallel scaling table only")
     add_data_options(dnas)
     dnas.set_defaults(run=run_dnas)
 
@@ -74,6 +88,35 @@ def add_parser(sub, parents) -> None:
                         help="arch-split batches of 256 images per plan (default 20)")
     add_data_options(search)
     search.set_defaults(run=run_search)
+
+    league = benches.add_parser(
+        "league", parents=parents,
+        help="dnas vs bayes vs rl vs random vs uniform at equal wall-clock budgets",
+        description="From one float checkpoint, every method searches under each size target "
+                    "for the same wall-clock budget per search, for each seed, each search a "
+                    "'nas search' run folder: the hypervolume of each method's accuracy-size "
+                    "front, its chosen plans' test accuracy, the trials or steps it used; a "
+                    "table, JSON, and the 'nas report' of every run. The discrete searches of "
+                    "a seed share one one-shot supernet, trained in the first half of its "
+                    "first search's budget and charged to each of them.")
+    league.add_argument("--checkpoint", required=True,
+                        help="trained float checkpoint every search starts from")
+    league.add_argument("--space", help="search space (default: the --checkpoint's)")
+    league.add_argument("--budget", default="90s",
+                        help="wall-clock budget of each search (default %(default)s)")
+    league.add_argument("--targets", default="0.3,0.4",
+                        help="size targets as fractions of the uniform W8A8 size (default "
+                             "%(default)s)")
+    league.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
+    league.add_argument("--workers", type=int, default=2,
+                        help="trials at once in the discrete searches (default 2)")
+    league.add_argument("--eval-batches", type=int, default=10,
+                        help="arch-split batches of 256 images per plan (default 10)")
+    league.add_argument("--hv-floor", type=float, default=80.0,
+                        help="accuracy (%%) of the hypervolume's reference point, whose size "
+                             "is the largest target (default %(default)s)")
+    add_data_options(league)
+    league.set_defaults(run=run_league)
 
     qat = benches.add_parser(
         "qat", parents=parents, help="float vs PTQ vs QAT (+ distillation); export parity",
@@ -225,16 +268,23 @@ def run_ptq(args: argparse.Namespace) -> int:
         run_dir.write_config({"command": "bench ptq", "checkpoints": sources,
                               "calib_batches": args.calib_batches, "seed": args.seed,
                               "test_subset": args.test_subset, "train_subset": args.train_subset})
+        methods = tuple(dict.fromkeys(args.calibration or METHODS))
         results = run_bench(subjects, args.calib_batches, device,
-                            say=lambda line: (print(line, flush=True), run_dir.log(line)))
+                            say=lambda line: (print(line, flush=True), run_dir.log(line)),
+                            methods=methods)
         results.update({"checkpoints": sources, "calib_batches": args.calib_batches,
+                        "calibrations": list(methods), "test_subset": args.test_subset,
                         "seed": args.seed, "device": str(device), "date": now_iso()})
         final = _finish(run_dir, "ptq", results)
     return _report(tables(results), final)
 
 
 def run_dnas(args: argparse.Namespace) -> int:
-    from nas.bench.dnas import run_bench, tables
+    import time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from nas.bench.dnas import run_bench, scaling, tables
     from nas.budget import parse_budget
     from nas.checkpoint import load_model
     from nas.device import resolve_device
@@ -244,7 +294,14 @@ def run_dnas(args: argparse.Namespace) -> int:
     from nas.spaces import load_space
     from nas.train import TrainConfig, train
 
-    check_flags(args, samples="count", random_plans="count", batch_size="positive")
+    check_flags(args, samples="count", random_plans="count", batch_size="positive",
+                workers="count", scaling_steps="positive")
+    if args.scaling_only and args.workers < 2:
+        raise ConfigError(f"--scaling-only compares 1 worker with --workers; give --workers 2 "
+                          f"or more, not {args.workers}")
+    if args.workers > 1 and args.batch_size % args.workers:
+        raise ConfigError(f"--batch-size {args.batch_size} does not split evenly among "
+                          f"{args.workers} workers; give a multiple of --workers")
     budget = parse_budget(args.budget)
     try:
         fractions = tuple(float(f) for f in args.targets.split(","))
@@ -259,7 +316,25 @@ def run_dnas(args: argparse.Namespace) -> int:
     else:
         space, model = load_space(args.space), None
     splits = load_space_data(space, args)
+    say = lambda line: (print(line, flush=True), run_dir.log(line))  # noqa: E731
+    data_args = SimpleNamespace(  # for the workers, which may start in another folder
+        data_dir=str(Path(args.data_dir).absolute()) if args.data_dir else None,
+        train_subset=args.train_subset, test_subset=args.test_subset, seed=args.seed)
     with RunDir(args.runs_dir, space.name, "bench-dnas") as run_dir:
+        if args.scaling_only:
+            started = time.monotonic()
+            run_dir.write_config({"command": "bench dnas", "space": space.to_dict(),
+                                  "scaling_only": True, "workers": args.workers,
+                                  "scaling_steps": args.scaling_steps,
+                                  "batch_size": args.batch_size, "seed": args.seed})
+            model = model if model is not None else space.build_model()
+            results = {"scaling": scaling(space, model, splits, data_args,
+                                          args.workers, args.scaling_steps, args.batch_size,
+                                          args.seed, say)}
+            results.update({"space": space.name, "device": "cpu", "seed": args.seed,
+                            "date": now_iso(),
+                            "seconds": round(time.monotonic() - started, 1)})
+            return _report(tables(results), _finish(run_dir, "dnas", results))
         if model is None:
             model = space.build_model()
             b = parse_budget(args.train_budget or space.train["budget"])
@@ -269,10 +344,13 @@ def run_dnas(args: argparse.Namespace) -> int:
                                              progress=False), device)
         run_dir.write_config({"command": "bench dnas", "space": space.to_dict(),
                               "checkpoint": args.checkpoint, "budget": str(budget),
-                              "targets": list(fractions), "seed": args.seed})
+                              "targets": list(fractions), "seed": args.seed,
+                              "workers": args.workers, "scaling_steps": args.scaling_steps})
         results = run_bench(space, model, splits, device, fractions, budget, args.samples,
-                            args.random_plans, args.seed, args.batch_size,
-                            say=lambda line: (print(line, flush=True), run_dir.log(line)))
+                            args.random_plans, args.seed, args.batch_size, say=say)
+        if args.workers > 1:
+            results["scaling"] = scaling(space, model, splits, data_args, args.workers,
+                                         args.scaling_steps, args.batch_size, args.seed, say)
         results.update({"space": space.name, "budget": str(budget), "device": str(device),
                         "seed": args.seed, "date": now_iso()})
         final = _finish(run_dir, "dnas", results)
@@ -511,3 +589,108 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise ConfigError(f"--targets {text!r}: give fractions in (0, 1] of the uniform W8A8 "
                           f"size, e.g. 0.3,0.4")
     return fractions
+
+
+def run_league(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from nas.bench.league import TRAIN_SHARE, report, run_league as league, tables
+    from nas.budget import parse_budget
+    from nas.checkpoint import load_model
+    from nas.cost import make_cost_model
+    from nas.cost.targets import parse_target
+    from nas.errors import ConfigError
+    from nas.plan import Plan
+    from nas.runs import RunDir
+    from nas.search.derive import check_feasible
+    from nas.search.run_discrete import TEST_RESERVE_S
+    from nas.search.tune import ray_session
+
+    check_flags(args, seeds="positive", workers="positive", eval_batches="positive")
+    budget = parse_budget(args.budget)
+    if budget.kind != "seconds":
+        raise ConfigError(f"--budget {args.budget}: give a wall-clock time such as 90s or 2m "
+                          f"(the league compares methods at equal wall-clock budgets)")
+    if budget.value * TRAIN_SHARE <= TEST_RESERVE_S:
+        raise ConfigError(f"--budget {args.budget} leaves no time for trials after the "
+                          f"supernet's half; give more than {2 * TEST_RESERVE_S:g}s")
+    if not 0 <= args.hv_floor < 100:
+        raise ConfigError(f"--hv-floor {args.hv_floor}: give an accuracy in [0, 100) percent")
+    fractions = _fractions(args.targets)
+    ck_space, _, payload = load_model(args.checkpoint)
+    space = checkpoint_space(args.space, args.checkpoint, ck_space)
+    checkpoint = str(Path(args.checkpoint).resolve())
+    size = make_cost_model("size")
+    w8a8 = size.plan_cost(Plan.uniform(space, 8, 8), space)
+    targets = [parse_target(f"size={w8a8 * f / 1e3:.3f}KB") for f in fractions]
+    for t in targets:
+        check_feasible(size.table(space), t)
+    float_acc = (payload.get("metrics") or {}).get("test_accuracy")
+    data = [x for flag, v in (("--data-dir", args.data_dir), ("--train-subset", args.train_subset),
+                              ("--test-subset", args.test_subset)) if v is not None
+            for x in (flag, str(Path(v).resolve()) if flag == "--data-dir" else str(v))]
+    with RunDir(args.runs_dir, space.name, "bench-league") as run_dir:
+        started = time.monotonic()
+        config = {"command": "bench league", "space": space.to_dict(), "checkpoint": checkpoint,
+                  "budget": str(budget), "targets": list(fractions), "seeds": args.seeds,
+                  "workers": args.workers, "eval_batches": args.eval_batches,
+                  "hv_floor": args.hv_floor, "seed": args.seed}
+        run_dir.write_config(config)
+        log = run_dir.file("commands.log")
+        say = lambda line: (print(line, flush=True), run_dir.log(line))  # noqa: E731
+        with ray_session(None, lambda: log):
+            search = lambda argv, seed: _league_search(  # noqa: E731
+                argv, seed, args.device, run_dir.path / "runs", log)
+            results = league(search, checkpoint, args.space, targets, budget.value, args.seeds,
+                             args.workers, args.eval_batches, args.hv_floor, data,
+                             run_dir.path, say)
+        say("drawing the report of every run")
+        results.update({
+            "space": space.name, "checkpoint": checkpoint, "float_test_accuracy": float_acc,
+            "budget": str(budget), "seeds": args.seeds, "workers": args.workers,
+            "eval_batches": args.eval_batches, "w8a8_size": w8a8,
+            "targets": [{"fraction": f, "value": t.value, "text": t.text}
+                        for f, t in zip(fractions, targets)],
+            "report": str(report(results["runs"], run_dir.path).relative_to(run_dir.path)),
+            "date": now_iso(), "seconds": round(time.monotonic() - started, 1)})
+        final = _finish(run_dir, "league", results)
+    return _report(tables(results), final)
+
+
+def _league_search(argv: list[str], seed: int, device: str, runs: Path, log: Path
+                   ) -> tuple[Path, float, str | None]:
+    """Run `nas --seed SEED --device DEVICE --runs-dir RUNS search ARGV` in this process
+    (the function `nas search` runs), its output appended to `log`: its run folder, wall
+    seconds, and the error of a search that ended without a plan (None when it found one);
+    its folder is then the `.partial` one it left."""
+    import shlex
+    import time
+
+    from nas.cmd import search
+    from nas.errors import NasError
+    from nas.search.tune import quiet_output
+
+    parser = argparse.ArgumentParser(prog="nas", add_help=False)
+    search.add_parser(parser.add_subparsers(dest="command"), [])
+    args = parser.parse_args(["search", *argv])
+    args.seed, args.device, args.runs_dir, args.debug = seed, device, str(runs), False
+    runs.mkdir(parents=True, exist_ok=True)
+    before = set(runs.iterdir())
+    line = shlex.join(["nas", "--seed", str(seed), "--device", device, "--runs-dir", str(runs),
+                       "search", *argv])
+    with open(log, "a") as out:
+        print(f"$ {line}", file=out, flush=True)
+    started, error = time.monotonic(), None
+    with quiet_output(log):
+        try:
+            args.run(args)
+        except NasError as exc:
+            error = str(exc)
+            print(f"nas: error: {error}", flush=True)
+    seconds = time.monotonic() - started
+    new = set(runs.iterdir()) - before
+    if len(new) != 1:  # the search failed before its run folder: the league's own mistake
+        raise NasError(f"league step '{line}' failed: {error}; its output is in {log}")
+    (folder,) = new
+    return folder, seconds, error
