@@ -1,6 +1,10 @@
 import os
+import random
+import signal
 import subprocess
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,11 +53,98 @@ def space_file(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def synthetic_space():
+    """The synthetic space (SYNTHETIC_SPACE) loaded; shared, so no test may change it."""
+    from nas.spaces import SearchSpace
+
+    return SearchSpace.from_dict(SYNTHETIC_SPACE)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data():
+    """The synthetic space's data, seed 0 (train, arch and test splits); shared, so no test
+    may change it."""
+    from nas.data import load_data
+
+    return load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
+
+
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # env for a `nas` subprocess that sees no GPU, anywhere
 
 
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """In this process, CUDA is not available, even on a machine with a GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@dataclass
+class Ran:
+    """What one `nas` command did, named as subprocess.CompletedProcess names it."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# A user's Python shows these only for code run as __main__, which `nas` never is.
+_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `nas ARGS` in this process as the console script does (`sys.exit(main())`): its
+    exit code, stdout and stderr. A warning a user would see is a line of its stderr, as in a
+    subprocess. What a command may change in the process (environment, working folder,
+    random generators, torch threads, signal handlers, a Ray it started) is put back after
+    the test."""
+    import numpy as np
+    import torch
+
+    from nas.cli import main
+
+    ray = sys.modules.get("ray")
+    ray_before = ray is not None and ray.is_initialized()
+    environ, cwd = dict(os.environ), os.getcwd()
+    rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(*args: str, env: dict | None = None) -> Ran:
+        """`env`: variables set for this command only, as for a subprocess."""
+        capsys.readouterr()  # only this command's output
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse: a usage error, --help, --version
+                code = exc.code
+        out = capsys.readouterr()
+        shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                        for w in caught if not issubclass(w.category, _HIDDEN_WARNINGS))
+        return Ran(0 if code is None else code, out.out, out.err + shown)
+
+    yield run
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not ray_before:
+        ray.shutdown()  # a command that started Ray in this process
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    random.setstate(rngs[0])
+    np.random.set_state(rngs[1])
+    torch.set_rng_state(rngs[2])
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 def run_nas(*args: str, cwd: Path | None = None, env: dict | None = None):
-    """Run the real `nas` command in a subprocess, as a user would."""
+    """Run the real `nas` command in a subprocess, as a user would (for what only a real
+    process shows: the console script, its exit status, a closed pipe, a signal)."""
     return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
 

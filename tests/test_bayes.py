@@ -19,13 +19,8 @@ from tests.conftest import SYNTHETIC_SPACE
 
 
 @pytest.fixture(scope="module")
-def space():
-    return SearchSpace.from_dict(SYNTHETIC_SPACE)
-
-
-@pytest.fixture(scope="module")
-def table(space):
-    return make_cost_model("size").table(space)
+def table(synthetic_space):
+    return make_cost_model("size").table(synthetic_space)
 
 
 def target_at(table, fraction: float) -> Target:
@@ -70,17 +65,17 @@ def best_score(searcher, asks: int) -> float:
     return max(score(searcher.problem, p) for p in drive(searcher, asks))
 
 
-def test_asks_are_within_target_and_never_repeat(space, table):
-    problem = make_problem(space, table)
+def test_asks_are_within_target_and_never_repeat(synthetic_space, table):
+    problem = make_problem(synthetic_space, table)
     searcher = BayesSearcher(problem)
     plans = drive(searcher, 30)
     assert len(plans) == 30
     assert all(problem.feasible(p) for p in plans)
     assert len({tuple(p) for p in plans}) == 30
-    fixed = [i for i, x in enumerate(space.layers()) if x.fixed]
+    fixed = [i for i, x in enumerate(synthetic_space.layers()) if x.fixed]
     assert fixed and all(p[i] == 0 for p in plans for i in fixed)
     # One Optuna parameter per searchable layer, named after it, over its choice strings.
-    assert set(searcher.distributions) == {x.name for x in space.layers() if not x.fixed}
+    assert set(searcher.distributions) == {x.name for x in synthetic_space.layers() if not x.fixed}
     assert searcher.distributions["layer1.0.conv1"].choices[3] == "W4A8"
     # Over-target proposals are in the study (constraint > 0), never in the plans asked.
     study = searcher.study
@@ -96,15 +91,15 @@ def test_asks_are_within_target_and_never_repeat(space, table):
     assert isinstance(study.sampler, optuna.samplers.TPESampler)
 
 
-def test_same_seed_same_asks_other_seed_other_asks(space, table):
-    first = drive(BayesSearcher(make_problem(space, table, seed=3)), 30)
-    again = drive(BayesSearcher(make_problem(space, table, seed=3)), 30)
-    other = drive(BayesSearcher(make_problem(space, table, seed=4)), 30)
+def test_same_seed_same_asks_other_seed_other_asks(synthetic_space, table):
+    first = drive(BayesSearcher(make_problem(synthetic_space, table, seed=3)), 30)
+    again = drive(BayesSearcher(make_problem(synthetic_space, table, seed=3)), 30)
+    other = drive(BayesSearcher(make_problem(synthetic_space, table, seed=4)), 30)
     assert first == again
     assert first != other
 
 
-def test_beats_random_search_at_equal_budget(space, table):
+def test_beats_random_search_at_equal_budget(synthetic_space, table):
     # Mean over 10 seeds of the best synthetic score after 50 asks. Measured over seeds 0-99:
     # bayes beats random by 1.39 per seed on average (sd 0.91), so a 10-seed mean sits at
     # 1.39 +- 0.29; random's best is ~30.5 and the optimum within the target 33.5, so bayes
@@ -112,19 +107,21 @@ def test_beats_random_search_at_equal_budget(space, table):
     # expected lead; every disjoint 10-seed group in 0-99 led by >= 0.96. (At 30 asks the
     # lead is 0.80 +- 0.97 per seed: a 3-seed mean would be too noisy to assert.)
     seeds, asks = range(10), 50
-    bayes = [best_score(BayesSearcher(make_problem(space, table, seed=s)), asks) for s in seeds]
-    rand = [best_score(RandomSearcher(make_problem(space, table, seed=s)), asks) for s in seeds]
+    bayes = [best_score(BayesSearcher(make_problem(synthetic_space, table, seed=s)), asks)
+             for s in seeds]
+    rand = [best_score(RandomSearcher(make_problem(synthetic_space, table, seed=s)), asks)
+            for s in seeds]
     assert sum(bayes) / len(bayes) > sum(rand) / len(rand) + 0.5
 
 
-def test_learns_the_constraint(space, table):
+def test_learns_the_constraint(synthetic_space, table):
     # Proposals over the target (told back unevaluated, constraint > 0 and accuracy 0) become
     # rarer as the study learns: over 3 seeds, their share among all proposals of the second
     # 15 asks is below the first 15's (seeds 0-2: 53% -> 38%; uniform draws: 68%). Per seed it
     # drops in ~85% of seeds 0-39; summed over 3 seeds the drop is robust.
     halves = [[0, 0], [0, 0]]  # [over target, proposals] per half
     for seed in range(3):
-        searcher = BayesSearcher(make_problem(space, table, seed=seed))
+        searcher = BayesSearcher(make_problem(synthetic_space, table, seed=seed))
         for n in range(30):
             before = searcher.infeasible_asks
             plan = drive(searcher, 1)
@@ -135,13 +132,13 @@ def test_learns_the_constraint(space, table):
     assert second < first
 
 
-def test_resume_replays_history(space, table):
-    problem = make_problem(space, table)
+def test_resume_replays_history(synthetic_space, table):
+    problem = make_problem(synthetic_space, table)
     history = drive(RandomSearcher(problem), 8)
-    over = [5] * len(space.layers())  # every searchable layer at W8A4: over the target
+    over = [5] * len(synthetic_space.layers())  # every searchable layer at W8A4: over the target
     over[0] = over[-1] = 0
     assert not problem.feasible(over)
-    failed = next(p for p in drive(RandomSearcher(make_problem(space, table, seed=9)), 20)
+    failed = next(p for p in drive(RandomSearcher(make_problem(synthetic_space, table, seed=9)), 20)
                   if p not in history)
     searcher = BayesSearcher(problem)
     for p in history:
@@ -174,8 +171,8 @@ def test_resume_replays_history(space, table):
     assert len({tuple(p) for p in plans}) == 30
 
 
-def test_parallel_asks_stay_pending(space, table):
-    problem = make_problem(space, table)
+def test_parallel_asks_stay_pending(synthetic_space, table):
+    problem = make_problem(synthetic_space, table)
     searcher = BayesSearcher(problem)
     drive(searcher, 12)  # past TPE's random start-up trials
     plans = [searcher.ask() for _ in range(4)]
@@ -203,8 +200,8 @@ def test_small_space_every_feasible_plan_once_then_none():
     assert searcher.ask() is None and searcher.repeat_asks > 0
 
 
-def test_fallback_repairs_when_optuna_keeps_proposing_over_target(space, table):
-    problem = make_problem(space, table, fraction=0.02)
+def test_fallback_repairs_when_optuna_keeps_proposing_over_target(synthetic_space, table):
+    problem = make_problem(synthetic_space, table, fraction=0.02)
     searcher = BayesSearcher(problem)
     searcher.MAX_ASKS = 1
     plans = []
@@ -219,16 +216,16 @@ def test_fallback_repairs_when_optuna_keeps_proposing_over_target(space, table):
     assert last.values == [pytest.approx(score(problem, repaired))]
 
 
-def test_no_target_no_constraints(space, table):
-    searcher = BayesSearcher(make_problem(space, table, fraction=None))
+def test_no_target_no_constraints(synthetic_space, table):
+    searcher = BayesSearcher(make_problem(synthetic_space, table, fraction=None))
     assert len(drive(searcher, 12)) == 12 and searcher.infeasible_asks == 0
     assert all(t.constraints == {} for t in searcher.study.trials)
 
 
 @pytest.mark.parametrize("sampler, kind", [("auto", optuna.samplers.NSGAIISampler),
                                            ("tpe", optuna.samplers.TPESampler)])
-def test_multi_objective(space, table, sampler, kind):
-    problem = make_problem(space, table, objectives=("accuracy", "size"))
+def test_multi_objective(synthetic_space, table, sampler, kind):
+    problem = make_problem(synthetic_space, table, objectives=("accuracy", "size"))
     searcher = BayesSearcher(problem, {"sampler": sampler})
     study = searcher.study
     assert isinstance(study.sampler, kind)
@@ -252,17 +249,18 @@ def test_multi_objective(space, table, sampler, kind):
     assert all(any(dominates(b, t) for b in best) for t in feasible if t.number not in front)
 
 
-def test_quiet(space, table, capfd):
+def test_quiet(synthetic_space, table, capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        drive(BayesSearcher(make_problem(space, table)), 12)
-        drive(BayesSearcher(make_problem(space, table, objectives=("accuracy", "size"))), 12)
+        drive(BayesSearcher(make_problem(synthetic_space, table)), 12)
+        drive(BayesSearcher(make_problem(synthetic_space, table,
+                                         objectives=("accuracy", "size"))), 12)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 
 
-def test_unknown_sampler(space, table):
+def test_unknown_sampler(synthetic_space, table):
     with pytest.raises(ConfigError) as info:
-        BayesSearcher(make_problem(space, table), {"sampler": "cmaes"})
+        BayesSearcher(make_problem(synthetic_space, table), {"sampler": "cmaes"})
     assert str(info.value) == ("bayes option sampler='cmaes' is unknown; "
                                "choose one of auto, tpe, nsga2")

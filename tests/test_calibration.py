@@ -299,34 +299,34 @@ def test_bench_estimate_cli(tmp_path):
             "mixed_plan_tau"}
 
 
-def test_bench_estimate_bad_input(tmp_path):
-    result = run_nas("bench", "estimate", "--plans", "1", "--runs-dir", str(tmp_path))
+def test_bench_estimate_bad_input(cli, tmp_path):
+    result = cli("bench", "estimate", "--plans", "1", "--runs-dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == "nas: error: --plans 1: give 2 or more (Kendall's tau ranks pairs)"
     spec = tmp_path / "toy.yaml"
     spec.write_text("name: toy\nsms: 4\nint8_tops: 1\nfp16_tflops: 1\ntf32_tflops: 1\n"
                     "cuda_core_tops: 1\nhbm_tb_s: 1\nlaunch_overhead_us: 1\n")
-    result = run_nas("bench", "estimate", "--device-spec", str(spec), "--runs-dir",
-                     str(tmp_path / "runs"))
+    result = cli("bench", "estimate", "--device-spec", str(spec), "--runs-dir",
+                 str(tmp_path / "runs"))
     assert result.returncode == 2
     assert "no latency table under cost_models/ for device toy" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_nas_cost_names_its_estimate():
-    result = run_nas("cost", "--space", "fmnist_resnet8", "--uniform", "W4A8", "--batch", "8",
-                     "--estimate", "roofline")
+def test_nas_cost_names_its_estimate(cli):
+    result = cli("cost", "--space", "fmnist_resnet8", "--uniform", "W4A8", "--batch", "8",
+                 "--estimate", "roofline")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].endswith(
         "(estimated: roofline from the device spec; no measured table for batch 8)")
-    result = run_nas("cost", "--space", "fmnist_resnet8", "--uniform", "W4A8", "--batch", "8")
+    result = cli("cost", "--space", "fmnist_resnet8", "--uniform", "W4A8", "--batch", "8")
     assert result.returncode == 0, result.stderr
     assert "(estimated: roofline from the device spec, calibrated on " in result.stdout
-    result = run_nas("cost", "--uniform", "W4A8", "--estimate", "guess")
+    result = cli("cost", "--uniform", "W4A8", "--estimate", "guess")
     assert result.returncode == 2 and "invalid choice: 'guess'" in result.stderr
 
 
-def test_nas_cost_of_a_plan_takes_its_recorded_batch_and_device(tmp_path):
+def test_nas_cost_of_a_plan_takes_its_recorded_batch_and_device(cli, tmp_path):
     from nas.plan import Plan
 
     spec = tmp_path / "toy.yaml"  # another device: the label names it
@@ -339,7 +339,7 @@ def test_nas_cost_of_a_plan_takes_its_recorded_batch_and_device(tmp_path):
         plan = Plan.uniform(space, 8, 8)
         plan.costs = costs
         plan.save(path)
-        return run_nas("cost", "--space", "fmnist_resnet8", "--plan", str(path), *args)
+        return cli("cost", "--space", "fmnist_resnet8", "--plan", str(path), *args)
 
     result = cost_of({"latency_batch": 8, "device_spec": str(spec)})
     assert result.returncode == 0, result.stderr

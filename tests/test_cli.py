@@ -1,17 +1,21 @@
-"""The real `nas` command in a subprocess: bad input is one line, exit 2, nothing on disk."""
+"""Bad input is one line, exit 2, nothing on disk: `nas.cli.main` in this process for each
+case, and the real `nas` command in a subprocess for what only a process shows."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from nas.spaces import SearchSpace
-from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
+from tests.conftest import SYNTHETIC_SPACE, run_nas
 
 
 @pytest.fixture
-def bad_files(tmp_path):
+def bad_files(tmp_path, synthetic_space):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
-    model = SearchSpace.from_dict(SYNTHETIC_SPACE).build_model().state_dict()
+    model = synthetic_space.build_model().state_dict()
     good = {"format": "nas-checkpoint/1", "kind": "fp32", "space": SYNTHETIC_SPACE,
             "state_dict": model}
     for name, change in [("supernet", {"kind": "supernet"}),
@@ -86,9 +90,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(bad_files, args, message):
+def test_bad_input_is_one_line_and_exit_2(cli, bad_files, args, message):
     runs = bad_files / "runs"
-    result = run_nas("--runs-dir", str(runs), *[a.format(d=bad_files) for a in args])
+    result = cli("--runs-dir", str(runs), *[a.format(d=bad_files) for a in args])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nas: error: "), result.stderr
@@ -97,59 +101,87 @@ def test_bad_input_is_one_line_and_exit_2(bad_files, args, message):
     assert not runs.exists() or list(runs.iterdir()) == []  # nothing written
 
 
-def test_commands_without_run_folders_ignore_the_runs_dir(bad_files):
+def test_commands_without_run_folders_ignore_the_runs_dir(cli, bad_files, no_cuda):
     # `nas spaces`, `cost` and `measure` write no run folder: a --runs-dir that is a file
     # (or a file named runs/ where one works) is none of their business.
     junk, runs = bad_files / "junk.pt", bad_files / "runs"
     for runs_dir in (junk, runs):
-        result = run_nas("--runs-dir", str(runs_dir), "spaces", "list")
+        result = cli("--runs-dir", str(runs_dir), "spaces", "list")
         assert result.returncode == 0, result.stderr
         assert "fmnist_resnet8" in result.stdout
-        result = run_nas("--runs-dir", str(runs_dir), "cost", "--space", "fmnist_resnet8",
-                         "--uniform", "W8A8")
+        result = cli("--runs-dir", str(runs_dir), "cost", "--space", "fmnist_resnet8",
+                     "--uniform", "W8A8")
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("space fmnist_resnet8")
         # `measure` goes as far as its GPU check (CUDA hidden from it): no --runs-dir error.
-        result = run_nas("--runs-dir", str(runs_dir), "measure", "--space", "fmnist_resnet8",
-                         "--output", str(bad_files / "table.json"),
-                         env=NO_GPU)
+        result = cli("--runs-dir", str(runs_dir), "measure", "--space", "fmnist_resnet8",
+                     "--output", str(bad_files / "table.json"))
         assert result.returncode == 2
         assert result.stderr.startswith("nas: error: nas measure times kernels on a CUDA GPU "
                                          "and none is available here"), result.stderr
     assert not runs.exists() and junk.read_bytes() == b"not a checkpoint"
 
 
-def test_debug_shows_the_traceback(bad_files):
+# The real command: its exit status, a usage error through argparse, no traceback.
+@pytest.mark.parametrize("args, message", [
+    (["train", "--budget", "5 parsecs"], "nas: error: budget '5 parsecs' is not understood"),
+    (["frobnicate"], "nas: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_the_nas_command_refuses_bad_input_in_one_line(tmp_path, args, message):
+    runs = tmp_path / "runs"
+    result = run_nas("--runs-dir", str(runs), *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
+    assert result.stdout == "" and not runs.exists()
+
+
+def test_debug_shows_the_traceback():
     result = run_nas("--debug", "train", "--budget", "nonsense")
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "BudgetError" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("nas: error: budget 'nonsense'")
 
 
-def test_global_options_after_the_command(bad_files):
-    result = run_nas("train", "--debug", "--budget", "nonsense")
+def test_global_options_after_the_command(cli):
+    result = cli("train", "--debug", "--budget", "nonsense")
     assert result.returncode == 2 and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("nas: error: budget 'nonsense'")
 
 
-def test_cuda_requested_without_cuda(bad_files):
+def test_cuda_requested_without_cuda(cli, no_cuda):
     # CUDA hidden from the command: the same error on a machine with a GPU.
-    result = run_nas("--device", "cuda", "train", "--budget", "1ep",
-                     env=NO_GPU)
+    result = cli("--device", "cuda", "train", "--budget", "1ep")
     assert result.returncode == 2
     assert "nas: error: --device cuda was asked for but no CUDA device is available" in result.stderr
 
 
-def test_spaces_list_and_show():
-    listing = run_nas("spaces")
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    # `nas spaces show ... | head -1`: the pipe's reader is gone before a byte is written (its
+    # end is closed before the command starts). Exit 141 as for SIGPIPE, and nothing on
+    # stderr, from the command or from Python as it exits.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "nas", "spaces", "show", "fmnist_resnet8"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_spaces_list_and_show(cli):
+    listing = cli("spaces")
     assert listing.returncode == 0
     assert "fmnist_resnet8 (default)" in listing.stdout and "imagenet_resnet18" in listing.stdout
-    shown = run_nas("spaces", "show", "cifar10_resnet20")
+    shown = cli("spaces", "show", "cifar10_resnet20")
     assert shown.returncode == 0
     assert "layer3.2.conv2" in shown.stdout and "W8A8 (fixed)" in shown.stdout
     assert "22 layers (20 searchable, 2 fixed)" in shown.stdout
 
 
-def test_help_and_version():
-    assert run_nas("--version").stdout.startswith("nas ")
-    out = run_nas("--help").stdout
-    assert all(cmd in out for cmd in ("train", "eval", "spaces"))
+def test_help_and_version(cli):
+    version = run_nas("--version")
+    assert version.returncode == 0 and version.stdout.startswith("nas ")
+    out = cli("--help")
+    assert out.returncode == 0
+    assert all(cmd in out.stdout for cmd in ("train", "eval", "spaces"))

@@ -15,7 +15,6 @@ from nas.cost.tables import LatencyTable, kernel_fingerprint, table_key
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision, Plan
 from nas.spaces import LayerInfo, SearchSpace, load_space
-from tests.conftest import run_nas
 
 SPEC = DeviceSpec(name="toy", sms=2, int8_tops=4e-6, fp16_tflops=2e-6, tf32_tflops=1e-6,
                   cuda_core_tops=1e-6, hbm_tb_s=1e-6, launch_overhead_us=1.0, tile_m=4, tile_n=4)
@@ -197,16 +196,16 @@ def test_bad_targets(text, message):
     assert str(err.value) == f"{message}; {TARGET_FORMS}"
 
 
-def test_nas_cost_cli_is_light_and_labelled():
+def test_nas_cost_cli_is_light_and_labelled(cli):
     # Batch 8 has no measured table under cost_models/: every latency is estimated (the
     # roofline calibrated on the H200 tables).
-    result = run_nas("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "8")
+    result = cli("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "8")
     assert result.returncode == 0, result.stderr
     assert "layer4.1.conv2" in result.stdout and "estimated" in result.stdout
     assert "latency" in result.stdout.splitlines()[-1] and "roofline" in result.stdout
     assert result.stdout.splitlines()[-1].endswith("; no measured table for batch 8)")
     # Batch 64 was measured on the H200 (cost_models/h200-imagenet_resnet18-b64.json).
-    result = run_nas("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "64")
+    result = cli("cost", "--space", "imagenet_resnet18", "--uniform", "W4A8", "--batch", "64")
     assert result.returncode == 0, result.stderr
     assert "estimated" not in result.stdout
     footer = [line for line in result.stdout.splitlines() if line.startswith("size ")]
@@ -228,12 +227,12 @@ def test_nas_cost_cli_is_light_and_labelled():
     assert out.stdout.strip().splitlines()[-1] == "False"  # costing needs no torch (cached geometry)
 
 
-def test_nas_cost_bad_input():
+def test_nas_cost_bad_input(cli):
     for args, message in [(["--uniform", "W4A8", "--batch", "0"], "--batch 0: must be a positive"),
                           (["--uniform", "W4A8", "--device-spec", "tpu9"], "device spec 'tpu9' not found"),
                           (["--uniform", "W1A8"], "--uniform 'W1A8': write W<bits>A<bits>"),
                           (["--uniform", "W8A8", "--space", "nope"], "unknown search space 'nope'")]:
-        result = run_nas("cost", *args)
+        result = cli("cost", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 

@@ -217,12 +217,10 @@ def test_image_folder_classes_must_agree(tmp_path):
                               f"data.kwargs.num_classes is 2; set num_classes to at least 3")
 
 
-def test_train_stops_on_an_unreadable_image_in_one_line(tmp_path):
+def test_train_stops_on_an_unreadable_image_in_one_line(cli, tmp_path):
     """Images are opened as batches are drawn, so this error comes inside the run: still one
     line, exit 2, and the run folder is removed."""
     import yaml
-
-    from tests.conftest import run_nas
 
     root = _image_folder(tmp_path / "images")
     broken = root / "train" / "cat" / "broken.jpg"
@@ -233,8 +231,8 @@ def test_train_stops_on_an_unreadable_image_in_one_line(tmp_path):
         "data": {"name": "imagefolder", "kwargs": {"image_size": 16, "num_classes": 2}},
         "train": {"budget": "1ep", "batch_size": 16}}))  # one batch holds every image
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "train", "--space", str(space), "--data-dir",
-                     str(root), "--no-progress")
+    result = cli("--runs-dir", str(runs), "train", "--space", str(space), "--data-dir",
+                 str(root), "--no-progress")
     assert (result.returncode, result.stderr) == (
         2, f"nas: error: image {broken} is not an image PIL can read; replace or remove it\n")
     assert not runs.exists() or not any(runs.iterdir())

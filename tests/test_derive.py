@@ -10,7 +10,7 @@ from torch import nn
 from nas.budget import Budget
 from nas.cost.base import CostTable
 from nas.cost.targets import Target
-from nas.data import load_data, make_loader
+from nas.data import make_loader
 from nas.errors import ConfigError
 from nas.search import dnas
 from nas.search.dnas import DnasConfig, candidates, cost_penalty, derive, one_shot_accuracy
@@ -134,11 +134,6 @@ def test_derive_picks_the_most_accurate_plan_within_the_target(monkeypatch):
     assert best.name == "argmax" and best.accuracy == 90.0
 
 
-@pytest.fixture(scope="module")
-def splits():
-    return load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
-
-
 def _bns(net):
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -161,8 +156,8 @@ def _trained_supernet(splits):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_one_shot_accuracy_restores_the_supernet(splits, training, monkeypatch):
-    net = _trained_supernet(splits)
+def test_one_shot_accuracy_restores_the_supernet(synthetic_data, training, monkeypatch):
+    net = _trained_supernet(synthetic_data)
     net.train(training)
     indices = [len(m.choices) - 1 - i % 2 for i, m in enumerate(net.mixed())]
     before = copy.deepcopy(net.state_dict())
@@ -177,7 +172,7 @@ def test_one_shot_accuracy_restores_the_supernet(splits, training, monkeypatch):
         return evaluate(model, loader, device)
 
     monkeypatch.setattr(dnas, "evaluate", spy)
-    acc = one_shot_accuracy(net, indices, splits, "cpu", bn_batches=2, eval_batches=1,
+    acc = one_shot_accuracy(net, indices, synthetic_data, "cpu", bn_batches=2, eval_batches=1,
                             batch_size=64)
     after = net.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
@@ -190,22 +185,22 @@ def test_one_shot_accuracy_restores_the_supernet(splits, training, monkeypatch):
     # on the same batches) give the very same tensors.
     ref = copy.deepcopy(net)
     ref.fix(indices)
-    recalibrate_bn(ref, make_loader(splits.train, 64, shuffle=True, seed=0), 2, "cpu")
+    recalibrate_bn(ref, make_loader(synthetic_data.train, 64, shuffle=True, seed=0), 2, "cpu")
     assert evaluated["fixed"] == indices
     mine, theirs = evaluated["state"], ref.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     assert any(not torch.equal(mine[k], before[k]) for k in mine if "running_mean" in k)
     (x, y), = evaluated["batches"]
-    first = splits.arch.batch(torch.arange(64))
+    first = synthetic_data.arch.batch(torch.arange(64))
     assert torch.equal(x, first[0]) and torch.equal(y, first[1])
     assert acc == evaluate(ref, [first], "cpu")["accuracy"]
 
 
-def test_one_shot_accuracy_restores_the_supernet_when_evaluation_fails(splits):
-    net = _trained_supernet(splits)
+def test_one_shot_accuracy_restores_the_supernet_when_evaluation_fails(synthetic_data):
+    net = _trained_supernet(synthetic_data)
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(AttributeError, match="no_such_split"):
-        one_shot_accuracy(net, [0] * len(net.names), splits, "cpu", bn_batches=1,
+        one_shot_accuracy(net, [0] * len(net.names), synthetic_data, "cpu", bn_batches=1,
                           split="no_such_split", batch_size=64)
     after = net.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in after)

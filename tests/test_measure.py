@@ -16,21 +16,15 @@ from nas.kernels.timing import CudaGraphTimer, WallTimer, calls_per_graph
 from nas.plan import LayerPrecision
 from nas.spaces import SearchSpace
 from nas.stats import kendall_tau
-from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
+from tests.conftest import SYNTHETIC_SPACE
 
 TINY = {**SYNTHETIC_SPACE, "searchable": ["layer1.0.conv1"],
         "choices": {"w_bits": [4, 8], "a_bits": [8]}}
 
 
-@pytest.fixture
-def no_cuda(monkeypatch):
-    """In this process, CUDA is not available, even on a machine with a GPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-def test_measure_without_cuda_exits_2_and_writes_nothing(tmp_path):
+def test_measure_without_cuda_exits_2_and_writes_nothing(cli, no_cuda, tmp_path):
     out = tmp_path / "table.json"
-    result = run_nas("measure", "--output", str(out), env=NO_GPU)
+    result = cli("measure", "--output", str(out))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "nas: error: nas measure times kernels on a CUDA GPU and none is available here "
@@ -149,8 +143,8 @@ def test_marginal_timing_leaves_the_graph_launch_out():
     assert noisy._per_call_us(None) == pytest.approx(3.5)
 
 
-def test_timing_is_replay_or_marginal(tmp_path):
-    done = run_nas("measure", "--timing", "median", "--runs-dir", str(tmp_path))
+def test_timing_is_replay_or_marginal(cli, tmp_path):
+    done = cli("measure", "--timing", "median", "--runs-dir", str(tmp_path))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--timing: invalid choice: 'median' (choose from" in done.stderr
 
@@ -176,8 +170,8 @@ def test_validations_of_each_plan_mix(tiny_cases):
                             say=lambda s: None)) == []
 
 
-def test_validate_mixed_counts_are_checked(tmp_path):
-    done = run_nas("measure", "--validate-mixed", "-3", "--runs-dir", str(tmp_path))
+def test_validate_mixed_counts_are_checked(cli, tmp_path):
+    done = cli("measure", "--validate-mixed", "-3", "--runs-dir", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip() == "nas: error: --validate-mixed -3: give a number of plans, 0 or more"
 

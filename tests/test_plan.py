@@ -15,7 +15,7 @@ from nas.spaces import load_space
 
 
 @pytest.fixture(scope="module")
-def space():
+def fmnist_space():
     return load_space("fmnist_resnet8")
 
 
@@ -27,36 +27,36 @@ def _mixed(space):
     return plan
 
 
-def test_uniform_keeps_fixed_layers(space):
-    plan = Plan.uniform(space, 4, 8)
+def test_uniform_keeps_fixed_layers(fmnist_space):
+    plan = Plan.uniform(fmnist_space, 4, 8)
     assert plan.layers["conv1"] == LayerPrecision(8, 8) and plan.layers["fc"] == LayerPrecision(8, 8)
     assert plan.layers["layer1.0.conv1"] == LayerPrecision(4, 8, "per_channel", True, False)
     assert plan.bits_histogram() == {"W4A8": 8, "W8A8": 2}
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
-def test_roundtrip_is_lossless(space, tmp_path, suffix):
-    plan = _mixed(space)
+def test_roundtrip_is_lossless(fmnist_space, tmp_path, suffix):
+    plan = _mixed(fmnist_space)
     path = plan.save(tmp_path / f"plan{suffix}")
     assert Plan.load(path) == plan
-    assert Plan.load(path).resolved(space) == plan
+    assert Plan.load(path).resolved(fmnist_space) == plan
 
 
-def test_yaml_and_json_hold_the_same_content(space, tmp_path):
-    plan = _mixed(space)
+def test_yaml_and_json_hold_the_same_content(fmnist_space, tmp_path):
+    plan = _mixed(fmnist_space)
     as_yaml = yaml.safe_load(plan.save(tmp_path / "p.yaml").read_text())
     as_json = json.loads(plan.save(tmp_path / "p.json").read_text())
     assert as_yaml == as_json and as_yaml["format_version"] == 2
     assert as_yaml["model"] == {"space": "fmnist_resnet8", "name": "resnet8",
-                                "layer_hash": layer_hash(space)}
+                                "layer_hash": layer_hash(fmnist_space)}
 
 
-def test_default_fills_unlisted_layers(space):
-    raw = Plan.uniform(space, 8, 8).to_dict()
+def test_default_fills_unlisted_layers(fmnist_space):
+    raw = Plan.uniform(fmnist_space, 8, 8).to_dict()
     raw["layers"] = {"conv1": raw["layers"]["conv1"], "fc": raw["layers"]["fc"],
                      "layer1.0.conv1": {"w_bits": 2, "a_bits": 4}}
     raw["default"] = {"w_bits": 4, "a_bits": 8}
-    plan = Plan.from_dict(raw).resolved(space)
+    plan = Plan.from_dict(raw).resolved(fmnist_space)
     assert plan.layers["layer1.0.conv1"].w_bits == 2 and plan.layers["layer3.0.conv2"].w_bits == 4
     assert len(plan.layers) == 10
 
@@ -80,11 +80,11 @@ def test_default_fills_unlisted_layers(space):
     (lambda r: r["model"].update({"layer_hash": "0" * 16}), "plan was made for other layers"),
     (lambda r: r.update({"pickle": 1}), "unknown key 'pickle'"),
 ])
-def test_validation_names_the_problem(space, edit, message):
-    raw = Plan.uniform(space, 4, 8).to_dict()
+def test_validation_names_the_problem(fmnist_space, edit, message):
+    raw = Plan.uniform(fmnist_space, 4, 8).to_dict()
     edit(raw)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        Plan.from_dict(raw).resolved(space)
+        Plan.from_dict(raw).resolved(fmnist_space)
 
 
 def test_parse_uniform():
@@ -94,66 +94,67 @@ def test_parse_uniform():
             parse_uniform(bad)
 
 
-def test_uniform_plan_takes_only_a_choice_of_every_searchable_layer(space):
-    assert uniform_plan(space, "w4a8") == Plan.uniform(space, 4, 8).resolved(space)
+def test_uniform_plan_takes_only_a_choice_of_every_searchable_layer(fmnist_space):
+    assert (uniform_plan(fmnist_space, "w4a8")
+            == Plan.uniform(fmnist_space, 4, 8).resolved(fmnist_space))
     for text in ("W3A8", "W8A32", "W2A2"):
         with pytest.raises(ConfigError) as err:
-            uniform_plan(space, text)
+            uniform_plan(fmnist_space, text)
         assert str(err.value) == (f"--uniform {text.upper()} is outside space fmnist_resnet8; "
                                   f"allowed: W2A4, W2A8, W4A4, W4A8, W8A4, W8A8")
     # Float throughout is the baseline every space is compared with: always allowed.
-    baseline = uniform_plan(space, "W32A32")
+    baseline = uniform_plan(fmnist_space, "W32A32")
     assert {str(p) for n, p in baseline.layers.items()
-            if not next(x for x in space.layers() if x.name == n).fixed} == {"W32A32"}
+            if not next(x for x in fmnist_space.layers() if x.name == n).fixed} == {"W32A32"}
 
 
-def test_a_plan_from_a_changed_copy_of_a_space_is_not_taken_for_the_shipped_one(space):
+def test_a_plan_from_a_changed_copy_of_a_space_is_not_taken_for_the_shipped_one(fmnist_space):
     # Same name, same layers and shapes, another input size: every layer's BitOps and latency
     # differ, so costing the plan on the shipped space would be silently wrong.
-    raw = space.to_dict()
+    raw = fmnist_space.to_dict()
     raw["data"] = {"name": "synthetic", "kwargs": {"image_size": 32}}
-    bigger = type(space).from_dict(raw)
-    assert bigger.name == space.name
+    bigger = type(fmnist_space).from_dict(raw)
+    assert bigger.name == fmnist_space.name
     plan = Plan.uniform(bigger, 4, 8)
     assert plan.resolved(bigger) == plan
     with pytest.raises(ConfigError) as err:
-        plan.resolved(space)
+        plan.resolved(fmnist_space)
     assert str(err.value) == (
         f"plan was made for other layers (layer_hash {layer_hash(bigger)}) than space "
-        f"fmnist_resnet8 has ({layer_hash(space)}): same names, other shapes, padding or input "
-        f"size; if it came from a changed copy of fmnist_resnet8, give that file with "
+        f"fmnist_resnet8 has ({layer_hash(fmnist_space)}): same names, other shapes, padding or "
+        f"input size; if it came from a changed copy of fmnist_resnet8, give that file with "
         f"--space PATH")
 
 
-def test_format_1_plans_still_load_and_check_their_layers(space, tmp_path):
+def test_format_1_plans_still_load_and_check_their_layers(fmnist_space, tmp_path):
     # Format 1 hashed names, types and shapes only; its plans still resolve on that hash.
-    raw = Plan.uniform(space, 4, 8).to_dict()
+    raw = Plan.uniform(fmnist_space, 4, 8).to_dict()
     raw.update({"format_version": 1})
-    raw["model"]["layer_hash"] = layer_hash(space, 1)
-    assert layer_hash(space, 1) != layer_hash(space)
-    plan = Plan.from_dict(raw).resolved(space)
-    assert plan.format_version == 1 and plan.layers == Plan.uniform(space, 4, 8).layers
-    raw["model"]["layer_hash"] = layer_hash(space)
+    raw["model"]["layer_hash"] = layer_hash(fmnist_space, 1)
+    assert layer_hash(fmnist_space, 1) != layer_hash(fmnist_space)
+    plan = Plan.from_dict(raw).resolved(fmnist_space)
+    assert plan.format_version == 1 and plan.layers == Plan.uniform(fmnist_space, 4, 8).layers
+    raw["model"]["layer_hash"] = layer_hash(fmnist_space)
     with pytest.raises(ConfigError, match="plan was made for other layers"):
-        Plan.from_dict(raw).resolved(space)
+        Plan.from_dict(raw).resolved(fmnist_space)
 
 
-def test_plan_for_another_space_says_which(space):
+def test_plan_for_another_space_says_which(fmnist_space):
     other = Plan.uniform(load_space("fmnist_mobilenetv2"), 4, 8)
     with pytest.raises(ConfigError) as err:
-        other.resolved(space)
+        other.resolved(fmnist_space)
     assert str(err.value) == ("plan is for space fmnist_mobilenetv2, not fmnist_resnet8; give "
                               "--space fmnist_mobilenetv2, or a plan made for fmnist_resnet8")
     other.space = "my_mobilenet"  # a space of the user's: only its file can be given
     with pytest.raises(ConfigError) as err:
-        other.resolved(space)
+        other.resolved(fmnist_space)
     assert str(err.value) == ("plan is for space my_mobilenet, not fmnist_resnet8; give "
                               "--space PATH (the YAML file of space my_mobilenet), or a plan "
                               "made for fmnist_resnet8")
     # Another space's name over the same layers (a copy of the space's file) still fits.
-    renamed = Plan.uniform(space, 4, 8)
+    renamed = Plan.uniform(fmnist_space, 4, 8)
     renamed.space = "my_resnet8"
-    assert renamed.resolved(space).layers == Plan.uniform(space, 4, 8).layers
+    assert renamed.resolved(fmnist_space).layers == Plan.uniform(fmnist_space, 4, 8).layers
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -178,33 +179,33 @@ def test_plan_path_that_is_a_directory(tmp_path):
                               f".json), such as a run folder's plan.yaml")
 
 
-def test_plan_model_names_must_be_names(space):
-    raw = Plan.uniform(space, 4, 8).to_dict()
+def test_plan_model_names_must_be_names(fmnist_space):
+    raw = Plan.uniform(fmnist_space, 4, 8).to_dict()
     raw["model"]["space"] = ["fmnist_resnet8"]
     with pytest.raises(ConfigError) as err:
         Plan.from_dict(raw)
     assert str(err.value) == "plan: model.space ['fmnist_resnet8'] must be a name"
 
 
-def test_size_in_bytes(space):
+def test_size_in_bytes(fmnist_space):
     # conv1: 144 weights at 8 bits + 16 scales (symmetric: no zero point) + 16 biases
-    infos = {x.name: x.info for x in space.layers()}
+    infos = {x.name: x.info for x in fmnist_space.layers()}
     from nas.cost.size import layer_size_bytes
 
     assert layer_size_bytes(infos["conv1"], LayerPrecision(8, 8)) == 144 + 16 * 4 + 16 * 4
     assert layer_size_bytes(infos["conv1"], LayerPrecision(4, 8, "per_tensor", False)) == (
         72 + 4 + 1 + 16 * 4)
     assert layer_size_bytes(infos["conv1"], LayerPrecision(32, 32)) == 144 * 4 + 16 * 4
-    w8, w4 = plan_size_bytes(Plan.uniform(space, 8, 8), space), plan_size_bytes(Plan.uniform(space, 4, 8), space)
+    w8, w4 = (plan_size_bytes(Plan.uniform(fmnist_space, w, 8), fmnist_space) for w in (8, 4))
     assert w4 < w8
-    fp32 = plan_size_bytes(Plan.uniform(space, 32, 32, include_fixed=True), space)
+    fp32 = plan_size_bytes(Plan.uniform(fmnist_space, 32, 32, include_fixed=True), fmnist_space)
     assert fp32 == sum(4 * (i.params + i.out_channels) for i in infos.values() if i.type == "Conv2d") + (
         4 * (64 * 10) + 4 * 10)  # fc: weights plus its one bias (params already counts it once)
 
 
-def test_quantize_model_swaps_by_name(space):
-    model = space.build_model().eval()
-    plan = Plan.uniform(space, 4, 8)
+def test_quantize_model_swaps_by_name(fmnist_space):
+    model = fmnist_space.build_model().eval()
+    plan = Plan.uniform(fmnist_space, 4, 8)
     plan.layers["layer1.0.conv1"] = LayerPrecision(32, 32)
     q = quantize_model(model, plan)
     layers = quant_layers(q)
@@ -238,7 +239,7 @@ def test_quantize_model_swaps_by_name(space):
                                 *quant_range(wq.bits, True), axis=0)
             assert torch.equal(out, op(layer, x_q, w_q))
             assert not torch.equal(out, op(layer, inp, layer.weight))
-    bad = Plan.uniform(space, 4, 8)
+    bad = Plan.uniform(fmnist_space, 4, 8)
     bad.layers["layer1.0.bn1"] = LayerPrecision(8, 8)
     with pytest.raises(ConfigError, match="plan layer 'layer1.0.bn1': BatchNorm2d, expected Conv2d"):
         quantize_model(model, bad)

@@ -65,20 +65,20 @@ def test_plan_file_and_per_layer_csv(trained, tmp_path):
     (lambda r: r["layers"].update({"layer1.0.conv2": {"w_bits": 6, "a_bits": 8}}),
      "plan layer 'layer1.0.conv2': W6A8 is outside space"),
 ])
-def test_bad_plans_exit_2(trained, tmp_path, edit, message):
+def test_bad_plans_exit_2(cli, trained, tmp_path, edit, message):
     space_path, checkpoint = trained
     raw = Plan.uniform(load_space(space_path), 4, 8).to_dict()
     edit(raw)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(raw))
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint), "--plan", str(path))
+    result = cli("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint), "--plan", str(path))
     assert result.returncode == 2
     assert result.stderr.startswith("nas: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
 
 
-def test_other_bad_ptq_input(trained, tmp_path):
+def test_other_bad_ptq_input(cli, trained, tmp_path):
     space_path, checkpoint = trained
     # The checkpoint's model and kwargs, but data with other classes: its fc does not fit.
     other_data = tmp_path / "other_data.yaml"
@@ -104,8 +104,8 @@ def test_other_bad_ptq_input(trained, tmp_path):
         ([], "one of the arguments --plan --uniform is required"),
     ]
     for args, message in cases:
-        result = run_nas("--runs-dir", str(tmp_path / "runs"), "ptq", "--checkpoint",
-                         str(checkpoint), *args)
+        result = cli("--runs-dir", str(tmp_path / "runs"), "ptq", "--checkpoint",
+                     str(checkpoint), *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "runs").exists()
@@ -168,10 +168,10 @@ def test_no_fold_and_per_tensor_weights(trained, tmp_path):
     assert gap > 1e-3
 
 
-def test_bench_dnas_rejects_bad_targets(tmp_path):
+def test_bench_dnas_rejects_bad_targets(cli, tmp_path):
     for targets in ("0.35,0.5", "0,0.5,0.7", "0.35,0.5,x"):
-        result = run_nas("--runs-dir", str(tmp_path / "runs"), "bench", "dnas", "--targets",
-                         targets)
+        result = cli("--runs-dir", str(tmp_path / "runs"), "bench", "dnas", "--targets",
+                     targets)
         assert result.returncode == 2, (targets, result.stderr)
         assert result.stderr == (f"nas: error: --targets '{targets}': give three fractions in "
                                  f"(0, 1], e.g. 0.35,0.5,0.7\n")

@@ -21,18 +21,12 @@ from nas.cost.targets import Target
 from nas.errors import ConfigError
 from nas.search.base import SearchBudget, SearchProblem, Told
 from nas.search.rl import RLSearcher, choice_order, enforce, layer_kind
-from nas.spaces import LayerInfo, SearchSpace
-from tests.conftest import SYNTHETIC_SPACE
+from nas.spaces import LayerInfo
 
 
 @pytest.fixture(scope="module")
-def space():
-    return SearchSpace.from_dict(SYNTHETIC_SPACE)
-
-
-@pytest.fixture(scope="module")
-def tables(space):
-    return {name: make_cost_model(name).table(space) for name in ("size", "bitops")}
+def tables(synthetic_space):
+    return {name: make_cost_model(name).table(synthetic_space) for name in ("size", "bitops")}
 
 
 def target_at(table, fraction: float) -> Target:
@@ -76,7 +70,8 @@ def actor_weights(searcher) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- the budget rule
 
 @pytest.mark.parametrize("cost", ["size", "bitops"])
-def test_enforcement_meets_the_target_lowering_the_most_costly_layer_first(space, tables, cost):
+def test_enforcement_meets_the_target_lowering_the_most_costly_layer_first(synthetic_space, tables,
+                                                                           cost):
     table, rng = tables[cost], random.Random(cost)
     lowered = 0
     for _ in range(300):
@@ -105,20 +100,20 @@ def test_enforcement_meets_the_target_lowering_the_most_costly_layer_first(space
     assert lowered > 150  # most random plans were over their target
 
 
-def test_enforcement_of_a_plan_one_byte_over_lowers_the_largest_layer_once(space, tables):
+def test_enforcement_of_a_plan_one_byte_over_lowers_the_largest_layer_once(synthetic_space, tables):
     table = tables["size"]
-    w8a8 = [len(x.choices) - 1 for x in space.layers()]  # W8A8 is each layer's last choice
-    assert all(str(x.choices[i]) == "W8A8" for x, i in zip(space.layers(), w8a8))
+    w8a8 = [len(x.choices) - 1 for x in synthetic_space.layers()]  # W8A8: each layer's last choice
+    assert all(str(x.choices[i]) == "W8A8" for x, i in zip(synthetic_space.layers(), w8a8))
     cost = table.index_cost(w8a8)
     result, steps = enforce(w8a8, table, Target("size", cost - 1, "size=-1B"))
     # layer3.0.conv2 (32x32x3x3) has the most weights: W8A8 -> W4A8, 9216 * 4 bits saved.
-    assert steps == [7] and str(space.layers()[7].choices[result[7]]) == "W4A8"
+    assert steps == [7] and str(synthetic_space.layers()[7].choices[result[7]]) == "W4A8"
     assert cost - table.index_cost(result) == 9216 * 4 / 8
     assert result[:7] + result[8:] == w8a8[:7] + w8a8[8:]
 
 
-def test_a_target_no_plan_meets_is_refused(space, tables):
-    problem = make_problem(space, tables)
+def test_a_target_no_plan_meets_is_refused(synthetic_space, tables):
+    problem = make_problem(synthetic_space, tables)
     problem.target = Target("size", 100.0, "size=100B")
     with pytest.raises(ConfigError, match=r"^target size=100B is impossible: the cheapest plan "
                                           r"in this space costs "):
@@ -127,9 +122,9 @@ def test_a_target_no_plan_meets_is_refused(space, tables):
 
 # ---------------------------------------------------------------- state and actions
 
-def test_state_is_haq_features_scaled_over_the_searchable_layers(space, tables):
-    searcher = RLSearcher(make_problem(space, tables))
-    layers = space.layers()
+def test_state_is_haq_features_scaled_over_the_searchable_layers(synthetic_space, tables):
+    searcher = RLSearcher(make_problem(synthetic_space, tables))
+    layers = synthetic_space.layers()
     assert searcher.positions == [1, 2, 3, 4, 5, 6, 7, 8]  # conv1 and fc are fixed
     f = searcher.features
     assert f.shape == (8, 10) and float(f.min()) == 0.0 and float(f.max()) == 1.0
@@ -158,9 +153,9 @@ def test_layer_kinds():
         "conv", "depthwise", "conv", "linear"]
 
 
-def test_actions_cut_cheapest_to_dearest_choices_into_equal_bins(space, tables):
-    searcher = RLSearcher(make_problem(space, tables))
-    names = [str(c) for c in space.layers()[1].choices]
+def test_actions_cut_cheapest_to_dearest_choices_into_equal_bins(synthetic_space, tables):
+    searcher = RLSearcher(make_problem(synthetic_space, tables))
+    names = [str(c) for c in synthetic_space.layers()[1].choices]
     # Size ignores activation bits: equal sizes go by weight bits, then activation bits.
     assert [names[c] for c in searcher.orders[0]] == ["W2A4", "W2A8", "W4A4", "W4A8", "W8A4",
                                                       "W8A8"]
@@ -172,21 +167,21 @@ def test_actions_cut_cheapest_to_dearest_choices_into_equal_bins(space, tables):
         assert searcher.choice(0, searcher.action(0, c)) == c
 
 
-def test_bad_options_and_several_objectives_are_refused(space, tables):
+def test_bad_options_and_several_objectives_are_refused(synthetic_space, tables):
     with pytest.raises(ConfigError, match=r"^rl option noise=2: give the starting sigma, 0 to "
                                           r"1$"):
-        RLSearcher(make_problem(space, tables), {"noise": 2})
+        RLSearcher(make_problem(synthetic_space, tables), {"noise": 2})
     with pytest.raises(ConfigError, match=r"^rl option warmup=-1: give a whole number"):
-        RLSearcher(make_problem(space, tables), {"warmup": -1})
+        RLSearcher(make_problem(synthetic_space, tables), {"warmup": -1})
     with pytest.raises(ConfigError, match=r"^--objectives accuracy,size: rl maximises accuracy "
                                           r"within a target; drop --objectives"):
-        RLSearcher(make_problem(space, tables, objectives=("accuracy", "size")))
+        RLSearcher(make_problem(synthetic_space, tables, objectives=("accuracy", "size")))
 
 
 # ---------------------------------------------------------------- learning
 
-def test_warm_up_then_policy_episodes_within_the_target(space, tables):
-    problem = make_problem(space, tables, trials=16)
+def test_warm_up_then_policy_episodes_within_the_target(synthetic_space, tables):
+    problem = make_problem(synthetic_space, tables, trials=16)
     searcher = RLSearcher(problem)
     assert (searcher.warmup, searcher.noise) == (4, 0.5)  # min(20, 16 // 4)
     assert searcher.decay == pytest.approx((0.02 / 0.5) ** (1 / 12))  # 0.02 by the last one
@@ -200,27 +195,27 @@ def test_warm_up_then_policy_episodes_within_the_target(space, tables):
     assert searcher.agent.updates == 13 * 8  # from the warm-up's last episode, one per layer
 
 
-def test_the_agent_learns_the_synthetic_objective(space, tables):
+def test_the_agent_learns_the_synthetic_objective(synthetic_space, tables):
     """Rewards after the warm-up beat the warm-up's random plans: for each of 3 seeds, the
     last 10 episodes' mean reward is above the 10 warm-up episodes' mean by more than 0.2,
     over twice the spread of a difference of two means of 10 random plans (0.08 here: one
     plan's reward varies by 0.18); the agent's margin is about 0.5."""
     for seed in range(3):
-        searcher = RLSearcher(make_problem(space, tables, seed=seed, trials=40))
+        searcher = RLSearcher(make_problem(synthetic_space, tables, seed=seed, trials=40))
         drive(searcher, 40)
         warm = [r["reward"] for r in searcher.curve if r["phase"] == "warmup"]
         last = [r["reward"] for r in searcher.curve[-10:]]
         assert sum(last) / 10 > sum(warm) / len(warm) + 0.2, seed
 
 
-def test_a_seed_repeats_its_plans_and_another_does_not(space, tables):
-    first, again, other = (drive(RLSearcher(make_problem(space, tables, seed=s)), 10)
+def test_a_seed_repeats_its_plans_and_another_does_not(synthetic_space, tables):
+    first, again, other = (drive(RLSearcher(make_problem(synthetic_space, tables, seed=s)), 10)
                            for s in (5, 5, 6))
     assert first == again and first != other
 
 
-def test_save_and_restore_give_the_same_next_suggestions(space, tables):
-    problem = make_problem(space, tables)
+def test_save_and_restore_give_the_same_next_suggestions(synthetic_space, tables):
+    problem = make_problem(synthetic_space, tables)
     searcher = RLSearcher(problem)
     drive(searcher, 9)
     buffer = io.BytesIO()
@@ -236,9 +231,9 @@ def test_save_and_restore_give_the_same_next_suggestions(space, tables):
     assert restored.curve == searcher.curve
 
 
-def test_replaying_the_told_plans_rebuilds_the_agent(space, tables):
+def test_replaying_the_told_plans_rebuilds_the_agent(synthetic_space, tables):
     """What --resume does: tell a new searcher the trials in order, then ask on."""
-    problem = make_problem(space, tables)
+    problem = make_problem(synthetic_space, tables)
     searcher = RLSearcher(problem)
     plans = drive(searcher, 9)
     replayed = RLSearcher(problem)
@@ -251,8 +246,8 @@ def test_replaying_the_told_plans_rebuilds_the_agent(space, tables):
     assert drive(replayed, 4) == drive(searcher, 4)
 
 
-def test_a_plan_told_twice_or_failed_is_no_episode(space, tables):
-    problem = make_problem(space, tables)
+def test_a_plan_told_twice_or_failed_is_no_episode(synthetic_space, tables):
+    problem = make_problem(synthetic_space, tables)
     searcher = RLSearcher(problem)
     plan = searcher.ask()
     searcher.tell(told(problem, plan))
@@ -264,8 +259,8 @@ def test_a_plan_told_twice_or_failed_is_no_episode(space, tables):
     assert all(tuple(searcher.ask()) not in (tuple(plan), tuple(failed)) for _ in range(20))
 
 
-def test_the_curve_is_written_to_the_run_folder(space, tables, tmp_path):
-    searcher = RLSearcher(make_problem(space, tables))
+def test_the_curve_is_written_to_the_run_folder(synthetic_space, tables, tmp_path):
+    searcher = RLSearcher(make_problem(synthetic_space, tables))
     searcher.use_folder(tmp_path)
     drive(searcher, 6)
     with open(tmp_path / "rl_curve.csv") as f:

@@ -11,13 +11,12 @@ import yaml
 
 from nas.budget import Budget
 from nas.cost import make_cost_model
-from nas.data import load_data
 from nas.plan import Plan
 from nas.search import dnas
 from nas.search.dnas import DnasConfig, SearchState, derive, search
-from nas.spaces import SearchSpace, load_space
+from nas.spaces import load_space
 from nas.supernet import Supernet
-from tests.conftest import SYNTHETIC_SPACE, run_nas
+from tests.conftest import run_nas
 
 
 def _folder(runs, suffix="-search"):
@@ -26,7 +25,7 @@ def _folder(runs, suffix="-search"):
 
 
 @pytest.mark.slow
-def test_search_writes_a_plan_that_meets_the_target(trained, tmp_path):
+def test_search_writes_a_plan_that_meets_the_target(cli, trained, tmp_path):
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
     result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
@@ -51,8 +50,8 @@ def test_search_writes_a_plan_that_meets_the_target(trained, tmp_path):
     assert f"plan file: {folder / 'plan.yaml'}" in result.stdout
 
     # The plan goes straight into PTQ.
-    ptq = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint), "--plan",
-                  str(folder / "plan.yaml"), "--calib-batches", "2")
+    ptq = cli("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint), "--plan",
+              str(folder / "plan.yaml"), "--calib-batches", "2")
     assert ptq.returncode == 0, ptq.stderr
 
     # And the search can continue from its checkpoint (naming its unchanged space is allowed).
@@ -73,13 +72,11 @@ def _scripted_clock(monkeypatch):
 
 
 @pytest.fixture
-def small_search():
+def small_search(synthetic_space, synthetic_data):
     """A fresh supernet of the synthetic space, its data and its size table."""
-    space = SearchSpace.from_dict(SYNTHETIC_SPACE)
     torch.manual_seed(0)
-    net = Supernet(space.build_model(), space, seed=3)
-    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
-    return net, splits, make_cost_model("size").table(space)
+    net = Supernet(synthetic_space.build_model(), synthetic_space, seed=3)
+    return net, synthetic_data, make_cost_model("size").table(synthetic_space)
 
 
 @pytest.mark.parametrize("budget, resume_at, steps", [(5.5, 0, 6), (6.0, 0, 6), (5.5, 3, 6),
@@ -209,28 +206,17 @@ def test_time_budget_ends_a_cli_search(trained, tmp_path):
      "space fmnist_resnet8 uses resnet8; leave --space out to use synthetic_resnet8, or give a "
      "space of the same model"),
 ])
-def test_bad_search_input(trained, tmp_path, args, message):
+def test_bad_search_input(cli, trained, tmp_path, args, message):
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
     paths = {"ck": checkpoint, "ck_dir": checkpoint.parent}
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path),
-                     *[a.format(**paths) for a in args])
+    result = cli("--runs-dir", str(runs), "search", "--space", str(space_path),
+                 *[a.format(**paths) for a in args])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("nas: error: "), result.stderr
     assert message.format(**paths) in lines[0]
     assert not runs.exists() or list(runs.iterdir()) == []
-
-
-@pytest.fixture(scope="module")
-def searched(trained, tmp_path_factory):
-    """One short search (not factored) from the trained checkpoint: its run folder."""
-    space_path, checkpoint = trained
-    runs = tmp_path_factory.mktemp("searched")
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
-                     "1ep", "--checkpoint", str(checkpoint), "--samples", "0", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return _folder(runs)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -244,15 +230,17 @@ def searched(trained, tmp_path_factory):
                                "synthetic_resnet8 has changed since; leave --space out to resume "
                                "the run on the space it recorded"),
 ])
-def test_resume_refuses_flags_that_change_the_search(trained, searched, tmp_path, args, message):
+def test_resume_refuses_flags_that_change_the_search(cli, trained, supernet_run, tmp_path, args,
+                                                      message):
+    searched = supernet_run[1]  # a search of the synthetic space, not factored
     # The same space name with other choices: resuming on it would mix two searches.
     changed = tmp_path / "changed.yaml"
-    raw = yaml.safe_load(trained[0].read_text())
+    raw = yaml.safe_load(supernet_run[0].read_text())
     changed.write_text(yaml.safe_dump({**raw, "choices": {"w_bits": [4, 8], "a_bits": [8]}}))
     paths = {"run": searched, "ck": trained[1], "changed": changed}
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--resume", str(searched),
-                     *[a.format(**paths) for a in args])
+    result = cli("--runs-dir", str(runs), "search", "--resume", str(searched),
+                 *[a.format(**paths) for a in args])
     assert result.returncode == 2
     assert result.stderr == f"nas: error: {message.format(**paths)}\n"
     assert not runs.exists()
@@ -278,11 +266,11 @@ def test_a_factored_run_resumes_factored_without_the_flag(trained, tmp_path):
     ("fmnist_resnet8", "checkpoint {ck} was trained for space synthetic_resnet8 (resnet8 "
                        "{{'width': 8}}), but space fmnist_resnet8 uses resnet8; leave --space out"),
 ])
-def test_bench_dnas_refuses_a_space_the_checkpoint_does_not_fit(trained, tmp_path, space,
-                                                                message):
+def test_bench_dnas_refuses_a_space_the_checkpoint_does_not_fit(cli, trained, tmp_path, space,
+                                                                     message):
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "bench", "dnas", "--checkpoint", str(trained[1]),
-                     "--space", space)
+    result = cli("--runs-dir", str(runs), "bench", "dnas", "--checkpoint", str(trained[1]),
+                 "--space", space)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"nas: error: {message.format(ck=trained[1])}")
@@ -347,7 +335,7 @@ def test_bench_dnas_small(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path):
+def test_latency_search_says_how_its_latencies_were_estimated(cli, trained, tmp_path):
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
     result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
@@ -371,8 +359,8 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
     assert plan.costs["latency"] != pytest.approx(make_cost_model("latency").plan_cost(plan, space))
     # `nas cost` of the plan costs it at the same batch unless told otherwise.
     for extra, batch in (([], 64), (["--batch", "2"], 2)):
-        cost = run_nas("cost", "--space", str(space_path), "--plan",
-                       str(_folder(runs) / "plan.yaml"), *extra)
+        cost = cli("cost", "--space", str(space_path), "--plan",
+                   str(_folder(runs) / "plan.yaml"), *extra)
         assert cost.returncode == 0, cost.stderr
         assert cost.stdout.startswith(f"space synthetic_resnet8, plan {_folder(runs) / 'plan.yaml'}"
                                       f", batch {batch}, device h200")
@@ -385,8 +373,8 @@ def test_latency_search_says_how_its_latencies_were_estimated(trained, tmp_path)
     assert again.costs["latency"] == pytest.approx(
         make_cost_model("latency", batch=64).plan_cost(again.resolved(space), space))
     # The resumed run searched for a latency target: another kind of cost does not fit it.
-    wrong = run_nas("--runs-dir", str(tmp_path / "runs3"), "search", "--resume",
-                    str(_folder(runs)), "--cost", "size")
+    wrong = cli("--runs-dir", str(tmp_path / "runs3"), "search", "--resume",
+                str(_folder(runs)), "--cost", "size")
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert wrong.stderr.strip() == (
         f"nas: error: --cost size but run {_folder(runs)} searched for the latency target "

@@ -18,13 +18,7 @@ from nas.search.random import RandomSearcher
 from nas.search.results import SearchResults, Trial
 from nas.search.run_discrete import parse_objectives
 from nas.search.uniform import UniformSearcher, uniform_plans
-from nas.spaces import Choice, SearchSpace
-from tests.conftest import SYNTHETIC_SPACE
-
-
-@pytest.fixture(scope="module")
-def space():
-    return SearchSpace.from_dict(SYNTHETIC_SPACE)
+from nas.spaces import Choice
 
 
 def problem(space, target_bytes=None, objectives=("accuracy",), seed=0, trials=10):
@@ -84,9 +78,9 @@ def test_registry_imports_the_chosen_searcher_only():
                               "random, uniform, rl")
 
 
-def test_plan_encoding_round_trips(space):
-    enc = PlanEncoding(space)
-    layers = space.layers()
+def test_plan_encoding_round_trips(synthetic_space):
+    enc = PlanEncoding(synthetic_space)
+    layers = synthetic_space.layers()
     indices = [0 if x.fixed else (k % len(x.choices)) for k, x in enumerate(layers)]
     plan = enc.plan(indices)
     assert enc.indices(plan) == indices
@@ -112,14 +106,14 @@ def test_repair_by_cost_steps_down_where_a_step_saves_most():
     assert repair_by_cost([2, 2], table, None) == [2, 2]
 
 
-def test_random_searcher_proposes_new_plans_within_the_target_reproducibly(space):
-    p = problem(space, target_bytes=uniform_cost(problem(space), 4, 8))
+def test_random_searcher_proposes_new_plans_within_the_target_reproducibly(synthetic_space):
+    p = problem(synthetic_space, target_bytes=uniform_cost(problem(synthetic_space), 4, 8))
     first = RandomSearcher(p)
     plans = [first.ask() for _ in range(30)]
     assert all(p.feasible(x) for x in plans) and len({tuple(x) for x in plans}) == 30
     again = RandomSearcher(p)
     assert [again.ask() for _ in range(30)] == plans
-    other_seed = RandomSearcher(problem(space, p.target.value, seed=1))
+    other_seed = RandomSearcher(problem(synthetic_space, p.target.value, seed=1))
     assert [other_seed.ask() for _ in range(30)] != plans
     # A resumed searcher told the history proposes none of it again.
     resumed = RandomSearcher(p)
@@ -128,17 +122,18 @@ def test_random_searcher_proposes_new_plans_within_the_target_reproducibly(space
     assert not {tuple(resumed.ask()) for _ in range(30)} & {tuple(x) for x in plans[:10]}
 
 
-def test_uniform_searcher_walks_the_uniform_plans_within_the_target_dearest_first(space):
-    p = problem(space, target_bytes=uniform_cost(problem(space), 4, 8))
-    expected = sorted((c for c in space.choices if uniform_cost(p, c.w_bits, c.a_bits)
+def test_uniform_searcher_walks_the_uniform_plans_within_the_target_dearest_first(synthetic_space):
+    p = problem(synthetic_space, target_bytes=uniform_cost(problem(synthetic_space), 4, 8))
+    expected = sorted((c for c in synthetic_space.choices if uniform_cost(p, c.w_bits, c.a_bits)
                        <= p.target.value), key=lambda c: -uniform_cost(p, c.w_bits, c.a_bits))
     searcher = UniformSearcher(p)
     got = []
     while (x := searcher.ask()) is not None:
         got.append(x)
     assert got == uniform_plans(p)
-    layer = next(i for i, x in enumerate(space.layers()) if not x.fixed)
-    assert [str(space.layers()[layer].choices[x[layer]]) for x in got] == [str(c) for c in expected]
+    layer = next(i for i, x in enumerate(synthetic_space.layers()) if not x.fixed)
+    layers = synthetic_space.layers()
+    assert [str(layers[layer].choices[x[layer]]) for x in got] == [str(c) for c in expected]
     # W8A8 and W8A4 cost more than W4A8: left out. W4A8 and W4A4 cost the same bytes.
     assert {str(c) for c in expected} == {"W4A8", "W4A4", "W2A8", "W2A4"}
 
@@ -148,11 +143,12 @@ def _trial(p, n, indices, accuracy):
                  float(n))
 
 
-def test_results_keep_each_trial_on_disk_and_pick_within_the_target(space, tmp_path):
-    p = problem(space, target_bytes=uniform_cost(problem(space), 4, 8), objectives=("accuracy", "size"))
-    enc = PlanEncoding(space)
+def test_results_keep_each_trial_on_disk_and_pick_within_the_target(synthetic_space, tmp_path):
+    p = problem(synthetic_space, target_bytes=uniform_cost(problem(synthetic_space), 4, 8),
+                objectives=("accuracy", "size"))
+    enc = PlanEncoding(synthetic_space)
     cheap, mid = uniform_plans(p)[-1], uniform_plans(p)[0]
-    dear = [0 if x.fixed else x.choices.index(Choice(8, 8)) for x in space.layers()]
+    dear = [0 if x.fixed else x.choices.index(Choice(8, 8)) for x in synthetic_space.layers()]
     results = SearchResults(tmp_path, p, enc)
     results.add(_trial(p, 1, dear, 90.0))    # best, but over the target
     results.add(_trial(p, 2, mid, 80.0))
@@ -175,11 +171,12 @@ def test_results_keep_each_trial_on_disk_and_pick_within_the_target(space, tmp_p
     assert (other / "trials.csv").read_text() == (tmp_path / "trials.csv").read_text()
 
 
-def test_results_refuse_a_trials_file_of_another_space(space, tmp_path):
-    p = problem(space)
+def test_results_refuse_a_trials_file_of_another_space(synthetic_space, tmp_path):
+    p = problem(synthetic_space)
     (tmp_path / "trials.csv").write_text("trial,accuracy,plan\n1,50.0,W8A8 W9A9\n")
     with pytest.raises(ConfigError) as err:
-        SearchResults(tmp_path / "x", p, PlanEncoding(space)).load(tmp_path / "trials.csv")
+        SearchResults(tmp_path / "x", p, PlanEncoding(synthetic_space)).load(
+            tmp_path / "trials.csv")
     assert str(err.value).startswith(f"{tmp_path / 'trials.csv'}: row 2 is not a trial of space "
                                      f"synthetic_resnet8")
 

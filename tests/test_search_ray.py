@@ -155,8 +155,8 @@ def test_a_time_budget_trains_the_float_model_then_spends_the_rest_on_trials(ray
      "--supernet NOWHERE does not exist; pass the run folder of an earlier 'nas search'"),
     (["--method", "random", "--samples", "3"],
      "--samples applies to --method dnas only; drop it for --method random"),
-    (["--workers", "2"], "--workers applies to --method bayes/random/uniform/rl, not dnas; drop "
-                         "it or choose one of those methods"),
+    (["--cpus-per-trial", "2"], "--cpus-per-trial applies to --method bayes/random/uniform/rl, "
+                                "not dnas; drop it or choose one of those methods"),
     (["--method", "random", "--sampler", "tpe"],
      "--sampler applies to --method bayes only; drop it for --method random"),
     (["--method", "bayes", "--ray-address", "127.0.0.1:1"],

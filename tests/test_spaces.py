@@ -6,7 +6,7 @@ import yaml
 
 from nas.errors import ConfigError
 from nas.spaces import DEFAULT_SPACE, Choice, SearchSpace, list_spaces, load_space
-from tests.conftest import SYNTHETIC_SPACE, run_nas
+from tests.conftest import SYNTHETIC_SPACE
 
 SHIPPED = ["cifar10_resnet20", "fmnist_mobilenetv2", "fmnist_resnet8", "imagenet_mobilenetv2",
            "imagenet_resnet18"]
@@ -286,35 +286,35 @@ def test_a_glob_that_matches_no_layer_is_refused_with_the_layers(space_file):
         SearchSpace.from_dict(_space({"fixed": {"head": {"w_bits": 8, "a_bits": 8}}})).layers()
 
 
-def test_cli_refuses_bad_space_in_one_line(space_file, tmp_path):
+def test_cli_refuses_bad_space_in_one_line(cli, space_file, tmp_path):
     """`spaces show` and `train` refuse at load: exit 2, one line, no run folder (an empty
     train split used to spin through epochs forever)."""
     path = space_file({"data": {"name": "synthetic", "kwargs": {"train_size": 1}}})
     runs = tmp_path / "runs"
     for args in (["spaces", "show", str(path)],
                  ["train", "--space", str(path), "--budget", "1ep", "--no-progress"]):
-        result = run_nas("--runs-dir", str(runs), *args)
+        result = cli("--runs-dir", str(runs), *args)
         assert result.returncode == 2, result.stderr
         assert result.stderr == (f"nas: error: search space {path}: data.kwargs.train_size: 1 "
                                  f"must be a whole number of at least 2{_HOLD_OUT}\n")
     assert not runs.exists() or not any(runs.iterdir())
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"\xff\xfe")
-    result = run_nas("--runs-dir", str(runs), "train", "--space", str(bad))
+    result = cli("--runs-dir", str(runs), "train", "--space", str(bad))
     assert (result.returncode, result.stderr) == (2, f"nas: error: search space {bad} is not "
                                                      f"UTF-8 text (byte 0); save it as a UTF-8 "
                                                      f"YAML file\n")
     assert not runs.exists() or not any(runs.iterdir())
 
 
-def test_every_command_refuses_a_glob_that_matches_no_layer(space_file, tmp_path):
+def test_every_command_refuses_a_glob_that_matches_no_layer(cli, space_file, tmp_path):
     """Before any output or training: `train` used to train on such a space for its whole
     budget, and `spaces show` printed its header first."""
     path = space_file({"fixed": {"nolayer": {"w_bits": 8, "a_bits": 8}}})
     runs = tmp_path / "runs"
     for args in (["spaces", "show", str(path)], ["cost", "--space", str(path), "--uniform", "W8A8"],
                  ["train", "--space", str(path), "--budget", "1ep", "--no-progress"]):
-        result = run_nas("--runs-dir", str(runs), *args)
+        result = cli("--runs-dir", str(runs), *args)
         assert (result.returncode, result.stdout) == (2, ""), args
         assert result.stderr.startswith("nas: error: space synthetic_resnet8: fixed.nolayer "
                                         "matches no Conv2d or Linear layer of resnet8; its 10 "
@@ -411,14 +411,14 @@ def test_a_pairs_space_costs_and_plans_only_its_pairs():
                               "synthetic_resnet8; allowed: W2A8, W4A4, W4A8, W8A8")
 
 
-def test_spaces_show_and_list_print_the_pairs(space_file, tmp_path):
+def test_spaces_show_and_list_print_the_pairs(cli, space_file, tmp_path):
     path = space_file({"choices": ["W8A8", "W4A8", "W4A4"]}, name="pairs.yaml")
-    shown = run_nas("spaces", "show", str(path))
+    shown = cli("spaces", "show", str(path))
     assert shown.returncode == 0, shown.stderr
     assert "choices: W4A4, W4A8, W8A8 (3 per searchable layer)\n" in shown.stdout
-    listing = run_nas("spaces", env={"NAS_SPACES_DIR": str(tmp_path)})
+    listing = cli("spaces", env={"NAS_SPACES_DIR": str(tmp_path)})
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.splitlines()[2].split() == ["pairs", "resnet8", "synthetic",
                                                       "W4A4,W4A8,W8A8"]
-    default = run_nas("spaces", "show", "fmnist_resnet8").stdout
+    default = cli("spaces", "show", "fmnist_resnet8").stdout
     assert "choices: w_bits [2, 4, 8] x a_bits [4, 8] (6 per searchable layer)\n" in default

@@ -5,7 +5,6 @@ from nas.budget import Budget
 from nas.cost import make_cost_model
 from nas.cost.base import CostTable
 from nas.cost.targets import Target
-from nas.data import load_data
 from nas.errors import ConfigError
 from nas.search.derive import fill, repair
 from nas.search.dnas import DnasConfig, SearchState, search
@@ -14,13 +13,8 @@ from nas.supernet import MixedLayer, Supernet, tau_at
 from tests.conftest import SYNTHETIC_SPACE
 
 
-@pytest.fixture
-def space():
-    return SearchSpace.from_dict(SYNTHETIC_SPACE)
-
-
-def test_hard_samples_follow_softmax_frequencies(space):
-    net = Supernet(space.build_model(), space, seed=0)
+def test_hard_samples_follow_softmax_frequencies(synthetic_space):
+    net = Supernet(synthetic_space.build_model(), synthetic_space, seed=0)
     layer = net.mixed()[1]
     with torch.no_grad():
         layer.theta.copy_(torch.tensor([2.0, 0.0, -1.0, 1.0, 0.5, -2.0]))
@@ -34,10 +28,10 @@ def test_hard_samples_follow_softmax_frequencies(space):
     assert torch.allclose(counts / n, probs.detach(), atol=0.015)
 
 
-def test_gradients_reach_theta_and_weights(space):
-    model = space.build_model()
+def test_gradients_reach_theta_and_weights(synthetic_space):
+    model = synthetic_space.build_model()
     for mode in ("hard", "soft"):
-        net = Supernet(model, space, mode=mode, tau=1.0)
+        net = Supernet(model, synthetic_space, mode=mode, tau=1.0)
         x = torch.randn(4, 1, 12, 12)
         net(x).sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
@@ -74,24 +68,24 @@ def test_hard_mode_estimates_every_branch_gradient_through_batchnorm():
     assert exact[share].std() > 0.1 * exact.abs().max()  # the branches really differ
 
 
-def test_weights_are_shared_not_copied(space):
-    model = space.build_model()
-    net = Supernet(model, space)
+def test_weights_are_shared_not_copied(synthetic_space):
+    model = synthetic_space.build_model()
+    net = Supernet(model, synthetic_space)
     model_params = sum(p.numel() for p in model.parameters())
-    theta = sum(len(layer.choices) for layer in space.layers() if not layer.fixed)
+    theta = sum(len(layer.choices) for layer in synthetic_space.layers() if not layer.fixed)
     # No learned quantizer parameters: ranges are running buffers.
     assert sum(p.numel() for p in net.parameters()) == model_params + theta
-    factored = Supernet(model, space, factored=True)
+    factored = Supernet(model, synthetic_space, factored=True)
     assert sum(p.numel() for p in factored.arch_parameters()) == 8 * (3 + 2)
 
 
-def test_factored_logits_add_the_weight_and_activation_logits(space):
+def test_factored_logits_add_the_weight_and_activation_logits(synthetic_space):
     """Factored theta: logit_j = theta_w[w_bits of j] + theta_a[a_bits of j], whatever the order
     of the choices. Each sum below is exact in float32 and names one (w_bits, a_bits) pair."""
     w_logit, a_logit = {2: 0.0, 4: 16.0, 8: 64.0}, {4: 1.0, 8: 3.0}
     scrambled = [Choice(8, 4), Choice(2, 8), Choice(4, 4), Choice(2, 4), Choice(8, 8), Choice(4, 8)]
     layer = MixedLayer(torch.nn.Conv2d(1, 2, 3), scrambled, factored=True)
-    net = Supernet(space.build_model(), space, factored=True)
+    net = Supernet(synthetic_space.build_model(), synthetic_space, factored=True)
     searchable = [m for m in net.mixed() if m.searchable]
     assert len(searchable) == 8 and all(not hasattr(m, "theta") for m in searchable)
     for m in [layer, *searchable]:
@@ -111,14 +105,14 @@ def test_factored_logits_add_the_weight_and_activation_logits(space):
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
-def test_fixed_branch_matches_the_folded_quantized_model(space, granularity):
+def test_fixed_branch_matches_the_folded_quantized_model(synthetic_space, granularity):
     """A supernet fixed to one plan computes that plan's fake-quantized network as it is
     deployed: BN folded into the weights that get quantized (the same weight codes)."""
     from nas.quant.bn_fold import fold_bn
     from nas.quant.modules import quantize_model
 
     torch.manual_seed(0)
-    model = space.build_model().eval()
+    model = synthetic_space.build_model().eval()
     with torch.no_grad():  # BN factors gamma / sigma far from 1 and from each other
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.weight.copy_(torch.logspace(-2, 0, bn.num_features)[torch.randperm(bn.num_features)])
@@ -261,16 +255,17 @@ def _search(space, splits, steps_to_interrupt=None, log_every=5):
     return net, state, optim, interrupted, cfg, table
 
 
-def test_resumed_search_reaches_the_same_theta(space):
-    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
-    straight, state, _, interrupted, _, _ = _search(space, splits)
+def test_resumed_search_reaches_the_same_theta(synthetic_space, synthetic_data):
+    splits = synthetic_data
+    straight, state, _, interrupted, _, _ = _search(synthetic_space, splits)
     assert not interrupted and state.step == 2 * (len(splits.train) // 64)
-    first, state1, optim1, interrupted1, cfg, table = _search(space, splits, steps_to_interrupt=10)
+    first, state1, optim1, interrupted1, cfg, table = _search(synthetic_space, splits,
+                                                              steps_to_interrupt=10)
     assert interrupted1 and state1.step == 10
     saved = {"supernet": {k: v.clone() for k, v in first.state_dict().items()},
              "gumbel": first.generator.get_state()}
     torch.manual_seed(0)
-    resumed = Supernet(space.build_model(), space, seed=3)
+    resumed = Supernet(synthetic_space.build_model(), synthetic_space, seed=3)
     resumed.load_state_dict(saved["supernet"])
     resumed.generator.set_state(saved["gumbel"])
     state2, _, interrupted2 = search(resumed, splits, table, cfg, "cpu",
@@ -285,9 +280,9 @@ def test_resumed_search_reaches_the_same_theta(space):
     assert any(p.abs().sum() > 0 for p in resumed.arch_parameters())  # theta did move
 
 
-def test_search_moves_toward_the_target(space):
-    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
-    net, state, _, _, _, table = _search(space, splits)
+def test_search_moves_toward_the_target(synthetic_space, synthetic_data):
+    splits = synthetic_data
+    net, state, _, _, _, table = _search(synthetic_space, splits)
     expected = table.expected([p.detach() for p in net.probs()]).item()
     uniform = table.expected([torch.full((len(r),), 1 / len(r)) for r in table.values]).item()
     # A 4 KB target is below the uniform mix: the penalty must have pulled E[cost] down.

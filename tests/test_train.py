@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from nas.budget import parse_budget
-from nas.data import load_data
 from nas.train import TrainConfig, lr_at, train
-from tests.conftest import SYNTHETIC_SPACE, needs_fmnist, run_nas
+from tests.conftest import needs_fmnist, run_nas
 
 
 def test_lr_schedule():
@@ -25,7 +24,7 @@ def _single_run(runs):
 
 
 @pytest.mark.slow
-def test_train_then_eval_on_synthetic(tmp_path, space_file):
+def test_train_then_eval_on_synthetic(cli, tmp_path, space_file):
     runs = tmp_path / "runs"
     result = run_nas("--runs-dir", str(runs), "--seed", "1", "train", "--space", str(space_file()),
                      "--budget", "3ep", "--no-progress")
@@ -42,8 +41,8 @@ def test_train_then_eval_on_synthetic(tmp_path, space_file):
     assert f"test accuracy: {summary['test_accuracy']:.2f}%" in result.stdout
     assert f"run folder: {folder}" in result.stdout
 
-    evaluated = run_nas("--runs-dir", str(runs), "--seed", "1", "eval", "--checkpoint",
-                        str(folder / "best.pt"))
+    evaluated = cli("--runs-dir", str(runs), "--seed", "1", "eval", "--checkpoint",
+                    str(folder / "best.pt"))
     assert evaluated.returncode == 0, evaluated.stderr
     # Same weights, same test split: the same accuracy to the last digit.
     assert f"test accuracy: {summary['test_accuracy']:.2f}%" in evaluated.stdout
@@ -51,8 +50,8 @@ def test_train_then_eval_on_synthetic(tmp_path, space_file):
     assert json.loads((eval_folder / "summary.json").read_text())["accuracy"] == pytest.approx(
         summary["test_accuracy"])
     # The arch split is the one training selected best.pt on: its best validation accuracy.
-    arch = run_nas("--runs-dir", str(tmp_path / "runs_arch"), "--seed", "1", "eval",
-                   "--checkpoint", str(folder / "best.pt"), "--split", "arch")
+    arch = cli("--runs-dir", str(tmp_path / "runs_arch"), "--seed", "1", "eval",
+               "--checkpoint", str(folder / "best.pt"), "--split", "arch")
     assert arch.returncode == 0, arch.stderr
     assert f"arch accuracy: {summary['val_accuracy']:.2f}%" in arch.stdout
     (arch_folder,) = (tmp_path / "runs_arch").iterdir()
@@ -76,8 +75,8 @@ def ticking_clock(monkeypatch, dataset, seconds_per_batch=1.0):
 
 
 @pytest.mark.parametrize("budget, steps", [("2.5s", 3), ("3s", 3), ("10.5s", 11), ("16s", 16)])
-def test_time_budget_stops_at_the_first_step_past_it(monkeypatch, budget, steps):
-    splits = load_data("synthetic", seed=0, **SYNTHETIC_SPACE["data"]["kwargs"])
+def test_time_budget_stops_at_the_first_step_past_it(monkeypatch, synthetic_data, budget, steps):
+    splits = synthetic_data
     per_epoch = len(splits.train) // 64
     assert per_epoch == 8  # so 10.5 s stops inside the second epoch, 16 s at its very end
     ticking_clock(monkeypatch, splits.train)

@@ -13,7 +13,7 @@ from nas.cost.size import weight_count
 from nas.plan import Plan
 from nas.quant.modules import QUANT_TYPES, quantize_model
 from nas.spaces import SearchSpace
-from tests.conftest import SYNTHETIC_SPACE, run_nas
+from tests.conftest import SYNTHETIC_SPACE
 
 PARTIAL = {**SYNTHETIC_SPACE, "searchable": ["layer1.*"],
            "fixed": {"conv1": {"w_bits": 8, "a_bits": 8}}}
@@ -51,12 +51,12 @@ def test_listing_them_fixed_at_float_counts_them(partial):
             == size.plan_cost(Plan.uniform(partial, 8, 8), partial) + extra)
 
 
-def test_cost_command_notes_them(tmp_path):
+def test_cost_command_notes_them(cli, tmp_path):
     """The audit's case: `searchable: 'conv*'` names only the stem; the totals are the
     stem's, and the output says which layers they leave out."""
     space = tmp_path / "conv.yaml"
     space.write_text(yaml.safe_dump({**SYNTHETIC_SPACE, "searchable": "conv*", "fixed": {}}))
-    result = run_nas("cost", "--space", str(space), "--uniform", "W8A8")
+    result = cli("cost", "--space", str(space), "--uniform", "W8A8")
     assert result.returncode == 0, result.stderr
     total = next(line for line in result.stdout.splitlines() if line.startswith("total"))
     assert total.split()[1] == "136"  # the W8A8 stem alone
