@@ -55,7 +55,6 @@ class Evaluator(ABC):
         from nas.data import load_data
         from nas.spaces import SearchSpace
 
-        torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.device = torch.device(spec.device)
         self.space = SearchSpace.from_dict(spec.space, source="evaluator space")

@@ -37,11 +37,16 @@ RETRIES = 3  # a trial whose worker process dies is run again, at most this ofte
 
 def trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
     """One trial: evaluate the plan in `config` and report its accuracy."""
+    import torch
     from ray import tune
 
     from nas.search.evaluate import evaluator_for
 
-    evaluator = evaluator_for(EvaluatorSpec.from_dict(spec))
+    spec = EvaluatorSpec.from_dict(spec)
+    # The trial's CPUs, set in its worker process only: a driver that scores the chosen plan
+    # in its own process keeps its own thread count.
+    torch.set_num_threads(max(1, spec.threads))
+    evaluator = evaluator_for(spec)
     indices = PlanEncoding(evaluator.space).from_config(config["plan"])
     started = time.perf_counter()
     metrics = evaluator.evaluate(indices)
