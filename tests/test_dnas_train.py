@@ -3,7 +3,6 @@
 import json
 import re
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import yaml
 from torch import nn
 
 from tests.conftest import SYNTHETIC_SPACE, run_nas
-from tests.test_ray_cluster import JOB_TIMEOUT_S, ray_cluster  # noqa: F401 (a fixture)
+from tests.test_ray_cluster import nas_command, ray_cluster, run_job  # noqa: F401 (a fixture)
 
 
 def plain_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -218,29 +217,14 @@ def test_workers_a_busy_cluster_cannot_start(space_file, tmp_path, ray_address):
 
 @pytest.mark.slow
 def test_dnas_on_workers_as_a_ray_job(ray_cluster, tmp_path):  # noqa: F811 (the fixture)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     _, dashboard = ray_cluster
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
     runs = tmp_path / "runs"
-    nas = Path(sys.executable).parent / "nas"
-    search = ([str(nas)] if nas.is_file() else [sys.executable, "-m", "nas"]) + [
-        "--runs-dir", str(runs), "search", "--method", "dnas", "--space", str(space),
-        "--budget", "1ep", "--samples", "0", "--workers", "2", "--ray-address", "auto",
-        "--no-progress"]
-    client = JobSubmissionClient(dashboard)
-    job = client.submit_job(entrypoint=shlex.join(search))
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = client.get_job_status(job)
-    while not status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(1)
-        status = client.get_job_status(job)
-    logs = client.get_job_logs(job)
-    if not status.is_terminal():
-        client.stop_job(job)
-        status = f"still {status.value} after {JOB_TIMEOUT_S} s (stopped)"
-    assert status == JobStatus.SUCCEEDED, f"job {job}: {status}; its logs:\n{logs}"
+    search = nas_command("--runs-dir", str(runs), "search", "--method", "dnas", "--space",
+                         str(space), "--budget", "1ep", "--samples", "0", "--workers", "2",
+                         "--ray-address", "auto", "--no-progress")
+    _, logs = run_job(dashboard, shlex.join(search))
     (folder,) = runs.iterdir()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] == 4, summary  # 512 images, batch 128

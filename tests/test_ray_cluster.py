@@ -37,6 +37,32 @@ CLUSTER_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manag
                  "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
 
 
+def nas_command(*args: str) -> list[str]:
+    """The `nas` console script of this environment (or `python -m nas`) with `args`."""
+    nas = Path(sys.executable).parent / "nas"
+    return ([str(nas)] if nas.is_file() else [sys.executable, "-m", "nas"]) + list(args)
+
+
+def run_job(dashboard: str, entrypoint: str) -> tuple[str, str]:
+    """Submits `entrypoint` as a Ray job, waits for it (stopping it after JOB_TIMEOUT_S),
+    asserts it succeeded and returns its job id and logs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    job = client.submit_job(entrypoint=entrypoint)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = client.get_job_status(job)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    if not status.is_terminal():
+        client.stop_job(job)
+        status = f"still {status.value} after {JOB_TIMEOUT_S} s (stopped)"
+    assert status == JobStatus.SUCCEEDED, f"job {job}: {status}; its logs:\n{logs}"
+    return client.get_job_info(job).job_id, logs
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports free now (held together, so none is handed out twice)."""
     socks = []
@@ -177,7 +203,6 @@ def other_ray(ray_address):
 
 
 def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
     from nas.plan import Plan
@@ -187,24 +212,10 @@ def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path)
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
     runs = tmp_path / "runs"
-    nas = Path(sys.executable).parent / "nas"
-    search = ([str(nas)] if nas.is_file() else [sys.executable, "-m", "nas"]) + [
-        "--runs-dir", str(runs), "search", "--method", "random", "--space", str(space),
-        "--budget", "3trials", "--train-budget", "1ep", "--ray-address", "auto", "--no-progress"]
-    entrypoint = f"echo RAY_ADDRESS=$RAY_ADDRESS && {shlex.join(search)}"
-
-    client = JobSubmissionClient(dashboard)
-    job = client.submit_job(entrypoint=entrypoint)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = client.get_job_status(job)
-    while not status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(1)
-        status = client.get_job_status(job)
-    logs = client.get_job_logs(job)
-    if not status.is_terminal():
-        client.stop_job(job)
-        status = f"still {status.value} after {JOB_TIMEOUT_S} s (stopped)"
-    assert status == JobStatus.SUCCEEDED, f"job {job}: {status}; its logs:\n{logs}"
+    search = nas_command("--runs-dir", str(runs), "search", "--method", "random", "--space",
+                         str(space), "--budget", "3trials", "--train-budget", "1ep",
+                         "--ray-address", "auto", "--no-progress")
+    job_id, logs = run_job(dashboard, f"echo RAY_ADDRESS=$RAY_ADDRESS && {shlex.join(search)}")
 
     # Its driver was given this cluster's GCS address, which --ray-address auto reads.
     (address,) = re.findall(r"^RAY_ADDRESS=(.*)$", logs, re.M)
@@ -222,7 +233,6 @@ def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path)
     assert len(body) == 3 and all(r[header.index("node")] for r in body), rows
 
     # The trials ran on this cluster: its state holds the job's trial actors.
-    job_id = client.get_job_info(job).job_id
     actors = list_actors(address=dashboard, limit=1000, raise_on_missing_output=False)
     assert any(a.job_id == job_id and "ImplicitFunc" in a.class_name for a in actors), \
         f"no trial actor of job {job_id} on the cluster: {actors}"
