@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from nas.errors import ConfigError
 from nas.quant.fake import fake_quantize, qparams, quant_range, sqnr_db
-from nas.quant.observers import METHODS, make_observer
+from nas.quant.observers import METHODS, _kl_threshold, make_observer
 from nas.quant.quantizer import FakeQuantizer
 
 
@@ -139,6 +140,40 @@ def test_mse_and_kl_beat_minmax_on_heavy_tails(dist):
     minmax = _mse("minmax", x, bits=4)
     assert _mse("mse", x, bits=4) < 0.5 * minmax
     assert _mse("kl", x, bits=4) < 0.5 * minmax
+
+
+def _kl_by_definition(hist, levels, i):
+    """KL(P||Q) of clipping `hist` to its first i bins, one candidate at a time."""
+    p = hist[:i].copy()
+    p[-1] += hist[i:].sum()  # clipped mass piles into the last kept bin
+    nonzero = p > 0
+    q = np.zeros(i)
+    edges = np.linspace(0, i, levels + 1).astype(int)
+    for a, b in zip(edges[:-1], edges[1:]):  # each group spreads its kept mass evenly
+        filled = nonzero[a:b]
+        if filled.any():
+            q[a:b][filled] = hist[a:b].sum() / filled.sum()
+    if q.sum() == 0:
+        return math.inf
+    p, q = p / p.sum(), q / q.sum()
+    q = np.where(nonzero & (q == 0), 1e-8, q)
+    return float(np.sum(p[nonzero] * np.log(p[nonzero] / q[nonzero])))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_kl_threshold_is_the_clip_point_of_least_divergence(case):
+    # All candidates at once (prefix sums) against one-at-a-time by the definition.
+    rng = np.random.default_rng(case)
+    hist = [rng.poisson(rng.exponential(30, size=256)),  # dense, ragged
+            np.histogram(np.abs(rng.standard_t(3, size=20000)), bins=256, range=(0, 25))[0],
+            np.where(rng.random(256) < 0.7, 0, rng.poisson(3, size=256)),  # mostly empty bins
+            np.bincount(rng.integers(0, 256, size=4), minlength=256),  # a few spikes
+            np.histogram(rng.exponential(1, size=5000), bins=256, range=(0, 4))[0],  # heavy tail cut
+            np.r_[np.zeros(255), 7]][case].astype(np.float64)  # all mass in the last bin
+    for levels in (2, 8, 128):
+        kl = [_kl_by_definition(hist, levels, i) for i in range(levels, 257)]
+        assert _kl_threshold(hist, levels) == levels + int(np.argmin(kl)), levels
+    assert _kl_threshold(np.zeros(256), 8) == 256  # nothing observed: keep everything
 
 
 def test_every_method_yields_a_range():

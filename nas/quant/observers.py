@@ -8,8 +8,6 @@ calibration as in TensorRT). Per-channel observers (weights) reduce over every a
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -188,32 +186,45 @@ class KlObserver(_SampleObserver):
 
 
 def _kl_threshold(hist: np.ndarray, levels: int) -> int:
-    """The number of histogram bins to keep (the clip point) with the least KL divergence."""
+    """The number of histogram bins to keep (the clip point) with the least KL divergence.
+
+    Every candidate clip point i (levels <= i <= bins) at once, from prefix sums:
+    P is the kept histogram with the clipped mass piled into its last bin; Q merges the kept
+    bins (without the clipped mass) into `levels` groups, each spread evenly over its
+    non-empty bins - what quantization to `levels` keeps of P. Q is constant over a group's
+    non-empty bins, so KL(P||Q) = sum P log P - sum over groups of P_g log Q_g.
+    """
     n = len(hist)
-    best_i, best_kl = n, math.inf
-    total = hist.sum()
+    total = float(hist.sum())
     if total == 0:
         return n
-    for i in range(levels, n + 1):
-        kept = hist[:i]
-        p = kept.copy()
-        p[i - 1] += hist[i:].sum()  # P: clipped mass piles into the last kept bin
-        nonzero = p > 0
-        # Q: the kept bins (without the clipped mass) merged into `levels` groups, each group
-        # spread evenly over its non-empty bins - what quantization to `levels` keeps of P.
-        edges = np.linspace(0, i, levels + 1).astype(int)
-        sums = np.add.reduceat(kept, edges[:-1])
-        counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
-        per_bin = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        q = np.repeat(per_bin, np.diff(edges)) * nonzero
-        if q.sum() == 0:
-            continue
-        p_n, q_n = p / p.sum(), q / q.sum()
-        q_n = np.where(nonzero & (q_n == 0), 1e-8, q_n)  # smooth: no infinite divergence
-        kl = float(np.sum(p_n[nonzero] * np.log(p_n[nonzero] / q_n[nonzero])))
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i
+    i = np.arange(levels, n + 1)  # candidate clip points
+    kept_mass = np.concatenate([[0.0], np.cumsum(hist)])  # kept_mass[k] = hist[:k].sum()
+    filled = np.concatenate([[0], np.cumsum(hist > 0)])  # non-empty bins among hist[:k]
+    p_log_p = np.where(hist > 0, hist / total * np.log(np.where(hist > 0, hist, 1) / total), 0.0)
+    entropy_before = np.concatenate([[0.0], np.cumsum(p_log_p)])
+    tail = total - kept_mass[i]
+    last = hist[i - 1] + tail  # P's last bin
+    # sum P log P: the bins before the last as observed, the last with the clipped mass.
+    p_log_p_sum = entropy_before[i - 1] + np.where(
+        last > 0, last / total * np.log(np.where(last > 0, last, 1) / total), 0.0)
+    # Group g of candidate i spans bins [edges[g], edges[g+1]) (as np.linspace(0, i) cut).
+    edges = (np.arange(levels + 1)[None, :] * (i[:, None] / levels)).astype(int)
+    edges[:, -1] = i
+    sums = kept_mass[edges[:, 1:]] - kept_mass[edges[:, :-1]]  # Q's mass per group
+    counts = filled[edges[:, 1:]] - filled[edges[:, :-1]]
+    counts[:, -1] += (hist[i - 1] == 0) & (tail > 0)  # the clipped mass makes the last bin non-empty
+    p_mass = sums.copy()
+    p_mass[:, -1] += tail
+    per_bin = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    q_sum = kept_mass[i][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q_n = np.where(per_bin > 0, per_bin / q_sum, 1e-8)  # smooth: no infinite divergence
+        cross = np.where(counts > 0, p_mass / total * np.log(q_n), 0.0).sum(axis=1)
+    kl = np.where(kept_mass[i] > 0, p_log_p_sum - cross, np.inf)
+    if not np.isfinite(kl).any():
+        return n
+    return int(i[np.argmin(kl)])
 
 
 _OBSERVERS = {"minmax": MinMaxObserver, "ema": EmaObserver, "percentile": PercentileObserver,
