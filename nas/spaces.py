@@ -346,13 +346,26 @@ class SearchSpace:
 
         return dataset_info(self.data, **self.data_kwargs)
 
-    def build_model(self):
+    def build_model(self, seed: int | None = None):
+        """The space's model. `seed` sets its initial weights (a model about to be trained
+        from scratch) without touching torch's global generator; without it they come from
+        that generator (fine for a model whose weights are loaded next)."""
+        import torch
+
         from nas.models import create_model
 
         info = self.data_info()
-        return create_model(self.model, defaults={"num_classes": info.num_classes,
-                                                  "in_channels": info.in_channels},
-                            **self.model_kwargs)
+
+        def create():
+            return create_model(self.model, defaults={"num_classes": info.num_classes,
+                                                      "in_channels": info.in_channels},
+                                **self.model_kwargs)
+
+        if seed is None:
+            return create()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create()
 
     @property
     def choices(self) -> tuple[Choice, ...]:

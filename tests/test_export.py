@@ -15,7 +15,7 @@ from nas.data import load_data, make_loader
 from nas.plan import Plan
 from nas.quant.ptq import prepare_ptq
 from nas.spaces import load_space
-from tests.conftest import run_nas
+from tests.conftest import nas_in_process
 
 # Every searchable layer of the synthetic ResNet-8 (conv1 and fc are fixed at W8A8): 2, 4 and
 # 8-bit weights, 4 and 8-bit inputs, asymmetric weights (per channel and per tensor) and one
@@ -63,8 +63,8 @@ def onnx_run(trained, mixed_plan, tmp_path_factory):
     """One `nas export --format onnx` of the trained checkpoint under the mixed plan."""
     _, checkpoint = trained
     runs = tmp_path_factory.mktemp("onnx") / "runs"
-    result = run_nas("--runs-dir", str(runs), "export", "--checkpoint", str(checkpoint),
-                     "--plan", str(mixed_plan), *CALIB)
+    result = nas_in_process("--runs-dir", str(runs), "export", "--checkpoint", str(checkpoint),
+                            "--plan", str(mixed_plan), *CALIB)
     assert result.returncode == 0, result.stderr
     (folder,) = runs.iterdir()
     return folder, result
@@ -153,7 +153,7 @@ def quantized(trained, mixed_plan):
     space, model, _ = load_model(str(trained[1]))
     plan = Plan.load(mixed_plan).resolved(space)
     splits = load_data(space.data, **space.data_kwargs)
-    qmodel = prepare_ptq(model, plan, make_loader(splits.train, 128, shuffle=True), 2, "minmax")
+    qmodel = prepare_ptq(model, plan, make_loader(splits.train, 128, shuffle=True, seed=0), 2, "minmax")
     x, _ = next(iter(make_loader(splits.test, 128, shuffle=False)))
     return space, plan, qmodel, x
 
@@ -301,7 +301,7 @@ def test_qat_run_exports(trained, mixed_plan, tmp_path, capsys):
 
     space, model, _ = load_model(str(trained[1]))
     plan = Plan.load(mixed_plan).resolved(space)
-    loader = make_loader(load_data(space.data, **space.data_kwargs).train, 64, shuffle=True)
+    loader = make_loader(load_data(space.data, **space.data_kwargs).train, 64, shuffle=True, seed=0)
     prepared = qat.prepare_qat(model, plan, calib_loader=loader, calib_batches=2,
                                calibration="minmax")
     opt = torch.optim.SGD(prepared.parameters(), lr=0.01)

@@ -249,7 +249,7 @@ def run_ptq(args: argparse.Namespace) -> int:
         subjects, sources = [], {}
         for space, model, splits in prepared:
             if model is None:
-                model = space.build_model()
+                model = space.build_model(seed=args.seed)
                 b = budget or parse_budget(space.train["budget"])
                 print(f"training {space.name} for {b} (no --checkpoint given)", flush=True)
                 cfg = TrainConfig(budget=b, batch_size=int(space.train["batch_size"]),
@@ -336,7 +336,7 @@ def run_dnas(args: argparse.Namespace) -> int:
                             "seconds": round(time.monotonic() - started, 1)})
             return _report(tables(results), _finish(run_dir, "dnas", results))
         if model is None:
-            model = space.build_model()
+            model = space.build_model(seed=args.seed)
             b = parse_budget(args.train_budget or space.train["budget"])
             print(f"training {space.name} for {b} (no --checkpoint given)", flush=True)
             train(model, splits, TrainConfig(budget=b, batch_size=int(space.train["batch_size"]),

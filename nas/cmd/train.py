@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr or float(space.train["lr"])
     device = resolve_device(args.device)
     splits = load_space_data(space, args)
-    model = space.build_model()
+    model = space.build_model(seed=args.seed)
     space.layers(model)  # a glob naming no layer fails now, as in the other commands
     params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(budget=budget, batch_size=batch_size, lr=lr,
