@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,10 @@ class AskTell(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        with ctrl_c_held():  # trials.csv, the count in summary.json and the searcher agree
+            self._complete(trial_id, result, error)
+
+    def _complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         indices, started = self.pending.pop(trial_id, (None, 0.0))
         if indices is None:
             return
@@ -150,6 +156,23 @@ class AskTell(Searcher):
                       str(result.get("node", "")), time.monotonic() - self.clock_start)
         self.results.add(trial)
         self.on_trial(trial)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold a Ctrl-C that comes inside the block until the block is done, then raise it:
+    a trial is recorded whole or not at all. (Signals reach the main thread only.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- Ray itself
