@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import random
 import signal
@@ -93,17 +95,12 @@ class Ran:
 _HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run `nas ARGS` in this process as the console script does (`sys.exit(main())`): its
-    exit code, stdout and stderr. A warning a user would see is a line of its stderr, as in a
-    subprocess. What a command may change in the process (environment, working folder,
-    random generators, torch threads, signal handlers, a Ray it started) is put back after
-    the test."""
+@contextlib.contextmanager
+def _process_state_kept():
+    """Put back what a `nas` command may change in this process: environment, working
+    folder, random generators, torch threads, signal handlers, a Ray it started."""
     import numpy as np
     import torch
-
-    from nas.cli import main
 
     ray = sys.modules.get("ray")
     ray_before = ray is not None and ray.is_initialized()
@@ -111,35 +108,64 @@ def cli(capsys):
     rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
     threads = torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized() and not ray_before:
+            ray.shutdown()  # a command that started Ray in this process
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.set_rng_state(rngs[2])
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run_main(args, env: dict | None) -> tuple[int, str]:
+    """`sys.exit(main(args))` as the console script does: (exit code, the warnings a user
+    would see, as stderr lines)."""
+    from nas.cli import main
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: a usage error, --help, --version
+            code = exc.code
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                    for w in caught if not issubclass(w.category, _HIDDEN_WARNINGS))
+    return 0 if code is None else code, shown
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `nas ARGS` in this process as the console script does: its exit code, stdout and
+    stderr. A warning a user would see is a line of its stderr, as in a subprocess. What a
+    command may change in the process is put back after the test."""
 
     def run(*args: str, env: dict | None = None) -> Ran:
         """`env`: variables set for this command only, as for a subprocess."""
         capsys.readouterr()  # only this command's output
-        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
-            for key, value in (env or {}).items():
-                patch.setenv(key, value)
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exc:  # argparse: a usage error, --help, --version
-                code = exc.code
+        code, shown = _run_main(args, env)
         out = capsys.readouterr()
-        shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
-                        for w in caught if not issubclass(w.category, _HIDDEN_WARNINGS))
-        return Ran(0 if code is None else code, out.out, out.err + shown)
+        return Ran(code, out.out, out.err + shown)
 
-    yield run
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized() and not ray_before:
-        ray.shutdown()  # a command that started Ray in this process
-    os.environ.clear()
-    os.environ.update(environ)
-    os.chdir(cwd)
-    random.setstate(rngs[0])
-    np.random.set_state(rngs[1])
-    torch.set_rng_state(rngs[2])
-    torch.set_num_threads(threads)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    with _process_state_kept():
+        yield run
+
+
+def nas_in_process(*args: str) -> Ran:
+    """`nas ARGS` in this process, for fixtures shared by several tests (where `cli`, being
+    per test, cannot serve): its exit code and output; the process state is put back."""
+    out, err = io.StringIO(), io.StringIO()
+    with _process_state_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code, shown = _run_main(args, None)
+    return Ran(code, out.getvalue(), err.getvalue() + shown)
 
 
 def run_nas(*args: str, cwd: Path | None = None, env: dict | None = None):
@@ -154,8 +180,8 @@ def _one_run(root: Path, command: str, *args: str) -> tuple[Path, Path]:
     space = root / "space.yaml"
     space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
     runs = root / "runs"
-    result = run_nas("--runs-dir", str(runs), command, "--space", str(space), *args,
-                     "--no-progress")
+    result = nas_in_process("--runs-dir", str(runs), command, "--space", str(space), *args,
+                            "--no-progress")
     assert result.returncode == 0, result.stderr
     (folder,) = runs.iterdir()
     return space, folder

@@ -13,7 +13,7 @@ from nas.cost.device_spec import DeviceSpec
 from nas.cost.roofline import roofline_us
 from nas.cost.tables import table_key
 from nas.spaces import LayerInfo, SearchSpace, load_space
-from tests.conftest import NO_GPU, SYNTHETIC_SPACE, run_nas
+from tests.conftest import SYNTHETIC_SPACE
 
 
 def geometry(info):
@@ -138,10 +138,9 @@ def test_padding_pair_refuses_outputs_that_differ(monkeypatch):
         padding_pair(info["layer1.0.conv1"], 2, 8, 8, torch.device("cpu"), gen)
 
 
-def test_bench_kernels_without_cuda_exits_2_and_writes_nothing(tmp_path):
+def test_bench_kernels_without_cuda_exits_2_and_writes_nothing(cli, no_cuda, tmp_path):
     # CUDA hidden from it: the same error on a machine with a GPU.
-    result = run_nas("bench", "kernels", "--runs-dir", str(tmp_path),
-                     env=NO_GPU)
+    result = cli("bench", "kernels", "--runs-dir", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(
         "nas: error: nas bench kernels times kernels on a CUDA GPU and none is available here")

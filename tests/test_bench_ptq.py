@@ -5,7 +5,6 @@ import statistics
 
 import pytest
 import torch
-from conftest import run_nas
 from torch import nn
 
 from nas.bench.ptq import (
@@ -144,8 +143,8 @@ def test_bits_at_four_against_direct_ptq(subject):
 
 
 
-def test_unknown_calibration_is_one_line(tmp_path):
-    result = run_nas("--runs-dir", str(tmp_path / "runs"), "bench", "ptq", "--calibration", "mean")
+def test_unknown_calibration_is_one_line(cli, tmp_path):
+    result = cli("--runs-dir", str(tmp_path / "runs"), "bench", "ptq", "--calibration", "mean")
     assert result.returncode == 2
     assert result.stderr == ("nas: error: argument --calibration: invalid choice: 'mean' (choose "
                              "from 'minmax', 'ema', 'percentile', 'mse', 'kl') (see 'nas bench "

@@ -17,7 +17,6 @@ from nas.cost.tables import LatencyTable, layer_from_key, table_key
 from nas.errors import ConfigError
 from nas.plan import LayerPrecision
 from nas.spaces import LayerInfo, load_space
-from tests.conftest import run_nas
 
 SPEC = DeviceSpec(name="toy", sms=8, int8_tops=1e-3, fp16_tflops=5e-4, tf32_tflops=2.5e-4,
                   cuda_core_tops=1e-4, hbm_tb_s=1e-3, launch_overhead_us=2.0, tile_m=16,
@@ -281,8 +280,8 @@ def test_bench_holds_each_space_out_and_scores_both_estimates(tmp_path):
         assert roofline["plan_mape"] > 0.1  # FLAT_INT's intercept alone is a factor of 1.5
 
 
-def test_bench_estimate_cli(tmp_path):
-    result = run_nas("bench", "estimate", "--plans", "20", "--runs-dir", str(tmp_path))
+def test_bench_estimate_cli(cli, tmp_path):
+    result = cli("bench", "estimate", "--plans", "20", "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "layer choice tau" in result.stdout
     (run,) = tmp_path.iterdir()

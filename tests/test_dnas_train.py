@@ -1,8 +1,6 @@
 """`nas search --method dnas --workers N`: DNAS data-parallel on Ray Train workers."""
 
 import json
-import re
-import shlex
 import time
 from pathlib import Path
 
@@ -11,8 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from tests.conftest import SYNTHETIC_SPACE, run_nas
-from tests.test_ray_cluster import nas_command, ray_cluster, run_job  # noqa: F401 (a fixture)
+from tests.conftest import SYNTHETIC_SPACE, nas_in_process
 
 
 def plain_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -40,13 +37,18 @@ SEARCH = ("--budget", "2ep", "--batch-size", "64", "--warmup", "0", "--samples",
 TOLERANCE = 1e-5
 
 
+def _nas(*args: str) -> None:
+    """`nas ARGS` in this process, which must succeed."""
+    result = nas_in_process(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _search(root: Path, space: dict, *args: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     runs = root / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(path), *args)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _nas("--runs-dir", runs, "search", "--space", path, *args)
     (folder,) = runs.iterdir()
     return folder
 
@@ -54,8 +56,7 @@ def _search(root: Path, space: dict, *args: str) -> Path:
 def _resume(folder: Path, *args: str) -> Path:
     runs = folder.parent
     before = set(runs.iterdir())
-    result = run_nas("--runs-dir", str(runs), "search", "--resume", str(folder), *args)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _nas("--runs-dir", runs, "search", "--resume", folder, *args)
     (new,) = set(runs.iterdir()) - before
     return new
 
@@ -77,7 +78,8 @@ def _close(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_and_two(tmp_path_factory, ray_address):
-    """The same search, one worker in process and two on the session's Ray: run folders."""
+    """The same search, one worker in process and two on the session's Ray (both started
+    from this process): run folders."""
     root = tmp_path_factory.mktemp("dnas_train")
     one = _search(root / "one", EXACT_SPACE, *SEARCH)
     two = _search(root / "two", EXACT_SPACE, *SEARCH, "--workers", "2",
@@ -155,9 +157,9 @@ def test_gpu_workers_fold_with_their_sync_batchnorm():
     (("--method", "random", "--gpus-per-worker", "1"),
      "--gpus-per-worker applies to --method dnas only; drop it for --method random"),
 ])
-def test_bad_worker_flags(space_file, tmp_path, args, message):
+def test_bad_worker_flags(cli, space_file, tmp_path, args, message):
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_file()), *args)
+    result = cli("--runs-dir", runs, "search", "--space", space_file(), *args)
     assert result.returncode == 2
     assert result.stderr == f"nas: error: {message}\n"
     assert not runs.exists()
@@ -174,11 +176,12 @@ def test_bad_worker_flags(space_file, tmp_path, args, message):
      "--workers 2: the Ray cluster (1 node, 2 CPUs) can place only 1 worker of 2 CPUs; give "
      "--workers 1 or fewer, or smaller --cpus-per-worker"),
 ])
-def test_workers_the_cluster_cannot_place(space_file, tmp_path, ray_address, args, message):
+def test_workers_the_cluster_cannot_place(cli, space_file, tmp_path, ray_address, args,
+                                          message):
     runs = tmp_path / "runs"
     started = time.monotonic()
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_file()),
-                     "--ray-address", ray_address, "--no-progress", *args)
+    result = cli("--runs-dir", runs, "search", "--space", space_file(), "--ray-address",
+                 ray_address, "--no-progress", *args)
     assert time.monotonic() - started < 60  # one line, not Ray waiting for resources
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"nas: error: {message}\n"
@@ -186,10 +189,13 @@ def test_workers_the_cluster_cannot_place(space_file, tmp_path, ray_address, arg
 
 
 @pytest.mark.slow
-def test_workers_a_busy_cluster_cannot_start(space_file, tmp_path, ray_address):
-    """The cluster could hold both workers, but one of its 2 CPUs is taken: one line within
-    a minute, not a wait for the CPU to come free."""
+def test_workers_a_busy_cluster_cannot_start(cli, space_file, tmp_path, ray_address):
+    """The cluster could hold both workers, but one of its 2 CPUs is taken: one line once
+    the workers' start timeout (Ray Train's variable, set short here; 20 s by default) has
+    passed, not a wait for the CPU to come free."""
     import ray
+
+    from nas.search.dnas_train import START_TIMEOUT_ENV
 
     @ray.remote(num_cpus=1)
     class Busy:
@@ -201,14 +207,15 @@ def test_workers_a_busy_cluster_cannot_start(space_file, tmp_path, ray_address):
     runs = tmp_path / "runs"
     try:
         started = time.monotonic()
-        result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_file()),
-                         "--ray-address", ray_address, "--no-progress", "--workers", "2")
+        result = cli("--runs-dir", runs, "search", "--space", space_file(), "--ray-address",
+                     ray_address, "--no-progress", "--workers", "2",
+                     env={START_TIMEOUT_ENV: "3"})
         seconds = time.monotonic() - started
     finally:
         ray.kill(busy)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
-        "nas: error: --workers 2: Ray could not start 2 workers of 1 CPU within 20 s: the "
+        "nas: error: --workers 2: Ray could not start 2 workers of 1 CPU within 3 s: the "
         "cluster's resources are taken by other work; try again later or give fewer "
         "--workers\n")
     assert seconds < 60
@@ -216,29 +223,12 @@ def test_workers_a_busy_cluster_cannot_start(space_file, tmp_path, ray_address):
 
 
 @pytest.mark.slow
-def test_dnas_on_workers_as_a_ray_job(ray_cluster, tmp_path):  # noqa: F811 (the fixture)
-    _, dashboard = ray_cluster
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
+def test_bench_dnas_scaling_table(cli, space_file, tmp_path, ray_address):
+    """The benchmark's scaling rows come from real runs (speed itself is not asserted); its
+    workers run on the session's Ray."""
     runs = tmp_path / "runs"
-    search = nas_command("--runs-dir", str(runs), "search", "--method", "dnas", "--space",
-                         str(space), "--budget", "1ep", "--samples", "0", "--workers", "2",
-                         "--ray-address", "auto", "--no-progress")
-    _, logs = run_job(dashboard, shlex.join(search))
-    (folder,) = runs.iterdir()
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["workers"] == 2 and summary["steps"] == 4, summary  # 512 images, batch 128
-    assert re.search(rf"^plan file: {re.escape(str(folder / 'plan.yaml'))}$", logs, re.M), logs
-    assert (folder / "supernet.pt").is_file()
-
-
-@pytest.mark.slow
-def test_bench_dnas_scaling_table(space_file, tmp_path):
-    """The benchmark's scaling rows come from real runs (speed itself is not asserted)."""
-    runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "bench", "dnas", "--space", str(space_file()),
-                     "--scaling-only", "--workers", "2", "--scaling-steps", "3",
-                     "--batch-size", "64")
+    result = cli("--runs-dir", runs, "bench", "dnas", "--space", space_file(), "--scaling-only",
+                 "--workers", "2", "--scaling-steps", "3", "--batch-size", "64")
     assert result.returncode == 0, result.stderr
     (folder,) = runs.iterdir()
     data = json.loads((folder / "bench_dnas.json").read_text())["scaling"]

@@ -448,28 +448,43 @@ def test_fused_epilogue_dequantizes_with_zero_point_correction(split_k):
     assert torch.allclose(relu.double(), expected.clamp(min=0), rtol=2 ** -10, atol=2 ** -16)
 
 
-@pytest.mark.parametrize("tile", EPILOGUE_TILES)
-def test_split_k_epilogue_of_a_grouped_convolution(tile, monkeypatch):
-    # The separate epilogue kernel adds up the splits' partial sums and indexes output
-    # channels across groups (35 per group), in every tile it may run with (60 x 70 outputs:
-    # every tile has partial rows or columns).
-    import nas.kernels.conv as conv
-
-    monkeypatch.setattr(conv, "epilogue_tile", lambda m, o: tile)
+@pytest.fixture(scope="module")
+def grouped_case():
+    """A grouped convolution (35 output channels per group, 60 x 70 outputs: every epilogue
+    tile has partial rows or columns) and its fused launch's outputs, float32 and int8. The
+    fused launch runs no epilogue kernel, so the tile that kernel would take plays no part in
+    them: computed once for every tile below."""
     gen = torch.Generator().manual_seed(9)
     x, w = values((2, 5, 6, 2 * 20), 8, gen), values((70, 3, 3, 20), 8, gen)
     scale, bias = torch.rand(70, generator=gen) * 1e-2, torch.randn(70, generator=gen)
     args = dict(w_bits=8, a_bits=8, padding=1, groups=2, scale=scale, bias=bias, relu=True,
                 x_zero_point=-3)
-    for out_dtype, extra in ((torch.float32, {}), (torch.int8, dict(out_scale=0.02))):
-        fused = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(1), **args, **extra)
-        split = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(5), **args, **extra)
-        assert torch.equal(fused, split)  # the same int32 sums through the same epilogue code
+    outputs = ((torch.float32, {}), (torch.int8, dict(out_scale=0.02)))
+    fused, log = launched_kernels(lambda: [
+        conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(1), **args, **extra)
+        for out_dtype, extra in outputs])
+    assert [name for name, _ in log] == ["conv_gemm", "conv_gemm"]
+    return x, w, args, list(zip(outputs, fused))
+
+
+@pytest.mark.parametrize("tile", EPILOGUE_TILES)
+def test_split_k_epilogue_of_a_grouped_convolution(tile, grouped_case, monkeypatch):
+    # The separate epilogue kernel adds up the splits' partial sums and indexes output
+    # channels across groups, in every tile it may run with.
+    import nas.kernels.conv as conv
+
+    monkeypatch.setattr(conv, "epilogue_tile", lambda m, o: tile)
+    x, w, args, fused = grouped_case
+    split = {}
+    for (out_dtype, extra), fused_out in fused:
+        split[out_dtype] = conv2d_int(x, w, out_dtype=out_dtype, launch=Launch(5), **args,
+                                      **extra)
+        assert torch.equal(fused_out, split[out_dtype])  # the same int32 sums, same epilogue code
     raw = reference(x, w, 1, 1, 2, zero_point=-3)
-    real = (raw.double() - (-3) * w.double().sum(dim=(1, 2, 3))) * scale.double() + bias.double()
-    assert torch.allclose(conv2d_int(x, w, out_dtype=torch.float32, launch=Launch(5),
-                                     **args).double(),
-                          real.clamp(min=0), rtol=1e-6, atol=1e-5)
+    scale, bias = args["scale"].double(), args["bias"].double()
+    real = (raw.double() - (-3) * w.double().sum(dim=(1, 2, 3))) * scale + bias
+    assert torch.allclose(split[torch.float32].double(), real.clamp(min=0), rtol=1e-6,
+                          atol=1e-5)
     # without a scale: the raw int32 sums, added up exactly
     assert torch.equal(conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, groups=2,
                                   x_zero_point=-3, launch=Launch(5)), raw)
@@ -753,10 +768,16 @@ def test_padding_corrections_hold_the_padded_taps_weights_of_every_rectangle():
 
 def test_depthwise_takes_its_tile_as_a_direct_config():
     gen = torch.Generator().manual_seed(4)
-    x, w = values((2, 9, 7, 40), 8, gen), values((40, 3, 3, 1), 8, gen)
-    out = conv2d_int(x, w, w_bits=8, a_bits=8, padding=1, groups=40, x_zero_point=5,
-                     config=DirectConfig(16, 8, 2))
+    # 70 pixels in tiles of 16 (the last one partial; the third spans both images), 40
+    # channels in tiles of 8.
+    x, w = values((2, 5, 7, 40), 8, gen), values((40, 3, 3, 1), 8, gen)
+    out, log = launched_kernels(lambda: conv2d_int(x, w, w_bits=8, a_bits=8, padding=1,
+                                                   groups=40, x_zero_point=5,
+                                                   config=DirectConfig(16, 8, 2)))
     assert torch.equal(out, reference(x, w, 1, 1, 40, zero_point=5))
+    (name, flags), = log
+    assert (name, flags["BLOCK_M"], flags["BLOCK_C"], flags["num_warps"]) == (
+        "_conv_depthwise_kernel", 16, 8, 2)
     with pytest.raises(ConfigError, match=r"is a depthwise tile; this convolution \(groups=1, "
                                           r"40 input channels per group\) runs as a GEMM"):
         conv2d_int(x, values((8, 3, 3, 40), 8, gen), w_bits=8, a_bits=8,
@@ -844,22 +865,26 @@ def test_epilogue_in_column_halves_equals_the_whole_tile(ci, a_bits):
     scale, bias = torch.rand(45, generator=gen) * 1e-2, torch.randn(45, generator=gen)
     kwargs = dict(w_bits=8, a_bits=a_bits, padding=1, scale=scale, bias=bias, x_zero_point=-3,
                   relu=True, launch=Launch())
+    halves = {}  # each launch's float32 output, finished in column halves
     for out in ({"out_dtype": torch.float32}, {"out_dtype": torch.int8, "out_scale": 0.02}):
         whole = conv2d_int(x, w, config=KernelConfig(64, 32, 32, 4, 1), **kwargs, **out)
-        halves = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **kwargs, **out)
-        assert torch.equal(whole, halves)
-    # Raw int32 accumulators and split-K partial sums finish in halves too.
+        half = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **kwargs, **out)
+        assert torch.equal(whole, half)
+        if out["out_dtype"] == torch.float32:
+            halves[kwargs["launch"]] = half
+    # Raw int32 accumulators and split-K partial sums finish in halves too (the unsplit
+    # launch's float32 output was compared above).
     xr = unpack_int4(x, dim=3) if a_bits == 4 else x
     for launch in (Launch(), Launch(3)):
         raw = conv2d_int(x, w, w_bits=8, a_bits=a_bits, padding=1, x_zero_point=-3,
                          launch=launch, config=KernelConfig(64, 64, 32, 4, 1))
         assert torch.equal(raw, reference(xr, w, 1, 1, 1, zero_point=-3))
-        split = dict(kwargs, launch=launch, out_dtype=torch.float32)
-        assert torch.equal(conv2d_int(x, w, config=KernelConfig(64, 32, 32, 4, 1), **split),
-                           conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **split))
+        if launch not in halves:
+            split = dict(kwargs, launch=launch, out_dtype=torch.float32)
+            halves[launch] = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), **split)
+            assert torch.equal(conv2d_int(x, w, config=KernelConfig(64, 32, 32, 4, 1), **split),
+                               halves[launch])
     real = torch.nn.functional.conv2d((xr.double() + 3).permute(0, 3, 1, 2),
                                       w.permute(0, 3, 1, 2).double(), padding=1)
     expected = (real.permute(0, 2, 3, 1) * scale.double() + bias.double()).clamp(min=0)
-    got = conv2d_int(x, w, config=KernelConfig(64, 64, 32, 4, 1), out_dtype=torch.float32,
-                     **kwargs)
-    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(halves[Launch()].double(), expected, rtol=1e-6, atol=1e-5)

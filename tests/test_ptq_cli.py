@@ -14,7 +14,7 @@ from nas.plan import Plan
 from nas.quant.ptq import prepare_ptq
 from nas.spaces import load_space
 from nas.train import evaluate
-from tests.conftest import needs_fmnist, run_nas
+from tests.conftest import needs_fmnist
 
 
 def _run_folder(runs):
@@ -22,11 +22,11 @@ def _run_folder(runs):
     return folder
 
 
-def test_uniform_w8a8_keeps_accuracy(trained, tmp_path):
+def test_uniform_w8a8_keeps_accuracy(cli, trained, tmp_path):
     space, checkpoint = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
-                     "--uniform", "W8A8", "--calibration", "minmax", "--calib-batches", "4")
+    result = cli("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
+                 "--uniform", "W8A8", "--calibration", "minmax", "--calib-batches", "4")
     assert result.returncode == 0, result.stderr
     folder = _run_folder(runs)
     summary = json.loads((folder / "summary.json").read_text())
@@ -41,13 +41,13 @@ def test_uniform_w8a8_keeps_accuracy(trained, tmp_path):
     assert "compression" in result.stdout and f"run folder: {folder}" in result.stdout
 
 
-def test_plan_file_and_per_layer_csv(trained, tmp_path):
+def test_plan_file_and_per_layer_csv(cli, trained, tmp_path):
     space_path, checkpoint = trained
     space = load_space(space_path)
     plan_path = Plan.uniform(space, 4, 8).save(tmp_path / "plan.json")
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
-                     "--plan", str(plan_path), "--per-layer", "--calib-batches", "2")
+    result = cli("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
+                 "--plan", str(plan_path), "--per-layer", "--calib-batches", "2")
     assert result.returncode == 0, result.stderr
     rows = list(csv.reader(open(_run_folder(runs) / "per_layer.csv")))
     assert rows[0][0] == "layer" and len(rows) == 1 + len(space.layers())
@@ -113,11 +113,11 @@ def test_other_bad_ptq_input(cli, trained, tmp_path):
 
 @pytest.mark.slow
 @needs_fmnist
-def test_bench_ptq_small(tmp_path):
+def test_bench_ptq_small(cli, tmp_path):
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "bench", "ptq", "--train-budget", "1ep",
-                     "--train-subset", "600", "--test-subset", "200", "--calib-batches", "1",
-                     "--batch-size", "64")
+    result = cli("--runs-dir", str(runs), "bench", "ptq", "--train-budget", "1ep",
+                 "--train-subset", "600", "--test-subset", "200", "--calib-batches", "1",
+                 "--batch-size", "64")
     assert result.returncode == 0, result.stderr
     folder = _run_folder(runs)
     data = json.loads((folder / "bench_ptq.json").read_text())
@@ -129,12 +129,12 @@ def test_bench_ptq_small(tmp_path):
         assert title in result.stdout
 
 
-def test_no_fold_and_per_tensor_weights(trained, tmp_path):
+def test_no_fold_and_per_tensor_weights(cli, trained, tmp_path):
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
-                     "--uniform", "W4A8", "--calibration", "minmax", "--calib-batches", "2",
-                     "--no-fold", "--w-granularity", "per_tensor")
+    result = cli("--runs-dir", str(runs), "ptq", "--checkpoint", str(checkpoint),
+                 "--uniform", "W4A8", "--calibration", "minmax", "--calib-batches", "2",
+                 "--no-fold", "--w-granularity", "per_tensor")
     assert result.returncode == 0, result.stderr
     folder = _run_folder(runs)
     summary = json.loads((folder / "summary.json").read_text())

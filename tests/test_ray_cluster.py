@@ -1,4 +1,5 @@
-"""A search submitted as a job to a real Ray cluster (`ray start --head`), as a user would.
+"""Searches (a discrete one, DNAS on two workers) submitted as jobs to a real Ray cluster
+(`ray start --head`), as a user would; one cluster serves the module's tests.
 
 The cluster gets its own ports and its own --temp-dir, so it collides with no other Ray on
 the machine (another test's `ray.init()`, a user's cluster), and is stopped by its own
@@ -150,15 +151,28 @@ def stop_cluster(sessions: set[int], marks: list[re.Pattern]) -> dict[int, str]:
 
 # ---------------------------------------------------------------- the cluster
 
-@pytest.fixture
-def ray_cluster(monkeypatch):
-    """A one-node Ray cluster of 2 CPUs, started with `ray start --head` on ports of its own;
-    yields (GCS port, dashboard URL). Stopped, only it, however the test ends."""
+@pytest.fixture(scope="module")
+def ray_cluster(ray_address):
+    """A one-node Ray cluster of 2 CPUs, started with `ray start --head` on ports of its own,
+    for this module's jobs; yields (GCS port, dashboard URL). Stopped, only it, however the
+    tests end. The test session's own Ray (conftest's, in this process) is up before it
+    starts and must still answer after it stops: the cluster must not take its place, and
+    stopping the cluster must not stop it."""
     pytest.importorskip("ray.job_submission")
     ray_cli = Path(sys.executable).parent / "ray"
     if not ray_cli.is_file():
         pytest.skip(f"no ray command next to {sys.executable}")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the job client here too
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the job client here too
+        yield from _cluster(ray_cli)
+    import ray
+
+    assert ray.get(ray.remote(lambda: 1).remote(), timeout=60) == 1, \
+        "the session's Ray stopped with the cluster"
+
+
+def _cluster(ray_cli: Path):
+    """`ray_cluster`'s start, yield and stop."""
     # Short: Ray's unix sockets live under it (and their paths are limited to ~107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="raytest-", dir="/tmp")
     ports = dict(zip(CLUSTER_PORTS, free_ports(len(CLUSTER_PORTS))))
@@ -190,19 +204,7 @@ def ray_cluster(monkeypatch):
             f"{pid} {cmd[:120]}" for pid, cmd in survivors.items())
 
 
-@pytest.fixture
-def other_ray(ray_address):
-    """The test session's own Ray (conftest's, in this process), up before the cluster starts
-    and checked after it stops: the cluster must not take its place, and stopping the
-    cluster must not stop it."""
-    import ray
-
-    yield
-    assert ray.get(ray.remote(lambda: 1).remote(), timeout=60) == 1, \
-        "the session's Ray stopped with the cluster"
-
-
-def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path):
+def test_search_runs_as_a_job_on_a_ray_cluster(ray_cluster, tmp_path):
     from ray.util.state import list_actors
 
     from nas.plan import Plan
@@ -236,3 +238,19 @@ def test_search_runs_as_a_job_on_a_ray_cluster(other_ray, ray_cluster, tmp_path)
     actors = list_actors(address=dashboard, limit=1000, raise_on_missing_output=False)
     assert any(a.job_id == job_id and "ImplicitFunc" in a.class_name for a in actors), \
         f"no trial actor of job {job_id} on the cluster: {actors}"
+
+
+def test_dnas_on_workers_as_a_ray_job(ray_cluster, tmp_path):
+    _, dashboard = ray_cluster
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SYNTHETIC_SPACE))
+    runs = tmp_path / "runs"
+    search = nas_command("--runs-dir", str(runs), "search", "--method", "dnas", "--space",
+                         str(space), "--budget", "1ep", "--samples", "0", "--workers", "2",
+                         "--ray-address", "auto", "--no-progress")
+    _, logs = run_job(dashboard, shlex.join(search))
+    (folder,) = runs.iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["steps"] == 4, summary  # 512 images, batch 128
+    assert re.search(rf"^plan file: {re.escape(str(folder / 'plan.yaml'))}$", logs, re.M), logs
+    assert (folder / "supernet.pt").is_file()

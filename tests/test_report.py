@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_nas
+from conftest import nas_in_process
 
 from nas.cli import main
 
@@ -35,12 +35,12 @@ def report(supernet_run, trained, ray_address, tmp_path_factory):
                     ["ptq", "--checkpoint", str(checkpoint), "--plan", str(dnas / "plan.yaml"),
                      "--calib-batches", "1"]):
         runs = root / command[0]
-        result = run_nas("--runs-dir", str(runs), *command)
+        result = nas_in_process("--runs-dir", str(runs), *command)
         assert result.returncode == 0, result.stderr
         (folder,) = runs.iterdir()
         made.append(folder)
     out = root / "out"
-    result = run_nas("report", str(dnas), *map(str, made), "--output", str(out))
+    result = nas_in_process("report", str(dnas), *map(str, made), "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert f"report: {out / 'report.md'}" in result.stdout
     return dnas, made[0], made[1], out

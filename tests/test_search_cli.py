@@ -16,7 +16,6 @@ from nas.search import dnas
 from nas.search.dnas import DnasConfig, SearchState, derive, search
 from nas.spaces import load_space
 from nas.supernet import Supernet
-from tests.conftest import run_nas
 
 
 def _folder(runs, suffix="-search"):
@@ -28,9 +27,9 @@ def _folder(runs, suffix="-search"):
 def test_search_writes_a_plan_that_meets_the_target(cli, trained, tmp_path):
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
-                     "2ep", "--target", "size=9KB", "--checkpoint", str(checkpoint),
-                     "--samples", "4", "--no-progress")
+    result = cli("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                 "2ep", "--target", "size=9KB", "--checkpoint", str(checkpoint),
+                 "--samples", "4", "--no-progress")
     assert result.returncode == 0, result.stderr
     folder = _folder(runs)
     assert {"plan.yaml", "candidates.csv", "theta.jsonl", "supernet.pt", "summary.json",
@@ -55,9 +54,9 @@ def test_search_writes_a_plan_that_meets_the_target(cli, trained, tmp_path):
     assert ptq.returncode == 0, ptq.stderr
 
     # And the search can continue from its checkpoint (naming its unchanged space is allowed).
-    resumed = run_nas("--runs-dir", str(tmp_path / "runs2"), "search", "--resume", str(folder),
-                      "--space", str(space_path), "--budget", "3ep", "--samples", "0",
-                      "--no-progress")
+    resumed = cli("--runs-dir", str(tmp_path / "runs2"), "search", "--resume", str(folder),
+                  "--space", str(space_path), "--budget", "3ep", "--samples", "0",
+                  "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     summary2 = json.loads((_folder(tmp_path / "runs2") / "summary.json").read_text())
     assert summary2["steps"] == summary["steps"] * 3 // 2
@@ -159,11 +158,11 @@ def test_a_time_budget_gives_the_search_90_percent_and_derivation_the_rest(
 
 
 @pytest.mark.slow
-def test_time_budget_ends_a_cli_search(trained, tmp_path):
+def test_time_budget_ends_a_cli_search(cli, trained, tmp_path):
     space_path, _ = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
-                     "6s", "--no-progress", "--samples", "2")
+    result = cli("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                 "6s", "--no-progress", "--samples", "2")
     assert result.returncode == 0, result.stderr
     folder = _folder(runs)
     summary = json.loads((folder / "summary.json").read_text())
@@ -247,14 +246,14 @@ def test_resume_refuses_flags_that_change_the_search(cli, trained, supernet_run,
 
 
 @pytest.mark.slow
-def test_a_factored_run_resumes_factored_without_the_flag(trained, tmp_path):
+def test_a_factored_run_resumes_factored_without_the_flag(cli, trained, tmp_path):
     space_path, _ = trained
-    first = run_nas("--runs-dir", str(tmp_path / "a"), "search", "--space", str(space_path),
-                    "--budget", "1ep", "--factored", "--samples", "0", "--no-progress")
+    first = cli("--runs-dir", str(tmp_path / "a"), "search", "--space", str(space_path),
+                "--budget", "1ep", "--factored", "--samples", "0", "--no-progress")
     assert first.returncode == 0, first.stderr
     run = _folder(tmp_path / "a")
-    resumed = run_nas("--runs-dir", str(tmp_path / "b"), "search", "--resume", str(run),
-                      "--budget", "2ep", "--samples", "0", "--no-progress")
+    resumed = cli("--runs-dir", str(tmp_path / "b"), "search", "--resume", str(run),
+                  "--budget", "2ep", "--samples", "0", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert f"run {run} searched with factored logits: resuming it factored" in resumed.stdout
     config = yaml.safe_load((_folder(tmp_path / "b") / "config.yaml").read_text())
@@ -311,12 +310,12 @@ def test_ctrl_c_stops_cleanly_with_a_plan(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_dnas_small(trained, tmp_path):
+def test_bench_dnas_small(cli, trained, tmp_path):
     _, checkpoint = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "bench", "dnas", "--checkpoint", str(checkpoint),
-                     "--budget", "3s", "--samples", "1", "--random-plans", "2",
-                     "--batch-size", "32")
+    result = cli("--runs-dir", str(runs), "bench", "dnas", "--checkpoint", str(checkpoint),
+                 "--budget", "3s", "--samples", "1", "--random-plans", "2",
+                 "--batch-size", "32")
     assert result.returncode == 0, result.stderr
     data = json.loads((_folder(runs, "-bench-dnas") / "bench_dnas.json").read_text())
     rows = data["overhead"]["rows"]
@@ -338,9 +337,9 @@ def test_bench_dnas_small(trained, tmp_path):
 def test_latency_search_says_how_its_latencies_were_estimated(cli, trained, tmp_path):
     space_path, checkpoint = trained
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
-                     "1ep", "--target", "latency=1ms", "--latency-batch", "64", "--checkpoint",
-                     str(checkpoint), "--samples", "2", "--no-progress")
+    result = cli("--runs-dir", str(runs), "search", "--space", str(space_path), "--budget",
+                 "1ep", "--target", "latency=1ms", "--latency-batch", "64", "--checkpoint",
+                 str(checkpoint), "--samples", "2", "--no-progress")
     assert result.returncode == 0, result.stderr
     # The synthetic space's layers are in no table under cost_models/: every latency is the
     # roofline calibrated on the H200 tables, and the plan records that.
@@ -365,8 +364,8 @@ def test_latency_search_says_how_its_latencies_were_estimated(cli, trained, tmp_
         assert cost.stdout.startswith(f"space synthetic_resnet8, plan {_folder(runs) / 'plan.yaml'}"
                                       f", batch {batch}, device h200")
     # Resumed without the flags, the search keeps costing at the batch it was started with.
-    resumed = run_nas("--runs-dir", str(tmp_path / "runs2"), "search", "--resume",
-                      str(_folder(runs)), "--budget", "2ep", "--samples", "0", "--no-progress")
+    resumed = cli("--runs-dir", str(tmp_path / "runs2"), "search", "--resume",
+                  str(_folder(runs)), "--budget", "2ep", "--samples", "0", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     again = Plan.load(_folder(tmp_path / "runs2") / "plan.yaml")
     assert (again.costs["latency_batch"], again.costs["device_spec"]) == (64, "h200")

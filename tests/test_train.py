@@ -8,7 +8,7 @@ import torch
 
 from nas.budget import parse_budget
 from nas.train import TrainConfig, lr_at, train
-from tests.conftest import needs_fmnist, run_nas
+from tests.conftest import needs_fmnist
 
 
 def test_lr_schedule():
@@ -26,8 +26,8 @@ def _single_run(runs):
 @pytest.mark.slow
 def test_train_then_eval_on_synthetic(cli, tmp_path, space_file):
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "--seed", "1", "train", "--space", str(space_file()),
-                     "--budget", "3ep", "--no-progress")
+    result = cli("--runs-dir", str(runs), "--seed", "1", "train", "--space", str(space_file()),
+                 "--budget", "3ep", "--no-progress")
     assert result.returncode == 0, result.stderr
     folder = _single_run(runs)
     assert folder.name.endswith("-synthetic_resnet8-train")
@@ -95,10 +95,10 @@ def test_time_budget_stops_at_the_first_step_past_it(monkeypatch, synthetic_data
 
 
 @pytest.mark.slow
-def test_time_budget_ends_a_cli_run(tmp_path, space_file):
+def test_time_budget_ends_a_cli_run(cli, tmp_path, space_file):
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "train", "--space", str(space_file()),
-                     "--budget", "3s", "--no-progress")
+    result = cli("--runs-dir", str(runs), "train", "--space", str(space_file()),
+                 "--budget", "3s", "--no-progress")
     assert result.returncode == 0, result.stderr
     folder = _single_run(runs)
     summary = json.loads((folder / "summary.json").read_text())
@@ -113,10 +113,10 @@ def test_time_budget_ends_a_cli_run(tmp_path, space_file):
 
 @pytest.mark.slow
 @needs_fmnist
-def test_short_train_on_fashion_mnist_subset(tmp_path):
+def test_short_train_on_fashion_mnist_subset(cli, tmp_path):
     runs = tmp_path / "runs"
-    result = run_nas("--runs-dir", str(runs), "train", "--budget", "2ep", "--train-subset", "3000",
-                     "--test-subset", "1000", "--no-progress")
+    result = cli("--runs-dir", str(runs), "train", "--budget", "2ep", "--train-subset", "3000",
+                 "--test-subset", "1000", "--no-progress")
     assert result.returncode == 0, result.stderr
     summary = json.loads((_single_run(runs) / "summary.json").read_text())
     # 3000 images, two epochs of ResNet-8: measured 63-72 % over seeds 0-3 and machines

@@ -721,6 +721,8 @@ def _prune_depthwise(configs, named_args, **kwargs):
 def tuned_config(case_launch) -> str | None:
     """The autotuned configuration `case_launch` (a `prepare_conv` launch) runs with, as text;
     None where nothing was tuned (CPU interpreter, explicit config)."""
+    if _INTERPRET:
+        return None  # the interpreter runs its own fixed tiles: no call would tune anything
     saved = {t: t.best_config for t in (_TUNED, _TUNED_DW) if t is not None}
     for tuner in saved:
         tuner.best_config = None

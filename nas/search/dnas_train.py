@@ -24,8 +24,10 @@ from typing import Any
 from nas.errors import ConfigError, NasError
 
 # A worker group Ray cannot place within this long fails (Ray Train's default is 60 s, which
-# with Ray's own start would leave the user waiting longer than a minute for one line).
+# with Ray's own start would leave the user waiting longer than a minute for one line). The
+# variable Ray Train reads, when set, stands.
 START_TIMEOUT_S = 20
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @dataclass
@@ -98,7 +100,7 @@ def run_workers(job: DnasJob, *, workers: int, cpus_per_worker: int, gpus_per_wo
     log = folder / "ray.log"
     with ray_session(address, lambda: log):
         check_placement(workers, cpus_per_worker, gpus_per_worker)
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(START_TIMEOUT_S))
+        timeout = float(os.environ.setdefault(START_TIMEOUT_ENV, str(START_TIMEOUT_S)))
         trainer = TorchTrainer(
             loop, train_loop_config={"job": job},
             torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
@@ -113,7 +115,7 @@ def run_workers(job: DnasJob, *, workers: int, cpus_per_worker: int, gpus_per_wo
             try:
                 trainer.fit()
             except Exception as exc:
-                reason = _reason(exc, workers, cpus_per_worker, gpus_per_worker)
+                reason = _reason(exc, workers, cpus_per_worker, gpus_per_worker, timeout)
                 if isinstance(reason, NasError) and not (folder / "theta.jsonl").exists():
                     shutil.rmtree(folder / "ray", ignore_errors=True)  # Ray Train's, no search
                 raise reason from None
@@ -144,7 +146,8 @@ def check_placement(workers: int, cpus: int, gpus: float) -> None:
                           + f"; give --workers {fit} or fewer, or smaller --cpus-per-worker")
 
 
-def _reason(exc: Exception, workers: int, cpus: int, gpus: float) -> Exception:
+def _reason(exc: Exception, workers: int, cpus: int, gpus: float,
+            timeout: float) -> Exception:
     """What fit() raised, as the error it stands for: a worker's own exception (a data error
     is then the one line it is on one worker), or workers that could not be placed in time."""
     from ray.train import ControllerError, WorkerGroupError
@@ -158,7 +161,7 @@ def _reason(exc: Exception, workers: int, cpus: int, gpus: float) -> Exception:
         return ConfigError(f"--workers {workers}: Ray could not start {workers} workers of "
                            f"{cpus} CPU{'s' if cpus != 1 else ''}"
                            + (f" and {gpus:g} GPU" if gpus else "")
-                           + f" within {START_TIMEOUT_S} s: the cluster's resources are taken "
+                           + f" within {timeout:g} s: the cluster's resources are taken "
                            f"by other work; try again later or give fewer --workers")
     return exc
 
