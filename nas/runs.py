@@ -44,6 +44,12 @@ def _write_atomically(path: Path, write) -> None:
     _fsync_folder(path.parent)
 
 
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line (metrics.jsonl, theta.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_plain(record)) + "\n")
+
+
 def append_csv_row(path: Path, header: list, row: list) -> None:
     """Append one row to a CSV (its header first if the file is new), on disk at once: a
     file that grows as work completes (trials.csv) and is read back after a crash."""
@@ -304,8 +310,7 @@ class RunDir:
         atomic_write_text(self.file(name), json.dumps(_plain(obj), indent=2) + "\n")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.file("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+        append_jsonl(self.file("metrics.jsonl"), record)
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
         path = self.file(name)

@@ -201,13 +201,14 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> int:
     i = np.arange(levels, n + 1)  # candidate clip points
     kept_mass = np.concatenate([[0.0], np.cumsum(hist)])  # kept_mass[k] = hist[:k].sum()
     filled = np.concatenate([[0], np.cumsum(hist > 0)])  # non-empty bins among hist[:k]
-    p_log_p = np.where(hist > 0, hist / total * np.log(np.where(hist > 0, hist, 1) / total), 0.0)
-    entropy_before = np.concatenate([[0.0], np.cumsum(p_log_p)])
+
+    def p_log_p(mass):  # of P = mass / total, 0 where empty
+        return np.where(mass > 0, mass / total * np.log(np.where(mass > 0, mass, 1) / total), 0.0)
+
+    entropy_before = np.concatenate([[0.0], np.cumsum(p_log_p(hist))])
     tail = total - kept_mass[i]
-    last = hist[i - 1] + tail  # P's last bin
     # sum P log P: the bins before the last as observed, the last with the clipped mass.
-    p_log_p_sum = entropy_before[i - 1] + np.where(
-        last > 0, last / total * np.log(np.where(last > 0, last, 1) / total), 0.0)
+    p_log_p_sum = entropy_before[i - 1] + p_log_p(hist[i - 1] + tail)
     # Group g of candidate i spans bins [edges[g], edges[g+1]) (as np.linspace(0, i) cut).
     edges = (np.arange(levels + 1)[None, :] * (i[:, None] / levels)).astype(int)
     edges[:, -1] = i

@@ -5,7 +5,6 @@ on a cluster of several machines, a shared filesystem, as Ray Train's storage is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ class DnasOutput:
     latency: dict | None
 
     def log(self, entry: dict[str, Any]) -> None:
-        with open(self.folder / "theta.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: v for k, v in entry.items() if k != "probs"}) + "\n")
+        from nas.runs import append_jsonl
+
+        append_jsonl(self.folder / "theta.jsonl", entry)
+        append_jsonl(self.folder / "metrics.jsonl", {k: v for k, v in entry.items()
+                                                     if k != "probs"})
 
     def save(self, supernet, state, optimizers: dict) -> None:
         """supernet.pt, rewritten whole (atomically) at each save."""
